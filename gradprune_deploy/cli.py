@@ -1,0 +1,123 @@
+"""`gradprune`: one table of subcommands; each is a config dataclass + one library function.
+
+The dataclass is the CLI (see cli_args.py) and the YAML recipe schema (`--config recipe.yaml`).
+Only the chosen subcommand's modules are imported, so `gradprune --help` stays fast.
+A GradPruneError becomes one `error: ...` line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+from .errors import GradPruneError
+
+# name → (config dataclass, function taking that config), as "module:attr" for lazy import.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "compress": ("gradprune_deploy.config:CompressConfig", "gradprune_deploy.pipeline:compress_from_config",
+                 "prune a model with GradPruner and write a smaller standard checkpoint"),
+    "inspect": ("gradprune_deploy.manifest:InspectConfig", "gradprune_deploy.manifest:inspect_from_config",
+                "show a compressed checkpoint's gradprune.json"),
+    "eval": ("gradprune_deploy.evaluate:EvalConfig", "gradprune_deploy.evaluate:evaluate_from_config",
+             "evaluate a checkpoint on prompt/completion data (choice, exact, loss)"),
+    "export hub": ("exporters.hub:HubExportConfig", "exporters.hub:export_hub_from_config",
+                   "push a checkpoint to the Hugging Face Hub with a generated model card"),
+    "export onnx": ("exporters.onnx:OnnxExportConfig", "exporters.onnx:export_onnx_from_config",
+                    "export prefill + decode (KV cache) ONNX graphs, validated against PyTorch"),
+    "export vllm": ("exporters.vllm:VllmExportConfig", "exporters.vllm:export_vllm_from_config",
+                    "check a checkpoint is servable by vLLM and print the serve command"),
+    "serve": ("serving.vllm_server:ServeConfig", "serving.vllm_server:serve_from_config",
+              "serve a checkpoint with vLLM's OpenAI-compatible server"),
+    "bench": ("serving.bench:BenchConfig", "serving.bench:bench_from_config",
+              "benchmark dense vs pruned latency, throughput and memory"),
+}
+
+
+def _load(ref: str):
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _top_level_help() -> str:
+    lines = ["usage: gradprune <command> [options]   (gradprune <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<12} {desc}" for name, (_, _, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
+    if len(argv) >= 2 and f"{argv[0]} {argv[1]}" in COMMANDS:
+        return f"{argv[0]} {argv[1]}", argv[2:]
+    if argv and argv[0] in COMMANDS:
+        return argv[0], argv[1:]
+    return None, argv
+
+
+def build_parser(command: str) -> tuple[argparse.ArgumentParser, type]:
+    from .cli_args import add_dataclass_arguments
+
+    config_ref, _, description = COMMANDS[command]
+    config_cls = _load(config_ref)
+    parser = argparse.ArgumentParser(prog=f"gradprune {command}", description=description + "\n\n" + (config_cls.__doc__ or ""),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_arguments(parser, config_cls)
+    parser.add_argument("--config", dest="_recipe", metavar="RECIPE.yaml", help="read options from a YAML file; flags win")
+    parser.add_argument("-v", "--verbose", dest="_verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", dest="_quiet", action="store_true", help="warnings only, no progress bars")
+    return parser, config_cls
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command, rest = _split_command(argv)
+    if command is None:
+        if argv and argv[0] not in ("-h", "--help", "help"):
+            print(f"error: unknown command {' '.join(argv[:2])!r}: choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+            print(_top_level_help(), file=sys.stderr)
+            return 2
+        print(_top_level_help())
+        return 0
+    try:
+        parser, config_cls = build_parser(command)
+        namespace = parser.parse_args(rest)
+        _configure_logging(verbose=namespace._verbose, quiet=namespace._quiet)
+        from .cli_args import build_config
+
+        config = build_config(config_cls, namespace, namespace._recipe)
+        result = _load(COMMANDS[command][1])(config)
+    except GradPruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    _print_result(result)
+    return 0
+
+
+def _configure_logging(*, verbose: bool, quiet: bool) -> None:
+    import os
+
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    if quiet:
+        os.environ["GRADPRUNE_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
+def _print_result(result) -> None:
+    """Strings are printed as they are; dicts as one JSON line (machine-readable, last line)."""
+    if result is None:
+        return
+    if isinstance(result, dict):
+        print(json.dumps(result, default=str))
+    else:
+        print(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

