@@ -107,6 +107,10 @@ def _configure_logging(*, verbose: bool, quiet: bool) -> None:
     if quiet:
         os.environ["GRADPRUNE_DISABLE_PROGRESS_BARS"] = "1"
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if quiet or os.environ.get("GRADPRUNE_DISABLE_PROGRESS_BARS") == "1":
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _print_result(result) -> None:

@@ -1,0 +1,195 @@
+"""Trainer + peft set-up for the two fine-tunes GradPruner runs: the short LoRA probe on the dense
+model, and the recovery fine-tune of the pruned model (LoRA merged at the end, or full).
+
+Both go through `transformers.Trainer`, so `accelerate launch` (DDP/FSDP) scales them out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .data import CompletionCollator
+from .probe import IGIAProbe, ProbeRecord, lora_pairs
+from .surgery import find_layer_stack
+from .utils import progress_disabled
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSettings:
+    batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int | None = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    seed: int = 0
+    sampling: str = "random"  # Trainer's train_sampling_strategy; "sequential" for reproducible tests
+
+
+def world_size() -> int:
+    from accelerate import PartialState
+
+    return PartialState().num_processes
+
+
+def planned_steps(num_examples: int, s: TrainSettings) -> int:
+    """Optimizer steps the fine-tune would take: max_steps, else epochs × steps per epoch."""
+    if s.max_steps:
+        return s.max_steps
+    per_epoch = math.ceil(num_examples / (s.batch_size * s.grad_accum * world_size()))
+    return max(1, math.ceil(s.epochs * per_epoch))
+
+
+def _training_args(output_dir: str, s: TrainSettings, *, max_steps: int, max_grad_norm: float, learning_rate: float):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        learning_rate=learning_rate,
+        max_steps=max_steps,
+        warmup_steps=s.warmup_ratio,  # a float < 1 is a ratio of the run in transformers 5
+        weight_decay=s.weight_decay,
+        max_grad_norm=max_grad_norm,
+        lr_scheduler_type="linear",
+        logging_steps=max(1, max_steps // 10),
+        save_strategy="no",
+        report_to="none",
+        seed=s.seed,
+        data_seed=s.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=progress_disabled(),
+        use_cpu=not torch.cuda.is_available(),
+        train_sampling_strategy=s.sampling,
+    )
+
+
+def attach_lora(model, s: TrainSettings):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(s.seed)  # LoRA A init: same on every process
+    config = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
+                        target_modules="all-linear", task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, config)
+
+
+class _LogToLogger:
+    """Trainer prints its log dicts to stdout; send them to logging instead (library code logs)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class LogCallback(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs:
+                    logger.info("step %d: %s", state.global_step,
+                                ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()))
+
+        return LogCallback()
+
+
+def _trainer(model, features, tokenizer, args, callbacks=()):
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer = Trainer(model=model, args=args, train_dataset=features,
+                      data_collator=CompletionCollator(tokenizer.pad_token_id), callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)
+    if not progress_disabled():
+        trainer.remove_callback(ProgressCallback)
+
+        class BarOnly(ProgressCallback):
+            def on_log(self, *args, **kwargs):  # the bar, without printing every log dict
+                pass
+
+        trainer.add_callback(BarOnly)
+    trainer.add_callback(_LogToLogger())
+    return trainer
+
+
+def run_probe(model, features, tokenizer, s: TrainSettings, *, probe_steps: int, keep_factors: bool = True) -> tuple[ProbeRecord, dict]:
+    """LoRA fine-tune the dense model until `probe_steps` informative steps are recorded.
+
+    The probe's adapters are discarded afterwards: the model comes back with its weights
+    untouched. Gradient clipping is off during the probe so the gradients read are ∇L.
+    Dropout in LoRA is kept as configured (it is part of the fine-tune being probed).
+    """
+    num_layers = len(find_layer_stack(model)[1])
+    model.config.use_cache = False
+    peft_model = attach_lora(model, s)
+    probe = IGIAProbe(lora_pairs(peft_model), num_layers, probe_steps, keep_factors=keep_factors)
+    # The probe is the start of the planned fine-tune (same LR schedule, warm-up included); the
+    # callback stops it after `probe_steps` informative steps. Zero-gradient steps are expected
+    # at the start (B = 0; linear warm-up also makes the first learning rate 0): leave room.
+    max_steps = max(planned_steps(len(features), s), probe_steps + 4)
+    with tempfile.TemporaryDirectory(prefix="gradprune-probe-") as tmp:
+        args = _training_args(tmp, s, max_steps=max_steps, max_grad_norm=0.0, learning_rate=s.learning_rate)
+        trainer = _trainer(peft_model, features, tokenizer, args, callbacks=[probe])
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    if not probe.done:
+        raise RuntimeError(f"the probe recorded {probe.record.informative_steps} informative steps of {probe_steps}")
+    peft_model.unload()  # removes the LoRA wrappers; base weights were never modified
+    model.config.use_cache = True
+    for p in model.parameters():
+        p.grad = None
+    optimizer_steps = probe.record.informative_steps + probe.record.zero_gradient_steps
+    stats = {
+        "probe_steps": probe.record.informative_steps,
+        "zero_gradient_steps": probe.record.zero_gradient_steps,
+        "optimizer_steps": optimizer_steps,
+        "seconds": seconds,
+        "seconds_per_step": seconds / max(1, optimizer_steps),
+        "igia_callback_seconds": probe.record.callback_seconds,
+        "stored_factor_numbers": probe.record.factor_numbers(),
+        "gradient_clipping": "off during the probe",
+    }
+    return probe.record, stats
+
+
+def recovery_finetune(model, features, tokenizer, s: TrainSettings, *, mode: str, learning_rate: float | None = None):
+    """Fine-tune the pruned model. mode: 'lora' (merged into the weights at the end) or 'full'."""
+    if mode not in ("lora", "full"):
+        raise ValueError(mode)
+    lr = learning_rate or (s.learning_rate if mode == "lora" else 2e-5)
+    model.config.use_cache = False
+    if mode == "lora":
+        train_model = attach_lora(model, s)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        train_model = model
+    steps = planned_steps(len(features), s)
+    with tempfile.TemporaryDirectory(prefix="gradprune-finetune-") as tmp:
+        args = _training_args(tmp, s, max_steps=steps, max_grad_norm=s.max_grad_norm, learning_rate=lr)
+        trainer = _trainer(train_model, features, tokenizer, args)
+        start = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - start
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if mode == "lora":
+        model = train_model.merge_and_unload()
+    model.config.use_cache = True
+    model.eval()
+    stats = {
+        "mode": mode, "steps": steps, "learning_rate": lr, "seconds": seconds,
+        "train_loss": result.training_loss, "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+    }
+    return model, stats

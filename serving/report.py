@@ -1,0 +1,213 @@
+"""The benchmark report: per-metric summaries and ratios (pure), markdown, PNG chart, files on disk.
+
+A report is one JSON-serialisable dict (schema `REPORT_SCHEMA`):
+
+    {"schema", "dense", "pruned", "machine", "ideal": {"dense", "pruned", "ratios"},
+     "tolerance", "backends": {name: {"device", "settings", "metrics": {metric: entry},
+                                      "failed_requests", "notes", ...}}}
+
+where each metric entry is
+
+    {"unit", "dense": {"min","median","max","n","values"}, "pruned": {...},
+     "ratio": pruned median / dense median, "ideal_name", "ideal", "delta": ratio - ideal}
+
+Files written (into the pruned checkpoint by default, so the Hub card can embed them):
+`benchmark.json`, `benchmark.md`, `benchmark.png`. A run for one backend keeps the other
+backends' results already in `benchmark.json` when it is for the same dense/pruned pair, so
+backends can be measured one command at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .ideal import ideal_for_metric
+
+logger = logging.getLogger(__name__)
+
+REPORT_SCHEMA = "gradprune-bench/1"
+REPORT_FILES = {"json": "benchmark.json", "markdown": "benchmark.md", "png": "benchmark.png"}
+
+# metric → (unit, label, how to show it); the order is the table order.
+METRICS: dict[str, tuple[str, str]] = {
+    "ttft_s": ("s", "time to first token"),
+    "tpot_s": ("s", "time per output token"),
+    "e2e_s": ("s", "end-to-end latency"),
+    "output_tok_s": ("tok/s", "output tokens/s, concurrency 1"),
+    "output_tok_s_concurrent": ("tok/s", "output tokens/s, concurrency N"),
+    "tpot_s_concurrent": ("s", "time per output token, concurrency N"),
+    "peak_rss_bytes": ("bytes", "peak RSS"),
+    "model_rss_bytes": ("bytes", "peak RSS above the runtime's own"),
+    "cuda_peak_bytes": ("bytes", "torch.cuda.max_memory_allocated"),
+    "model_weights_bytes": ("bytes", "vLLM model weights memory"),
+    "gpu_memory_bytes": ("bytes", "GPU memory of the process"),
+}
+
+
+def summarize(values: Sequence[float]) -> dict[str, Any]:
+    """min / median / max over runs, with the raw values kept."""
+    values = [float(v) for v in values]
+    if not values:
+        return {"min": None, "median": None, "max": None, "n": 0, "values": []}
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values), "values": values}
+
+
+def metric_entry(metric: str, dense: Sequence[float], pruned: Sequence[float], ratios: Mapping[str, float]) -> dict[str, Any]:
+    """One table row: both models summarised, the ratio of medians, and the ideal beside it."""
+    d, p = summarize(dense), summarize(pruned)
+    ratio = p["median"] / d["median"] if d["median"] and p["median"] is not None else None
+    ideal = ideal_for_metric(metric, ratios)
+    entry = {"unit": METRICS.get(metric, ("", ""))[0], "dense": d, "pruned": p, "ratio": ratio,
+             "ideal_name": ideal[0] if ideal else None, "ideal": ideal[1] if ideal else None}
+    entry["delta"] = ratio - entry["ideal"] if ratio is not None and entry["ideal"] is not None else None
+    return entry
+
+
+def backend_metrics(samples: Mapping[str, Mapping[str, Sequence[float]]], ratios: Mapping[str, float]) -> dict[str, Any]:
+    """{"dense": {metric: values}, "pruned": {...}} → {metric: entry}, for metrics both models have."""
+    names = [m for m in METRICS if samples["dense"].get(m) and samples["pruned"].get(m)]
+    names += sorted(set(samples["dense"]) & set(samples["pruned"]) - set(names) - {m for m in METRICS})
+    return {m: metric_entry(m, samples["dense"][m], samples["pruned"][m], ratios) for m in names}
+
+
+def tpot_check(report: Mapping[str, Any]) -> dict[str, Any]:
+    """Per backend: is the measured time-per-output-token ratio within tolerance of the ideal?"""
+    tolerance = report.get("tolerance", 0.05)
+    out = {}
+    for name, backend in report.get("backends", {}).items():
+        entry = backend.get("metrics", {}).get("tpot_s")
+        if entry and entry.get("delta") is not None:
+            out[name] = {"ratio": entry["ratio"], "ideal": entry["ideal"], "delta": entry["delta"],
+                         "within_tolerance": abs(entry["delta"]) <= tolerance}
+    return out
+
+
+def merge_reports(old: Mapping[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """Keep old backends' results when the old report is for the same dense/pruned pair."""
+    if not old or old.get("schema") != REPORT_SCHEMA or (old.get("dense"), old.get("pruned")) != (new["dense"], new["pruned"]):
+        return new
+    merged = dict(new)
+    merged["backends"] = {**{k: v for k, v in old.get("backends", {}).items() if k not in new["backends"]}, **new["backends"]}
+    merged["checks"] = {"tpot_vs_ideal": tpot_check(merged)}
+    return merged
+
+
+# -- rendering -----------------------------------------------------------------------------------
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "–"
+    if unit == "s":
+        return f"{value * 1000:.1f} ms" if value < 10 else f"{value:.1f} s"
+    if unit == "bytes":
+        return f"{value / 2**20:.0f} MiB"
+    if unit == "tok/s":
+        return f"{value:.1f}"
+    return f"{value:.4g}"
+
+
+def _span(summary: Mapping[str, Any], unit: str) -> str:
+    if summary["n"] <= 1:
+        return _fmt(summary["median"], unit)
+    return f"{_fmt(summary['median'], unit)} ({_fmt(summary['min'], unit)}–{_fmt(summary['max'], unit)})"
+
+
+def to_markdown(report: Mapping[str, Any]) -> str:
+    """The report as markdown: one table per backend, the ideal ratios, the machine."""
+    ratios = report["ideal"]["ratios"]
+    dense, pruned = report["ideal"]["dense"], report["ideal"]["pruned"]
+    lines = [
+        "## Serving benchmark: dense vs pruned",
+        "",
+        f"Dense `{report['dense']}` ({dense['num_layers']} layers, {dense['params_total'] / 1e6:.1f}M params) vs "
+        f"pruned `{report['pruned']}` ({pruned['num_layers']} layers, {pruned['params_total'] / 1e6:.1f}M params).",
+        "",
+        f"Ideal pruned/dense ratios from the checkpoints: weight bytes read per decoded token "
+        f"**{ratios['decode_bytes']:.3f}**, FLOPs per decoded token {ratios['decode_flops']:.3f}, prefill FLOPs "
+        f"{ratios['prefill_flops']:.3f}, stored weight bytes {ratios['weight_bytes']:.3f}, layers only {ratios['layers_only']:.3f}.",
+        "Values are median (min–max) over runs; ratio = pruned median / dense median; a rate's ideal is 1/cost ratio.",
+    ]
+    for name, backend in report["backends"].items():
+        s = backend.get("settings", {})
+        lines += ["", f"### {name} ({backend.get('device', '?')}{', ' + backend['device_name'] if backend.get('device_name') else ''})", "",
+                  f"input {s.get('input_len')} tokens, output {s.get('output_len')} tokens, {s.get('num_prompts')} prompts × "
+                  f"{s.get('runs')} runs (+{s.get('warmup')} warm-up), dense and pruned interleaved"
+                  + (f"; concurrency {s['concurrency']} with {s['num_requests']} requests" if s.get("concurrency") and name == "vllm" else ""),
+                  "",
+                  "| metric | dense | pruned | ratio | ideal | ratio − ideal |",
+                  "|---|---|---|---|---|---|"]
+        for metric, e in backend["metrics"].items():
+            unit, label = e["unit"], METRICS.get(metric, ("", metric))[1]
+            ratio = f"{e['ratio']:.3f}" if e["ratio"] is not None else "–"
+            ideal = f"{e['ideal']:.3f} ({e['ideal_name']})" if e["ideal"] is not None else "–"
+            delta = f"{e['delta']:+.3f}" if e["delta"] is not None else "–"
+            lines.append(f"| {label} | {_span(e['dense'], unit)} | {_span(e['pruned'], unit)} | {ratio} | {ideal} | {delta} |")
+        failed = backend.get("failed_requests")
+        if failed is not None:
+            lines += ["", f"Failed requests: dense {failed.get('dense', 0)}, pruned {failed.get('pruned', 0)}."]
+        for note in backend.get("notes", []):
+            lines.append(f"- {note}")
+    checks = tpot_check(report)
+    if checks:
+        lines += ["", f"Time per output token vs ideal (tolerance ±{report.get('tolerance', 0.05)}): "
+                  + "; ".join(f"{k} {v['ratio']:.3f} vs {v['ideal']:.3f} ({'ok' if v['within_tolerance'] else 'MISS'})" for k, v in checks.items())]
+    m = report.get("machine", {})
+    lines += ["", f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('ram_gib', '?')} GiB RAM"
+              + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"; {m.get('platform', '')}.",
+              f"Command: `{report.get('command', '')}`", ""]
+    return "\n".join(lines)
+
+
+def save_plot(report: Mapping[str, Any], path: str | Path) -> Path:
+    """One bar per (backend, metric): the measured pruned/dense ratio, the ideal as a black tick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(f"{b}\n{METRICS.get(m, ('', m))[1]}", e["ratio"], e["ideal"])
+            for b, backend in report["backends"].items() for m, e in backend["metrics"].items() if e["ratio"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 0.42 * max(len(rows), 3) + 1.2), dpi=120)
+    palette = {"hf": "#1f77b4", "onnx": "#2ca02c", "vllm": "#ff7f0e"}
+    for i, (label, ratio, ideal) in enumerate(rows):
+        ax.barh(i, ratio, color=palette.get(label.split("\n")[0], "#7f7f7f"), height=0.6)
+        ax.text(ratio, i, f" {ratio:.2f}", va="center", fontsize=7)
+        if ideal is not None:
+            ax.plot([ideal, ideal], [i - 0.4, i + 0.4], color="black", linewidth=2)
+    ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r[0].replace("\n", ": ") for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("pruned / dense (bar: measured, black tick: ideal from the checkpoints)")
+    ratios = report["ideal"]["ratios"]
+    ax.set_title(f"Dense vs pruned ({report['ideal']['dense']['num_layers']} → {report['ideal']['pruned']['num_layers']} layers; "
+                 f"ideal decode {ratios['decode_bytes']:.3f})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path, *, plot: bool = True) -> dict[str, Any]:
+    """Merge with an existing report for the same pair, then write JSON, markdown and PNG."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / REPORT_FILES["json"]
+    old = None
+    if json_path.is_file():
+        try:
+            old = json.loads(json_path.read_text())
+        except json.JSONDecodeError:
+            logger.warning("%s is not valid JSON; replacing it", json_path)
+    report = merge_reports(old, report)
+    report["files"] = {kind: str(out_dir / name) for kind, name in REPORT_FILES.items() if kind != "png" or plot}
+    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out_dir / REPORT_FILES["markdown"]).write_text(to_markdown(report))
+    if plot:
+        save_plot(report, out_dir / REPORT_FILES["png"])
+    logger.info("wrote %s, %s%s", json_path, REPORT_FILES["markdown"], f", {REPORT_FILES['png']}" if plot else "")
+    return report
