@@ -114,14 +114,14 @@ def compress(config: CompressConfig) -> dict:
     params_before = count_parameters(model)
     layer_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     settings = _train_settings(config)
+    budget = dict(drop_count=config.drop_layers, drop_ratio=config.drop_ratio, target_params=config.target_params,
+                  layer_params=layer_params, total_params=params_before,
+                  protect_first=config.protect_first, protect_last=config.protect_last)
+    select_layers_to_drop(torch.zeros(num_layers), **budget)  # an impossible budget fails now, not after the probe
 
     with _timed(timings, "score"):
         scores, record, score_stats = score_layers(model, features, tokenizer, config, settings)
-    dropped = select_layers_to_drop(
-        scores, drop_count=config.drop_layers, drop_ratio=config.drop_ratio, target_params=config.target_params,
-        layer_params=layer_params, total_params=params_before,
-        protect_first=config.protect_first, protect_last=config.protect_last,
-    )
+    dropped = select_layers_to_drop(scores, **budget)
     kept = [i for i in range(num_layers) if i not in dropped]
     logger.info("dropping %d of %d layers: %s", len(dropped), num_layers, dropped)
 

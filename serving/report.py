@@ -11,8 +11,9 @@ where each metric entry is
     {"unit", "dense": {"min","median","max","n","values"}, "pruned": {...},
      "ratio": pruned median / dense median, "ideal_name", "ideal", "delta": ratio - ideal}
 
-Files written (into the pruned checkpoint by default, so the Hub card can embed them):
-`benchmark.json`, `benchmark.md`, `benchmark.png`. A run for one backend keeps the other
+Files written into `<pruned checkpoint>/bench/` by default, where the Hub exporter's model card
+looks for them (exporters/checkpoint.py `find_reports`): `report.json`, `report.md` (which embeds
+`report.png`), `report.png`. A run for one backend keeps the other
 backends' results already in `benchmark.json` when it is for the same dense/pruned pair, so
 backends can be measured one command at a time.
 """
@@ -30,7 +31,7 @@ from .ideal import ideal_for_metric
 logger = logging.getLogger(__name__)
 
 REPORT_SCHEMA = "gradprune-bench/1"
-REPORT_FILES = {"json": "benchmark.json", "markdown": "benchmark.md", "png": "benchmark.png"}
+REPORT_FILES = {"json": "report.json", "markdown": "report.md", "png": "report.png"}
 
 # metric → (unit, label, how to show it); the order is the table order.
 METRICS: dict[str, tuple[str, str]] = {
@@ -86,6 +87,25 @@ def tpot_check(report: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def tpot_decomposition(entry: Mapping[str, Any], dense: Mapping[str, Any], pruned: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Split the measured time per output token into per-layer and fixed (non-layer) parts.
+
+    Two models that differ only in layer count give two points of t = fixed + layers × per_layer;
+    the fixed part is everything that does not scale with layers (embedding gather, final norm,
+    lm_head, sampling, Python / scheduler overhead). Its measured share of the dense time is set
+    beside the share the cost model predicts (non-layer bytes / all bytes read per token): a
+    measured share well above the ideal means overhead, not weights, dominates what pruning cannot remove.
+    """
+    dl, pl = dense["num_layers"], pruned["num_layers"]
+    td, tp = entry["dense"]["median"], entry["pruned"]["median"]
+    if dl == pl or td is None or tp is None:
+        return None
+    per_layer = (td - tp) / (dl - pl)
+    fixed = td - dl * per_layer
+    return {"per_layer_s": per_layer, "fixed_s": fixed, "fixed_share_measured": fixed / td,
+            "fixed_share_ideal": 1 - dense["layer_bytes"] / dense["decode_bytes_per_token"]}
+
+
 def merge_reports(old: Mapping[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     """Keep old backends' results when the old report is for the same dense/pruned pair."""
     if not old or old.get("schema") != REPORT_SCHEMA or (old.get("dense"), old.get("pruned")) != (new["dense"], new["pruned"]):
@@ -116,15 +136,18 @@ def _span(summary: Mapping[str, Any], unit: str) -> str:
     return f"{_fmt(summary['median'], unit)} ({_fmt(summary['min'], unit)}–{_fmt(summary['max'], unit)})"
 
 
-def to_markdown(report: Mapping[str, Any]) -> str:
-    """The report as markdown: one table per backend, the ideal ratios, the machine."""
+def to_markdown(report: Mapping[str, Any], *, plot: str | None = None) -> str:
+    """The report as markdown: one table per backend, the ideal ratios, the machine.
+
+    Checkpoints are named by their directory name only: the markdown goes on a public model card.
+    """
     ratios = report["ideal"]["ratios"]
     dense, pruned = report["ideal"]["dense"], report["ideal"]["pruned"]
     lines = [
         "## Serving benchmark: dense vs pruned",
         "",
-        f"Dense `{report['dense']}` ({dense['num_layers']} layers, {dense['params_total'] / 1e6:.1f}M params) vs "
-        f"pruned `{report['pruned']}` ({pruned['num_layers']} layers, {pruned['params_total'] / 1e6:.1f}M params).",
+        f"Dense `{Path(report['dense']).name}` ({dense['num_layers']} layers, {dense['params_total'] / 1e6:.1f}M params) vs "
+        f"pruned `{Path(report['pruned']).name}` ({pruned['num_layers']} layers, {pruned['params_total'] / 1e6:.1f}M params).",
         "",
         f"Ideal pruned/dense ratios from the checkpoints: weight bytes read per decoded token "
         f"**{ratios['decode_bytes']:.3f}**, FLOPs per decoded token {ratios['decode_flops']:.3f}, prefill FLOPs "
@@ -146,6 +169,11 @@ def to_markdown(report: Mapping[str, Any]) -> str:
             ideal = f"{e['ideal']:.3f} ({e['ideal_name']})" if e["ideal"] is not None else "–"
             delta = f"{e['delta']:+.3f}" if e["delta"] is not None else "–"
             lines.append(f"| {label} | {_span(e['dense'], unit)} | {_span(e['pruned'], unit)} | {ratio} | {ideal} | {delta} |")
+        split = backend.get("tpot_decomposition")
+        if split:
+            lines += ["", f"Time per output token = {split['fixed_s'] * 1000:.2f} ms fixed + {split['per_layer_s'] * 1000:.3f} ms × layers "
+                      f"(from the two models); the fixed part is {split['fixed_share_measured']:.0%} of the dense time, against "
+                      f"{split['fixed_share_ideal']:.0%} of the bytes read (embedding row, final norm, lm_head)."]
         failed = backend.get("failed_requests")
         if failed is not None:
             lines += ["", f"Failed requests: dense {failed.get('dense', 0)}, pruned {failed.get('pruned', 0)}."]
@@ -159,6 +187,8 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     lines += ["", f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('ram_gib', '?')} GiB RAM"
               + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"; {m.get('platform', '')}.",
               f"Command: `{report.get('command', '')}`", ""]
+    if plot:
+        lines += [f"![pruned/dense ratios, measured and ideal]({plot})", ""]
     return "\n".join(lines)
 
 
@@ -206,7 +236,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path, *, plot: bool = Tr
     report = merge_reports(old, report)
     report["files"] = {kind: str(out_dir / name) for kind, name in REPORT_FILES.items() if kind != "png" or plot}
     json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out_dir / REPORT_FILES["markdown"]).write_text(to_markdown(report))
+    (out_dir / REPORT_FILES["markdown"]).write_text(to_markdown(report, plot=REPORT_FILES["png"] if plot else None))
     if plot:
         save_plot(report, out_dir / REPORT_FILES["png"])
     logger.info("wrote %s, %s%s", json_path, REPORT_FILES["markdown"], f", {REPORT_FILES['png']}" if plot else "")

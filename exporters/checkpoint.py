@@ -1,0 +1,168 @@
+"""What every exporter needs to know about a checkpoint directory, read without loading weights.
+
+`inspect_checkpoint` reads config.json, the safetensors headers (tensor names and shapes, no
+tensor data), the optional `gradprune.json` manifest and any `eval_*.json` / `bench/` reports,
+and refuses a directory that cannot be exported: no config, no weights, shards missing, or
+weights whose decoder layers disagree with `num_hidden_layers` (a pruned model whose config was
+not rewritten would load with random or missing layers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradprune_deploy.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "gradprune.json"
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass
+class CheckpointInfo:
+    """A checkpoint directory as the exporters see it (all fields read from files, nothing loaded)."""
+
+    path: Path
+    config: dict[str, Any]
+    weight_files: list[str]
+    tensors: dict[str, tuple[str, list[int]]]  # name → (safetensors dtype, shape)
+    manifest: dict[str, Any] | None = None
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or []
+        return archs[0] if archs else ""
+
+    @property
+    def num_layers(self) -> int | None:
+        return self.config.get("num_hidden_layers")
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters stored in the weights (tied embeddings are stored, and counted, once)."""
+        return sum(math.prod(shape) for _, shape in self.tensors.values())
+
+    @property
+    def weights_dtype(self) -> str:
+        """The most common tensor dtype in the weights, e.g. 'F32' or 'BF16'."""
+        counts: dict[str, int] = {}
+        for dtype, shape in self.tensors.values():
+            counts[dtype] = counts.get(dtype, 0) + math.prod(shape)
+        return max(counts, key=counts.get) if counts else "unknown"
+
+    @property
+    def config_dtype(self) -> str | None:
+        return self.config.get("dtype") or self.config.get("torch_dtype")
+
+    def layer_indices(self) -> list[int]:
+        return sorted({int(m.group(1)) for name in self.tensors if (m := _LAYER.search(name))})
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """{tensor name: (dtype, shape)} from a .safetensors file's JSON header (8-byte length + JSON)."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error) as exc:
+        raise ModelLoadError(f"{path} is not a readable safetensors file ({exc}): the checkpoint is corrupt") from None
+    return {name: (meta["dtype"], list(meta["shape"])) for name, meta in header.items() if name != "__metadata__"}
+
+
+def _weight_files(path: Path) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ModelLoadError(f"{index} is unreadable ({exc}): the checkpoint is corrupt") from None
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise ModelLoadError(f"{path} is incomplete: shard(s) {', '.join(missing)} listed in {index.name} are missing")
+        return shards
+    return sorted(p.name for p in path.glob("*.safetensors"))
+
+
+def _read_json(path: Path) -> Any | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        logger.warning("ignoring %s: %s", path, exc)
+        return None
+
+
+def inspect_checkpoint(checkpoint_dir: str | os.PathLike) -> CheckpointInfo:
+    """Read and check a checkpoint directory; raise ModelLoadError naming what is missing."""
+    path = Path(checkpoint_dir).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"checkpoint directory {path} not found: pass the output directory of `gradprune compress`")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{config_path} is not valid JSON ({exc.msg} at line {exc.lineno}): the checkpoint is corrupt") from None
+    files = _weight_files(path)
+    if not files:
+        pickled = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+        hint = f" (found pickled {pickled[0]}: convert it to safetensors)" if pickled else ""
+        raise ModelLoadError(f"{path} has a config but no weights (*.safetensors){hint}: the checkpoint is incomplete")
+    tensors: dict[str, tuple[str, list[int]]] = {}
+    for name in files:
+        tensors.update(read_safetensors_header(path / name))
+    manifest = _read_json(path / MANIFEST) if (path / MANIFEST).is_file() else None
+    evals = [e for p in sorted(path.glob("eval_*.json")) if isinstance(e := _read_json(p), dict)]
+    info = CheckpointInfo(path.resolve(), config, files, tensors, manifest if isinstance(manifest, dict) else None, evals)
+    check_layers_complete(info)
+    return info
+
+
+def check_layers_complete(info: CheckpointInfo) -> None:
+    """The weights hold exactly layers 0..num_hidden_layers-1, each with the same tensor names."""
+    n = info.num_layers
+    found = info.layer_indices()
+    if not isinstance(n, int) or not found:
+        return  # not a layer-stacked decoder we can check; the backend will judge
+    if found != list(range(n)):
+        missing = sorted(set(range(n)) - set(found))
+        extra = sorted(set(found) - set(range(n)))
+        detail = (f"missing layer(s) {missing}" if missing else "") + ("; " if missing and extra else "") + \
+                 (f"unexpected layer(s) {extra}" if extra else "")
+        raise ModelLoadError(
+            f"{info.path}: config.json says num_hidden_layers={n} but the weights disagree ({detail}): "
+            "the checkpoint is incomplete or its config was not rewritten after pruning"
+        )
+    per_layer: dict[int, set[str]] = {}
+    for name in info.tensors:
+        if m := _LAYER.search(name):
+            per_layer.setdefault(int(m.group(1)), set()).add(name[m.end():])
+    reference = per_layer[0]
+    for idx, names in per_layer.items():
+        if names != reference:  # legitimate in mixed dense/MoE stacks, a truncated save otherwise
+            logger.warning("layer %d holds different tensors than layer 0 (e.g. %s)", idx, sorted(names ^ reference)[0])
+
+
+def find_reports(path: Path) -> dict[str, list[Path]]:
+    """Plots and benchmark reports that belong on a model card: layer importance, bench/*."""
+    bench = path / "bench"
+    return {
+        "layer_plot": [p for p in [path / "layer_importance.png"] if p.is_file()],
+        "bench_plots": sorted(bench.glob("*.png")) if bench.is_dir() else [],
+        "bench_md": [p for p in [bench / "report.md"] if p.is_file()],
+        "bench_json": [p for p in [bench / "report.json"] if p.is_file()],
+    }

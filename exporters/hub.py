@@ -1,0 +1,179 @@
+"""Publish a compressed checkpoint to the Hugging Face Hub (or any Hub-protocol endpoint).
+
+One commit holds the checkpoint directory as it is plus a generated README.md (the model card,
+see model_card.py); the checkpoint directory itself is never modified. The token comes from
+`token=`, else `HF_TOKEN`, else the login cache (`hf auth login`); it is never logged, printed or
+written anywhere, and the card is scrubbed of anything token-like.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gradprune_deploy.errors import ConfigError, ExportError
+
+logger = logging.getLogger(__name__)
+
+_REPO_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9_.-]{1,96}$")
+# Never uploaded: hidden files, caches, and anything a crashed run may have left half-written.
+_SKIP = re.compile(r"(^|/)(\.|__pycache__/)|\.tmp($|-)|\.lock$")
+
+
+def validate_repo_id(repo_id: str | None) -> str:
+    if not repo_id:
+        raise ConfigError("--repo-id is required: give NAMESPACE/NAME, e.g. your-user/smollm2-gradpruned")
+    if not _REPO_ID.match(repo_id) or repo_id.endswith(".git"):
+        raise ConfigError(
+            f"invalid repo id {repo_id!r}: use NAMESPACE/NAME with letters, digits, '-', '_' or '.' "
+            "(no '--' or '..', at most 96 characters each), e.g. your-user/smollm2-gradpruned"
+        )
+    return repo_id
+
+
+@dataclass
+class HubExportConfig:
+    """Push a checkpoint directory and a generated model card to the Hub in one commit.
+
+    The token is read from HF_TOKEN or the `hf auth login` cache; prefer those to --token, which
+    can end up in your shell history.
+    """
+
+    checkpoint: str = field(metadata={"positional": True, "help": "compressed checkpoint directory"})
+    repo_id: str | None = field(default=None, metadata={"help": "target repo, NAMESPACE/NAME (created if missing)"})
+    private: bool = field(default=False, metadata={"help": "create the repo as private"})
+    revision: str | None = field(default=None, metadata={"help": "branch to commit to (created from main if missing; default main)"})
+    commit_message: str | None = field(default=None, metadata={"help": "commit message (default: 'Upload <name> (gradprune)')"})
+    token: str | None = field(default=None, repr=False, metadata={"help": "Hub token (default: HF_TOKEN or the login cache)"})
+    endpoint: str | None = field(default=None, metadata={"help": "Hub URL (default: HF_ENDPOINT or https://huggingface.co)"})
+
+    def __post_init__(self):
+        validate_repo_id(self.repo_id)
+
+
+def _resolve_token(token: str | None) -> str:
+    from huggingface_hub import get_token
+
+    token = token or get_token()  # HF_TOKEN, then the `hf auth login` cache
+    if not token:
+        raise ConfigError("no Hugging Face token: set HF_TOKEN, run `hf auth login`, or pass --token (nothing was uploaded)")
+    return token
+
+
+def _resolve_endpoint(endpoint: str | None) -> str:
+    from huggingface_hub import constants
+
+    return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def build_model_card(checkpoint_dir: str | os.PathLike, *, repo_id: str):
+    """The generated model card (huggingface_hub.ModelCard) for `checkpoint_dir`; reads files only."""
+    from huggingface_hub import ModelCard
+
+    from .checkpoint import inspect_checkpoint
+    from .model_card import build_card_text
+
+    return ModelCard(build_card_text(inspect_checkpoint(checkpoint_dir), repo_id=validate_repo_id(repo_id)))
+
+
+def files_to_upload(checkpoint_dir: Path) -> list[str]:
+    """Relative paths of the files to upload (README.md is replaced by the generated card)."""
+    out = []
+    for path in sorted(checkpoint_dir.rglob("*")):
+        rel = path.relative_to(checkpoint_dir).as_posix()
+        if path.is_file() and not _SKIP.search(rel) and rel != "README.md":
+            out.append(rel)
+    return out
+
+
+def _explain(exc: Exception, *, endpoint: str, repo_id: str, token: str) -> ExportError:
+    """One line naming the fix, without the token (HTTP errors can quote request details)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .model_card import redact
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, HfHubHTTPError) and status == 401:
+        msg = f"the Hub at {endpoint} rejected the token (401): check HF_TOKEN / `hf auth login` / --token"
+    elif isinstance(exc, HfHubHTTPError) and status == 403:
+        msg = f"the token cannot write to {repo_id} (403): use a token with write access to that namespace"
+    elif isinstance(exc, HfHubHTTPError):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = f"the Hub at {endpoint} refused the push ({first})"
+    elif _is_network_error(exc):
+        msg = (f"cannot reach the Hub at {endpoint} ({type(exc).__name__}): check the network, HF_ENDPOINT or "
+               "--endpoint; no commit was made")
+    else:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = f"push to {repo_id} failed: {first}"
+    return ExportError(redact(msg, token))
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    try:
+        import httpx2 as httpx
+    except ImportError:  # older huggingface_hub releases use httpx
+        import httpx
+    while exc is not None:
+        if isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def push_to_hub(
+    checkpoint_dir: str | os.PathLike,
+    *,
+    repo_id: str,
+    token: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    endpoint: str | None = None,
+) -> str:
+    """Create `repo_id` if needed and commit the checkpoint + model card in one commit; return its URL.
+
+    Everything that can be checked locally (repo id, token, checkpoint, card) is checked before the
+    first request, so a bad input uploads nothing.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from .checkpoint import inspect_checkpoint
+    from .model_card import build_card_text
+
+    validate_repo_id(repo_id)
+    token = _resolve_token(token)
+    endpoint = _resolve_endpoint(endpoint)
+    info = inspect_checkpoint(checkpoint_dir)
+    card = build_card_text(info, repo_id=repo_id, secrets=(token,))
+    files = files_to_upload(info.path)
+    for rel in files:  # a token must never travel inside an uploaded file
+        path = info.path / rel
+        if path.stat().st_size < 50_000_000 and token.encode() in path.read_bytes():
+            raise ExportError(f"{path} contains the Hub token: remove it before pushing (nothing was uploaded)")
+    operations = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
+    operations += [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(info.path / rel)) for rel in files]
+    message = commit_message or f"Upload {info.path.name} (gradprune)"
+
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        logger.info("pushing %d files (%.1f MB) to %s/%s", len(operations),
+                    sum((info.path / f).stat().st_size for f in files) / 1e6, endpoint, repo_id)
+        commit = api.create_commit(repo_id, operations=operations, commit_message=message,
+                                   revision=revision, repo_type="model")
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line naming the fix
+        raise _explain(exc, endpoint=endpoint, repo_id=repo_id, token=token) from None
+    logger.info("pushed %s: %s", repo_id, commit.commit_url)
+    return commit.commit_url
+
+
+def export_hub_from_config(config: HubExportConfig) -> str:
+    """`gradprune export hub`: push and print the commit URL."""
+    return push_to_hub(config.checkpoint, repo_id=config.repo_id, token=config.token, private=config.private,
+                       revision=config.revision, commit_message=config.commit_message, endpoint=config.endpoint)

@@ -1,0 +1,257 @@
+"""Export a checkpoint to ONNX for generation with a KV cache, and prove it matches PyTorch.
+
+Path: transformers' own `transformers.exporters.OnnxExporter` (torch.export → torch.onnx with
+onnxscript). `optimum-onnx` pins transformers<4.58 and cannot be installed beside transformers 5.
+
+One graph, `model.onnx` (+ `model.onnx.data`), serves both prefill and decode: it takes
+`input_ids`, `attention_mask`, `position_ids` and every layer's past keys/values and returns
+`logits` and the grown cache. Prefill passes an empty cache (past length 0), decode passes one
+token and the previous cache. It is traced once, from a multi-token step over a non-empty cache,
+with batch, query length and past length dynamic. Beside it: config, generation config,
+tokenizer, and `gradprune_onnx.json` (shapes, versions and the validation numbers).
+
+Validation (after every export, before the output directory appears): onnxruntime vs PyTorch
+on fixed prompts, batched with left padding — max |Δ logits| over the prompt (prefill) and over
+greedy decode steps — and the greedy tokens of both must be identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from gradprune_deploy.errors import ArchitectureError, ConfigError, ExportError
+from gradprune_deploy.utils import atomic_output_dir, check_output_dir, require
+
+logger = logging.getLogger(__name__)
+
+# float32: pruned SmolLM2 measured 8.3e-4 at worst (one position of one prompt; typically 5e-5) on logits of
+# magnitude 20-50, so 5e-3 leaves a margin without hiding a broken graph (those are off by whole units).
+DEFAULT_ATOL = {"float32": 5e-3, "float16": 5e-2}
+VALIDATION_PROMPTS = (
+    "The capital of France is",
+    "Layer pruning removes whole transformer blocks, so",
+    "def fibonacci(n):",
+    "Q: What is 2 + 3?\nA:",
+)
+
+
+@dataclass
+class OnnxExportConfig:
+    """Export prefill + decode (one graph with KV-cache inputs/outputs) and validate it against PyTorch."""
+
+    checkpoint: str = field(metadata={"positional": True, "help": "checkpoint directory to export"})
+    out: str | None = field(default=None, metadata={"help": "output directory (written atomically)"})
+    dtype: Literal["float32", "float16"] = field(default="float32", metadata={"help": "weights and activations dtype of the graph"})
+    opset: int | None = field(default=None, metadata={"help": "ONNX opset (default: the newest onnxscript supports)"})
+    validate: bool = field(default=True, metadata={"help": "compare logits and greedy tokens with PyTorch after export"})
+    atol: float | None = field(default=None, metadata={"help": "max |Δ logits| allowed (default 5e-3 float32, 5e-2 float16)"})
+    new_tokens: int = field(default=8, metadata={"help": "greedy tokens that must match PyTorch, per validation prompt"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out"})
+
+    def __post_init__(self):
+        if not self.out:
+            raise ConfigError("--out is required: the directory to write the ONNX export to")
+        if self.new_tokens < 1:
+            raise ConfigError(f"--new-tokens must be at least 1, got {self.new_tokens}")
+
+
+def _check_exportable(info) -> None:
+    """Text-only decoder LMs; checked from config.json before any weight is loaded."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = info.config
+    if config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or config.get("is_encoder_decoder") \
+            or "vision_config" in config or "audio_config" in config:
+        raise ArchitectureError(
+            f"architecture {info.architecture or '?'} (model_type {config.get('model_type')!r}) is not exportable to "
+            "ONNX here: gradprune exports text-only decoder LMs (Llama, Mistral, Qwen2/3, Gemma3, Phi3)"
+        )
+
+
+def _sample_inputs(model) -> dict:
+    """A 2-token step over a 5-token left-padded prefill: every axis that varies has a size > 1."""
+    import torch
+
+    vocab = model.config.vocab_size
+    ids = (torch.arange(10).reshape(2, 5) * 7 + 3) % vocab
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        past = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values
+    step = torch.tensor([[11, 13], [12, 14]]) % vocab
+    return {"input_ids": step, "attention_mask": torch.cat([mask, torch.ones(2, 2, dtype=mask.dtype)], 1),
+            "position_ids": positions[:, -1:] + torch.tensor([[1, 2]]), "past_key_values": past, "use_cache": True}
+
+
+def _dynamic_shapes(inputs: dict) -> dict:
+    """Batch, query length and past length dynamic; heads and head_dim static (faster, smaller graph)."""
+    import torch
+    from transformers.exporters.exporter_dynamo import get_auto_dynamic_shapes
+
+    dyn = torch.export.Dim.DYNAMIC
+    cache_leaves = get_auto_dynamic_shapes(inputs["past_key_values"])
+    return {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}, "position_ids": {0: dyn, 1: dyn},
+            "past_key_values": [{0: dyn, 2: dyn} for _ in cache_leaves]}
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """The exporter's rewriters log every pattern they try at INFO; keep only their warnings."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(logging.WARNING, lg.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _trace_to_onnx(model, path: Path, *, opset: int | None) -> None:
+    from transformers.exporters import OnnxConfig, OnnxExporter
+
+    inputs = _sample_inputs(model)
+    config = OnnxConfig(dynamic=True, dynamic_shapes=_dynamic_shapes(inputs), output_path=str(path),
+                        opset_version=opset, external_data=True)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured), _quiet_loggers("onnxscript", "onnx_ir", "torch.onnx", "torch.export"):  # torch.onnx prints progress; the CLI's stdout is the result
+            OnnxExporter().export(model, copy.copy(inputs), config=config)
+    except Exception as exc:  # noqa: BLE001 - tracing failures are many and deep; report the first line
+        logger.debug("exporter output:\n%s", captured.getvalue(), exc_info=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"ONNX export of {type(model).__name__} failed: {first} (run with -v for the trace)") from None
+    logger.debug("exporter output:\n%s", captured.getvalue())
+
+
+def validate_export(export_dir: str | os.PathLike, model, tokenizer, *, atol: float, new_tokens: int = 8,
+                    prompts: tuple[str, ...] = VALIDATION_PROMPTS) -> dict:
+    """Compare the export in `export_dir` with `model`; return the numbers, raise ExportError on mismatch."""
+    import numpy as np
+    import torch
+
+    from serving.onnx_runtime import OnnxCausalLM, positions_from_mask
+
+    lm = OnnxCausalLM(export_dir)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    real = mask.numpy().astype(bool)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=torch.from_numpy(positions_from_mask(mask.numpy()))).logits
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=lm.pad_token_id,
+                             eos_token_id=lm.eos_token_id)
+    prefill_diff = float(np.abs(lm.logits(ids.numpy(), mask.numpy()) - ref.float().numpy())[real].max())
+
+    # Decode steps, teacher-forced with PyTorch's tokens, so every step compares the same inputs.
+    torch_tokens = gen.sequences[:, ids.shape[1]:].numpy()
+    logits, state = lm.prefill(ids.numpy(), mask.numpy())
+    decode_diff = 0.0
+    for step in range(1, torch_tokens.shape[1]):  # finished rows get the pad token in both, so all rows compare
+        logits = lm.decode(torch_tokens[:, step - 1], state)
+        decode_diff = max(decode_diff, float(np.abs(logits - gen.logits[step].float().numpy()).max()))
+    onnx_tokens = lm.generate(ids.numpy(), mask.numpy(), max_new_tokens=new_tokens)
+    same = onnx_tokens.shape == torch_tokens.shape and bool((onnx_tokens == torch_tokens).all())
+    report = {"prompts": len(prompts), "atol": atol, "max_abs_diff_prefill_logits": prefill_diff,
+              "max_abs_diff_decode_logits": decode_diff, "greedy_new_tokens": int(torch_tokens.shape[1]),
+              "greedy_tokens_identical": same}
+    logger.info("ONNX validation: max |Δ logits| prefill %.3g, decode %.3g (atol %g); greedy tokens identical: %s",
+                prefill_diff, decode_diff, atol, same)
+    problems = []
+    if max(prefill_diff, decode_diff) > atol:
+        problems.append(f"max |Δ logits| prefill {prefill_diff:.3g}, decode {decode_diff:.3g} > atol {atol:g}")
+    if not same:
+        row = next(r for r in range(len(prompts)) if onnx_tokens.shape != torch_tokens.shape
+                   or (onnx_tokens[r] != torch_tokens[r]).any())
+        problems.append(f"greedy tokens differ for prompt {prompts[row]!r}: onnx {onnx_tokens[row].tolist()} "
+                        f"vs torch {torch_tokens[row].tolist()}")
+    if problems:
+        raise ExportError("ONNX export does not match PyTorch: " + "; ".join(problems)
+                          + " (raise --atol only if you accept the difference; nothing was written)")
+    return report
+
+
+def export_onnx(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
+                opset: int | None = None, validate: bool = True, overwrite: bool = False,
+                atol: float | None = None, new_tokens: int = 8) -> dict:
+    """Export `checkpoint_dir` to `out_dir` (atomically) and validate it; return a summary with the numbers."""
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        require(module, "onnx")
+    if dtype not in DEFAULT_ATOL:
+        raise ConfigError(f"--dtype {dtype} is not supported for ONNX: use float32 or float16")
+    from gradprune_deploy.loading import load_model_and_tokenizer
+
+    from .checkpoint import inspect_checkpoint
+
+    info = inspect_checkpoint(checkpoint_dir)
+    _check_exportable(info)
+    check_output_dir(out_dir, overwrite=overwrite)  # fail before the slow part
+    atol = DEFAULT_ATOL[dtype] if atol is None else atol
+    model, tokenizer = load_model_and_tokenizer(info.path, dtype=dtype)
+    model.config.use_cache = True
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        start = time.perf_counter()
+        logger.info("exporting %s (%d layers, %s) to ONNX", info.path.name, model.config.num_hidden_layers, dtype)
+        _trace_to_onnx(model, tmp / "model.onnx", opset=opset)
+        export_s = time.perf_counter() - start
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        summary = _write_metadata(tmp, info, model, tokenizer, dtype=dtype, opset=opset, export_s=export_s)
+        if validate:
+            summary["validation"] = validate_export(tmp, model, tokenizer, atol=atol, new_tokens=new_tokens)
+            _update_metadata(tmp, validation=summary["validation"])
+    summary["out"] = str(Path(out_dir).expanduser().resolve())
+    return summary
+
+
+def _write_metadata(out: Path, info, model, tokenizer, *, dtype: str, opset: int | None, export_s: float) -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    gen = model.generation_config
+    eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
+    pad = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
+    summary = {
+        "format": "gradprune-onnx/1", "graph": "model.onnx", "source": str(info.path), "architecture": info.architecture,
+        "num_layers": model.config.num_hidden_layers, "dtype": dtype,
+        "opset": next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), opset),
+        "inputs": [i.name for i in graph.graph.input], "outputs": [o.name for o in graph.graph.output],
+        "generation": {"eos_token_id": eos[0] if isinstance(eos, list) and len(eos) == 1 else eos, "pad_token_id": pad},
+        "export_seconds": round(export_s, 1),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__},
+    }
+    (out / "gradprune_onnx.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _update_metadata(out: Path, **values) -> None:
+    path = out / "gradprune_onnx.json"
+    data = json.loads(path.read_text())
+    data.update(values)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def export_onnx_from_config(config: OnnxExportConfig) -> dict:
+    """`gradprune export onnx`: export, validate, print the summary (with the validation numbers) as JSON."""
+    summary = export_onnx(config.checkpoint, config.out, dtype=config.dtype, opset=config.opset,
+                          validate=config.validate, overwrite=config.overwrite, atol=config.atol,
+                          new_tokens=config.new_tokens)
+    summary.pop("inputs", None)
+    summary.pop("outputs", None)
+    return summary

@@ -1,0 +1,319 @@
+"""`gradprune eval`: score a checkpoint on prompt/completion data and record the result.
+
+Metrics (prompts are formatted exactly as in fine-tuning: data.encode_prompt/encode_example,
+i.e. the chat template when the tokenizer has one):
+- `choice`: each row's `choices` are scored as the completion of its prompt by log-likelihood
+  (sum of the completion tokens' log-probs — the tokens fine-tuning puts labels on, so with a
+  chat template the end-of-turn tokens count too — or their mean with --length-normalize); the
+  prediction is the argmax (first choice wins a tie); accuracy = prediction == completion. All
+  choices of `--batch-size` rows go through one padded forward pass.
+- `exact`: greedy generation (`--max-new-tokens`, default: the longest reference in tokens + 16)
+  and exact match after normalisation: strip, optional --case-fold; GSM8K-style references
+  (`#### 18`) compare only the final answer after `####` (--final-answer auto|always|never,
+  see eval_metrics). `--backend vllm` generates through vLLM's OpenAI server instead (eval_vllm).
+- `loss`: mean negative log-likelihood per completion token over the set, and perplexity.
+
+The result is a dict (the CLI prints it as one JSON line) and, when the checkpoint is a local
+directory or --out-dir is given, `eval_<data>_<split>_<metric>.json` in that directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+from .errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+GENERATION_MARGIN_TOKENS = 16
+_SPLIT_LIKE_STEMS = ("train", "test", "dev", "validation", "valid", "eval")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate a checkpoint by choice log-likelihood, exact match of greedy generations, or loss."""
+
+    checkpoint: str = field(metadata={"help": "checkpoint directory, .gguf file, cached Hub id or bundled:SmolLM2-135M-Instruct",
+                                      "positional": True})
+    data: str | None = field(default=None, metadata={"help": "prompt/completion data: a .jsonl/.csv file, a folder of splits, or bundled:gsm8k"})
+    split: str = field(default="test", metadata={"help": "split to read when --data is a folder or a dataset"})
+    metric: Literal["choice", "exact", "loss"] = field(default="choice", metadata={
+        "help": "choice: argmax log-likelihood over each row's choices; exact: greedy generation + exact match; loss: completion loss and perplexity"})
+    batch_size: int = field(default=8, metadata={"help": "rows per forward pass / generation batch / vLLM request"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N rows"})
+    length_normalize: bool = field(default=False, metadata={"help": "choice: mean log-prob per token instead of the sum"})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "exact: tokens to generate (default: longest reference + 16)"})
+    backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf: transformers in-process; vllm: vLLM OpenAI server (--metric exact only)"})
+    case_fold: bool = field(default=False, metadata={"help": "exact: compare case-insensitively"})
+    final_answer: Literal["auto", "always", "never"] = field(default="auto", metadata={
+        "help": "exact: compare only the answer after '####' (auto: when the reference has one)"})
+    dtype: str = field(default="float32", metadata={"help": "weights dtype: float32, bfloat16 or float16"})
+    out_dir: str | None = field(default=None, metadata={"help": "where to write the result JSON (default: the checkpoint directory)"})
+    save: bool = field(default=True, metadata={"help": "write eval_<data>_<split>_<metric>.json"})
+    server_url: str | None = field(default=None, metadata={"help": "vllm backend: use this running server instead of starting one"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the checkpoint"})
+    allow_pickle: bool = field(default=False, metadata={"help": "allow pickled (.bin) weights"})
+
+    def __post_init__(self):
+        if not self.data:
+            raise ConfigError("--data is required: a .jsonl/.csv file, a folder with {split}.jsonl, or bundled:gsm8k")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit {self.limit}: give a positive number of rows, or leave --limit out for all")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
+        if self.backend == "vllm" and self.metric != "exact":
+            raise ConfigError(f"--backend vllm generates text, so it serves --metric exact only; use --backend hf for --metric {self.metric}")
+        if self.server_url and self.backend != "vllm":
+            raise ConfigError("--server-url is for --backend vllm")
+
+
+def evaluate_from_config(config: EvalConfig) -> dict[str, Any]:
+    return evaluate(**dataclasses.asdict(config))
+
+
+def evaluate(checkpoint: str, *, data: str, split: str = "test", metric: str = "choice", batch_size: int = 8,
+             limit: int | None = None, length_normalize: bool = False, max_new_tokens: int | None = None,
+             backend: str = "hf", case_fold: bool = False, final_answer: str = "auto", dtype: str = "float32",
+             out_dir: str | None = None, save: bool = True, server_url: str | None = None,
+             trust_remote_code: bool = False, allow_pickle: bool = False) -> dict[str, Any]:
+    """Load `checkpoint`, evaluate it on `data` and return (and save) the summary dict."""
+    config = EvalConfig(checkpoint, data=data, split=split, metric=metric, batch_size=batch_size, limit=limit,  # validates
+                        length_normalize=length_normalize, max_new_tokens=max_new_tokens, backend=backend,
+                        case_fold=case_fold, final_answer=final_answer, dtype=dtype, out_dir=out_dir, save=save,
+                        server_url=server_url, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    from .data import read_examples
+    from .loading import resolve_source
+
+    source = resolve_source(checkpoint, allow_pickle=allow_pickle)  # a missing checkpoint fails first
+    examples = read_examples(data, split=split, limit=limit)
+    check_examples(examples, metric)
+    started = time.perf_counter()
+    if backend == "vllm":
+        summary, _ = _evaluate_vllm(source, examples, config)
+        load_seconds = 0.0
+    else:
+        model, tokenizer = _load_hf(checkpoint, config)
+        load_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        summary, _ = evaluate_model(model, tokenizer, examples, metric=metric, batch_size=batch_size,
+                                    length_normalize=length_normalize, max_new_tokens=max_new_tokens,
+                                    case_fold=case_fold, final_answer=final_answer)
+    summary.update(n=len(examples), data=str(data), split=split, limit=limit, backend=backend, dtype=dtype,
+                   model=str(source.path), model_source=str(checkpoint),
+                   seconds=round(time.perf_counter() - started, 3), load_seconds=round(load_seconds, 3))
+    target = _result_dir(checkpoint, out_dir, source)
+    summary["saved_to"] = str(write_result(summary, target, data=data, split=split, metric=metric)) if save and target else None
+    if save and target is None:
+        logger.info("not saving the result: %s is not a checkpoint directory; pass --out-dir to keep it", checkpoint)
+    logger.info("%s on %s (%s, n=%d): %.4f", metric, data, split, len(examples), summary["value"])
+    return summary
+
+
+def check_examples(examples: Sequence, metric: str) -> None:
+    """One-line DataError for data a metric cannot use."""
+    if metric != "choice":
+        return
+    for ex in examples:
+        if not ex.choices:
+            raise DataError(f"row {ex.id!r} has no `choices`: --metric choice needs a list of choices in every row; "
+                            "use --metric exact or --metric loss for free-form completions")
+        if ex.completion not in ex.choices:
+            raise DataError(f"row {ex.id!r}: its completion {ex.completion!r} is not one of its choices {list(ex.choices)}: "
+                            "fix the data, or use --metric exact or --metric loss")
+
+
+def evaluate_model(model, tokenizer, examples: Sequence, *, metric: str, batch_size: int = 8, length_normalize: bool = False,
+                   max_new_tokens: int | None = None, case_fold: bool = False, final_answer: str = "auto",
+                   generate: Callable[[list[list[int]], int], list[list[int]]] | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """Evaluate a loaded model; returns (summary with `metric` and `value`, per-row records).
+
+    `generate(prompts_ids, max_new_tokens)` replaces in-process greedy generation (the vLLM
+    backend passes one); `model` may then be None.
+    """
+    check_examples(examples, metric)
+    if metric == "choice":
+        return _eval_choice(model, tokenizer, examples, batch_size=batch_size, length_normalize=length_normalize)
+    if metric == "loss":
+        return _eval_loss(model, tokenizer, examples, batch_size=batch_size)
+    if metric == "exact":
+        if generate is None:
+            generate = _hf_generator(model, tokenizer)
+        return _eval_exact(tokenizer, examples, generate, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           case_fold=case_fold, final_answer=final_answer)
+    raise ConfigError(f"--metric {metric!r}: choose choice, exact or loss")
+
+
+def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Row indices in batches, longest first: less padding, and memory peaks show up at once."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _eval_choice(model, tokenizer, examples, *, batch_size: int, length_normalize: bool):
+    from .data import Example, encode_example
+    from .eval_hf import completion_logprobs
+    from .eval_metrics import accuracy, argmax, choice_scores, confusion_counts
+    from .utils import tqdm
+
+    encoded = [[encode_example(tokenizer, Example(ex.prompt, choice)) for choice in ex.choices] for ex in examples]
+    results: list[list[tuple[float, int]]] = [[] for _ in examples]
+    with tqdm(total=len(examples), desc="eval choice", unit="row") as bar:
+        for batch in _length_sorted_batches([max(len(ids) for ids, _ in e) for e in encoded], batch_size):
+            flat = completion_logprobs(model, [item for i in batch for item in encoded[i]], pad_token_id=tokenizer.pad_token_id)
+            for i in batch:
+                results[i], flat = flat[: len(encoded[i])], flat[len(encoded[i]):]
+            bar.update(len(batch))
+    rows = []
+    for ex, res in zip(examples, results):
+        scores = choice_scores([s for s, _ in res], [n for _, n in res], length_normalize=length_normalize)
+        pred = ex.choices[argmax(scores)]
+        rows.append({"id": ex.id, "gold": ex.completion, "pred": pred, "scores": dict(zip(ex.choices, scores))})
+    value = accuracy([r["pred"] == r["gold"] for r in rows])
+    summary = {"metric": "choice", "value": value, "accuracy": value, "length_normalize": length_normalize,
+               "confusion": confusion_counts([r["gold"] for r in rows], [r["pred"] for r in rows])}
+    return summary, rows
+
+
+def _eval_loss(model, tokenizer, examples, *, batch_size: int):
+    from .data import encode_example
+    from .eval_hf import completion_logprobs
+    from .eval_metrics import mean_token_loss
+    from .utils import tqdm
+
+    encoded = [encode_example(tokenizer, ex) for ex in examples]
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    with tqdm(total=len(examples), desc="eval loss", unit="row") as bar:
+        for batch in _length_sorted_batches([len(ids) for ids, _ in encoded], batch_size):
+            for i, res in zip(batch, completion_logprobs(model, [encoded[i] for i in batch], pad_token_id=tokenizer.pad_token_id)):
+                results[i] = res
+            bar.update(len(batch))
+    rows = [{"id": ex.id, "nll": -s, "tokens": n} for ex, (s, n) in zip(examples, results)]
+    loss, ppl = mean_token_loss([r["nll"] for r in rows], [r["tokens"] for r in rows])
+    return {"metric": "loss", "value": loss, "loss": loss, "perplexity": ppl, "tokens": sum(r["tokens"] for r in rows)}, rows
+
+
+def _hf_generator(model, tokenizer) -> Callable[[list[list[int]], int], list[list[int]]]:
+    from .eval_hf import eos_token_ids, greedy_generate
+
+    eos = eos_token_ids(model, tokenizer)
+    return lambda prompts, max_new: greedy_generate(model, prompts, max_new_tokens=max_new,
+                                                    pad_token_id=tokenizer.pad_token_id, eos_ids=eos)
+
+
+def default_max_new_tokens(tokenizer, examples) -> int:
+    return max(len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) for ex in examples) + GENERATION_MARGIN_TOKENS
+
+
+def _eval_exact(tokenizer, examples, generate, *, batch_size: int, max_new_tokens: int | None, case_fold: bool, final_answer: str):
+    from .data import encode_prompt
+    from .eval_metrics import accuracy, exact_match, uses_final_answer
+    from .utils import tqdm
+
+    max_new = max_new_tokens or default_max_new_tokens(tokenizer, examples)
+    prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
+    outputs: list[list[int]] = [[] for _ in examples]
+    with tqdm(total=len(examples), desc="eval exact", unit="row") as bar:
+        for batch in _length_sorted_batches([len(p) for p in prompts], batch_size):
+            for i, tokens in zip(batch, generate([prompts[i] for i in batch], max_new)):
+                outputs[i] = tokens
+            bar.update(len(batch))
+    rows = []
+    for ex, tokens in zip(examples, outputs):
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        rows.append({"id": ex.id, "reference": ex.completion, "prediction": text, "tokens": tokens,
+                     "match": exact_match(text, ex.completion, case_fold=case_fold, final_answer=final_answer)})
+    value = accuracy([r["match"] for r in rows])
+    summary = {"metric": "exact", "value": value, "accuracy": value, "max_new_tokens": max_new, "case_fold": case_fold,
+               "final_answer": final_answer,
+               "final_answer_rows": sum(uses_final_answer(ex.completion, final_answer) for ex in examples)}
+    return summary, rows
+
+
+def _load_hf(checkpoint: str, config: EvalConfig):
+    import torch
+
+    from .loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(checkpoint, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
+                                                allow_pickle=config.allow_pickle)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    return model.eval(), tokenizer
+
+
+def _evaluate_vllm(source, examples, config: EvalConfig):
+    from transformers import AutoTokenizer
+
+    from .eval_vllm import vllm_endpoint, vllm_greedy_generate
+
+    if source.gguf_file:
+        raise ConfigError("--backend vllm needs a checkpoint directory, not a .gguf file: convert it first (e.g. bundled: sources are)")
+    from .data import encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=config.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    max_new = config.max_new_tokens or default_max_new_tokens(tokenizer, examples)
+    longest_prompt = max(len(encode_prompt(tokenizer, ex.prompt)) for ex in examples)
+    eos = [i for i in {tokenizer.eos_token_id, *_generation_eos(source.path)} if i is not None]
+    with vllm_endpoint(str(source.path), server_url=config.server_url, dtype=config.dtype,
+                       max_model_len=max(2048, longest_prompt + max_new)) as (base_url, served):
+        generate = lambda prompts, n: vllm_greedy_generate(base_url, served, prompts, max_new_tokens=n, eos_ids=eos)  # noqa: E731
+        return evaluate_model(None, tokenizer, examples, metric="exact", batch_size=config.batch_size, max_new_tokens=max_new,
+                              case_fold=config.case_fold, final_answer=config.final_answer, generate=generate)
+
+
+def _generation_eos(model_dir: Path) -> list[int]:
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return []
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def data_name(data: str) -> str:
+    """Short name of a data source for file names: sst2 for ../shared/data/sst2 or .../sst2/test.jsonl."""
+    if data.startswith("bundled:"):
+        name = data.split(":", 1)[1]
+    else:
+        path = Path(data).expanduser()
+        name = path.stem if path.suffix else path.name
+        if path.suffix and name in _SPLIT_LIKE_STEMS:
+            name = path.resolve().parent.name
+    return _safe_name(name) or "data"
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "-", text).strip("-")
+
+
+def result_filename(data: str, split: str, metric: str) -> str:
+    return f"eval_{data_name(data)}_{_safe_name(split)}_{metric}.json"
+
+
+def _result_dir(checkpoint: str, out_dir: str | None, source) -> Path | None:
+    if out_dir:
+        return Path(out_dir).expanduser()
+    path = Path(str(checkpoint)).expanduser()
+    return path if path.is_dir() and source.gguf_file is None else None
+
+
+def write_result(summary: dict[str, Any], directory: Path, *, data: str, split: str, metric: str) -> Path:
+    """Write the summary as JSON (atomically: a reader never sees half a file)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / result_filename(data, split, metric)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({**summary, "saved_to": str(path)}, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    logger.info("wrote %s", path)
+    return path

@@ -1,0 +1,1 @@
+"""Run and measure exported checkpoints: vLLM's OpenAI server, an onnxruntime runner, benchmarks."""

