@@ -266,7 +266,8 @@ def _evaluate_vllm(source, examples, config: EvalConfig):
     max_new = config.max_new_tokens or default_max_new_tokens(tokenizer, examples)
     longest_prompt = max(len(encode_prompt(tokenizer, ex.prompt)) for ex in examples)
     eos = [i for i in {tokenizer.eos_token_id, *_generation_eos(source.path)} if i is not None]
-    with vllm_endpoint(str(source.path), server_url=config.server_url, dtype=config.dtype,
+    vllm_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(config.dtype, config.dtype)
+    with vllm_endpoint(str(source.path), server_url=config.server_url, dtype=vllm_dtype,
                        max_model_len=max(2048, longest_prompt + max_new)) as (base_url, served):
         generate = lambda prompts, n: vllm_greedy_generate(base_url, served, prompts, max_new_tokens=n, eos_ids=eos)  # noqa: E731
         return evaluate_model(None, tokenizer, examples, metric="exact", batch_size=config.batch_size, max_new_tokens=max_new,

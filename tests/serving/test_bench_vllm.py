@@ -15,7 +15,7 @@ from serving.bench import BenchConfig, bench  # noqa: E402
 def test_vllm_bench_one_server_pair(smollm2_dir, pruned_smollm2_dir, tmp_path):
     report = bench(BenchConfig(dense=str(smollm2_dir), pruned=str(pruned_smollm2_dir), backend="vllm", input_len=16,
                                output_len=4, num_prompts=2, runs=1, warmup=0, concurrency=2, num_requests=4,
-                               kv_cache_gib=0.5, max_model_len=256, out=str(tmp_path / "report"), plot=False))
+                               kv_cache_gib=1, max_model_len=256, out=str(tmp_path / "report"), plot=False))
     vllm = report["backends"]["vllm"]
     assert vllm["failed_requests"] == {"dense": 0, "pruned": 0}
     assert vllm["completed_requests"] == {"dense": 6, "pruned": 6}  # 2 at concurrency 1 + 4 at concurrency 2

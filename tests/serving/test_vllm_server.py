@@ -98,20 +98,22 @@ CHAT = [{"role": "user", "content": "Name three colors of the rainbow."}]
 def cli_server(pruned_smollm2_dir, tmp_path_factory):
     """`gradprune serve` in a subprocess, as a user runs it; yields (process, base_url, model name, startup s)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    workdir = tmp_path_factory.mktemp("vllm")
+    log = workdir / "server.log"
     cmd = [sys.executable, "-m", "gradprune_deploy.cli", "serve", str(pruned_smollm2_dir), "--port", str(port),
            "--dtype", "float32", "--max-model-len", "1024", "--kv-cache-gib", "1", "--log-file", str(log)]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    stderr = open(workdir / "cli.stderr", "w")  # a file, not a pipe: a full pipe would block the CLI
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     banner = ""
     try:
-        while "Ctrl-C stops it" not in banner:
+        while "Ctrl-C or SIGTERM stops it" not in banner:
             ready, _, _ = select.select([proc.stdout], [], [], 5)
             if ready:
                 banner += proc.stdout.readline()
             if proc.poll() is not None:
-                pytest.fail(f"gradprune serve exited {proc.returncode}: {proc.stderr.read()[-3000:]}")
+                pytest.fail(f"gradprune serve exited {proc.returncode}: {(workdir / 'cli.stderr').read_text()[-3000:]}")
             if time.monotonic() - start > 900:
                 pytest.fail(f"gradprune serve not ready after 900 s; log tail: {log.read_text()[-3000:]}")
         startup_s = time.monotonic() - start
@@ -119,8 +121,9 @@ def cli_server(pruned_smollm2_dir, tmp_path_factory):
         yield proc, banner, f"http://127.0.0.1:{port}", pruned_smollm2_dir.name
     finally:
         if proc.poll() is None:
-            proc.kill()  # only reached if a test failed to stop it
-            proc.wait()
+            proc.send_signal(signal.SIGINT)  # only reached if a test failed to stop it: Ctrl-C
+            proc.wait(timeout=120)
+        stderr.close()
 
 
 def _post(url: str, body: dict) -> dict:

@@ -1,0 +1,74 @@
+import json
+
+import pytest
+
+from gradprune_deploy.data import (IGNORE_INDEX, CompletionCollator, Example, encode_prompt, read_examples,
+                                   tokenize_examples)
+from gradprune_deploy.errors import DataError
+
+ROWS = [{"id": "a", "prompt": "Is water wet?", "completion": "yes", "choices": ["yes", "no"]},
+        {"id": "b", "prompt": "Is fire cold?", "completion": "no", "choices": ["yes", "no"]}]
+
+
+def test_jsonl_csv_split_folder_and_datasets_dir_agree(tmp_path):
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    (tmp_path / "rows.csv").write_text("prompt,completion,choices\nIs water wet?,yes,yes|no\nIs fire cold?,no,yes|no\n")
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "hfds"))
+    expected = [(r["prompt"], r["completion"], tuple(r["choices"])) for r in ROWS]
+    for source in (tmp_path / "train.jsonl", tmp_path, tmp_path / "rows.csv", tmp_path / "hfds"):
+        assert [(e.prompt, e.completion, e.choices) for e in read_examples(source)] == expected, source
+
+
+def test_bundled_gsm8k_has_fixed_disjoint_splits():
+    train, test = read_examples("bundled:gsm8k"), read_examples("bundled:gsm8k", split="test")
+    assert len(train) == 1000 and len(test) == 319
+    assert not {e.prompt for e in train} & {e.prompt for e in test}
+    assert "####" in train[0].completion
+
+
+def test_shared_task_reads_choices():
+    rows = read_examples("../shared/data/pubmedqa", split="test", limit=3)
+    assert len(rows) == 3 and set(rows[0].choices) == {"yes", "no", "maybe"}
+
+
+def test_loss_only_on_completion_tokens_with_chat_template(tokenizer):
+    example = Example(prompt="Is water wet?", completion="yes")
+    (feature,) = tokenize_examples([example], tokenizer, max_length=128)
+    n_prompt = len(encode_prompt(tokenizer, example.prompt))
+    assert feature["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    completion = tokenizer.decode(feature["input_ids"][n_prompt:])
+    assert completion.startswith("yes") and "<|im_end|>" in completion  # the turn's end is learned too
+    assert feature["labels"][n_prompt:] == feature["input_ids"][n_prompt:]
+
+
+def test_without_chat_template_appends_eos(tokenizer):
+    (feature,) = tokenize_examples([Example("Q: 2+2?\nA:", " 4")], tokenizer, max_length=64, chat_template=False)
+    assert feature["input_ids"][-1] == tokenizer.eos_token_id and feature["labels"][-1] == tokenizer.eos_token_id
+
+
+def test_long_prompts_dropped_and_completions_truncated(tokenizer):
+    long = Example(prompt="word " * 200, completion="yes")
+    short = Example(prompt="hi", completion="a b c d e f g h i j k l m n o p " * 10)
+    features = tokenize_examples([long, short], tokenizer, max_length=64)
+    assert len(features) == 1 and len(features[0]["input_ids"]) == 64
+    with pytest.raises(DataError, match="raise --max-length"):
+        tokenize_examples([long], tokenizer, max_length=64)
+
+
+def test_collator_pads_and_masks():
+    batch = CompletionCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                                                {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+@pytest.mark.parametrize("text, message", [("", "no rows"), ('{"prompt": "x"}\n', "no completion"),
+                                           ("[1, 2]\n", "JSON object"), ("{oops\n", "not valid JSON")])
+def test_bad_data(tmp_path, text, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataError, match=message):
+        read_examples(path)
