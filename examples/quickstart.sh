@@ -3,10 +3,12 @@
 #   SmolLM2-135M-Instruct (bundled GGUF → float32 safetensors) + GSM8K (bundled, MIT)
 #   → IGIA probe → drop 12 of 30 layers → same-sign merge → LoRA recovery fine-tune (merged)
 #   → runs/smollm2-gsm8k-pruned (standard checkpoint + gradprune.json + layer_importance.png)
-# A fixed budget (320 training problems, 384 tokens) keeps it to minutes on a 2-core CPU.
+# A fixed budget (256 training problems, ≤320 tokens, batches of 4 × 2 accumulation steps) keeps it
+# to minutes and a few GB of memory on a 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/gradprune ] || bash scripts/setup.sh
 OUT=${OUT:-runs/smollm2-gsm8k-pruned}
-.venv/bin/gradprune compress --out "$OUT" --drop-layers 12 --max-examples 320 --max-length 384 ${OVERWRITE:+--overwrite} "$@"
+.venv/bin/gradprune compress --out "$OUT" --drop-layers 12 --max-examples 256 --max-length 320 \
+  --batch-size 4 --grad-accum 2 ${OVERWRITE:+--overwrite} "$@"
 .venv/bin/gradprune inspect "$OUT"

@@ -52,6 +52,7 @@ class CompressConfig:
     lora_alpha: int = _f(16, "LoRA alpha")
     lora_dropout: float = _f(0.05, "LoRA dropout")
     warmup_ratio: float = _f(0.03, "warm-up fraction of the fine-tune")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward: far less memory, ~30% more time")
     seed: int = _f(0, "random seed (LoRA init, data order, random scorer)")
     # loading / output
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype to load, train and save in")

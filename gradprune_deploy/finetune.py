@@ -36,6 +36,7 @@ class TrainSettings:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     seed: int = 0
+    gradient_checkpointing: bool = False
     sampling: str = "random"  # Trainer's train_sampling_strategy; "sequential" for reproducible tests
 
 
@@ -76,6 +77,8 @@ def _training_args(output_dir: str, s: TrainSettings, *, max_steps: int, max_gra
         disable_tqdm=progress_disabled(),
         use_cpu=not torch.cuda.is_available(),
         train_sampling_strategy=s.sampling,
+        gradient_checkpointing=s.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if s.gradient_checkpointing else None,
     )
 
 

@@ -40,7 +40,8 @@ def _timed(timings: dict, name: str):
 def _train_settings(c: CompressConfig) -> TrainSettings:
     return TrainSettings(batch_size=c.batch_size, grad_accum=c.grad_accum, learning_rate=c.learning_rate or 2e-4,
                          epochs=c.epochs, max_steps=c.max_steps, warmup_ratio=c.warmup_ratio, lora_r=c.lora_r,
-                         lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, seed=c.seed)
+                         lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, seed=c.seed,
+                         gradient_checkpointing=c.gradient_checkpointing)
 
 
 def probe_length(c: CompressConfig, num_examples: int, settings: TrainSettings) -> tuple[int, int]:
