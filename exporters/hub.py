@@ -103,6 +103,9 @@ def _explain(exc: Exception, *, endpoint: str, repo_id: str, token: str) -> Expo
     elif isinstance(exc, HfHubHTTPError):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         msg = f"the Hub at {endpoint} refused the push ({first})"
+    elif "xet-write-token" in str(exc) or "xet-read-token" in str(exc):
+        msg = (f"the Hub at {endpoint} does not offer Xet storage: set HF_HUB_DISABLE_XET=1 to upload over "
+               "plain HTTP/LFS; no commit was made")
     elif _is_network_error(exc):
         msg = (f"cannot reach the Hub at {endpoint} ({type(exc).__name__}): check the network, HF_ENDPOINT or "
                "--endpoint; no commit was made")

@@ -115,7 +115,8 @@ def build_card_data(info: CheckpointInfo, *, repo_id: str):
 # ── body sections ─────────────────────────────────────────────────────────────
 def _summary(info: CheckpointInfo, repo_id: str) -> str:
     m = info.manifest or {}
-    base = m.get("base_model") or "a base model"
+    hub_id = hub_base_model(m)
+    base = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"`{m.get('base_model') or 'a base model'}`"
     before, after = m.get("num_layers_before"), m.get("num_layers_after", info.num_layers)
     dropped = m.get("layers_dropped") or []
     lines = [f"# {repo_id.split('/')[-1]}", ""]
@@ -124,7 +125,7 @@ def _summary(info: CheckpointInfo, repo_id: str) -> str:
                      "gradprune-deploy. It has no `gradprune.json`, so how it was compressed is not recorded.")
     else:
         count = f"{len(dropped)} of {before}" if before else f"{len(dropped)}"
-        lines.append(f"`{base}` with {count} decoder layers removed by GradPruner "
+        lines.append(f"{base} with {count} decoder layers removed by GradPruner "
                      f"layer pruning ({after} layers left), saved as a standard `{info.architecture}` checkpoint: "
                      "it loads with plain transformers and serves with vLLM, no custom code.")
     return "\n".join(lines)
@@ -166,7 +167,8 @@ def _size_section(info: CheckpointInfo) -> str:
            f"| parameters | {_fmt_params(before)} | {_fmt_params(after)} |"]
     if isinstance(before, (int, float)) and isinstance(after, (int, float)) and before:
         out += ["", f"Parameters removed: {100 * (1 - after / before):.1f}%."]
-    out += ["", f"Weights: {', '.join(info.weight_files)} ({info.weights_dtype})."]
+    dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(info.weights_dtype, info.weights_dtype)
+    out += ["", f"Weights: {', '.join(info.weight_files)} ({dtype})."]
     return "\n".join(out)
 
 

@@ -73,7 +73,7 @@ def _check_exportable(info) -> None:
             or "vision_config" in config or "audio_config" in config:
         raise ArchitectureError(
             f"architecture {info.architecture or '?'} (model_type {config.get('model_type')!r}) is not exportable to "
-            "ONNX here: gradprune exports text-only decoder LMs (Llama, Mistral, Qwen2/3, Gemma3, Phi3)"
+            "ONNX here: gradprune exports text-only decoder LMs with full attention (Llama, Qwen2/3, Phi3, Mistral)"
         )
 
 
@@ -87,6 +87,13 @@ def _sample_inputs(model) -> dict:
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         past = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values
+    sliding = sorted({type(layer).__name__ for layer in getattr(past, "layers", []) if "Sliding" in type(layer).__name__})
+    if sliding:  # their cache is trimmed to the window: not one growing tensor per layer, which the graph assumes
+        raise ArchitectureError(
+            f"{type(model).__name__} uses sliding-window attention ({', '.join(sliding)}; config sliding_window="
+            f"{getattr(model.config, 'sliding_window', None)}), which the ONNX export does not support yet: "
+            "serve it with vLLM (`gradprune serve`) instead"
+        )
     step = torch.tensor([[11, 13], [12, 14]]) % vocab
     return {"input_ids": step, "attention_mask": torch.cat([mask, torch.ones(2, 2, dtype=mask.dtype)], 1),
             "position_ids": positions[:, -1:] + torch.tensor([[1, 2]]), "past_key_values": past, "use_cache": True}
@@ -125,7 +132,8 @@ def _trace_to_onnx(model, path: Path, *, opset: int | None) -> None:
                         opset_version=opset, external_data=True)
     captured = io.StringIO()
     try:
-        with contextlib.redirect_stdout(captured), _quiet_loggers("onnxscript", "onnx_ir", "torch.onnx", "torch.export"):  # torch.onnx prints progress; the CLI's stdout is the result
+        # torch.onnx prints its progress, and the CLI's stdout is the result: keep it for -v instead
+        with contextlib.redirect_stdout(captured), _quiet_loggers("onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
             OnnxExporter().export(model, copy.copy(inputs), config=config)
     except Exception as exc:  # noqa: BLE001 - tracing failures are many and deep; report the first line
         logger.debug("exporter output:\n%s", captured.getvalue(), exc_info=True)

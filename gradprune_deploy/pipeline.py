@@ -7,6 +7,7 @@ every process runs the same steps on the same averaged gradients; only the main 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -50,8 +51,12 @@ def probe_length(c: CompressConfig, num_examples: int, settings: TrainSettings) 
     return c.probe_steps or max(c.probe_min_steps, math.ceil(c.probe_fraction * planned)), planned
 
 
-def score_layers(model, features, tokenizer, c: CompressConfig, settings: TrainSettings):
-    """(scores, probe record or None, stats) for the configured scorer."""
+def score_layers(model, features, tokenizer, c: CompressConfig, settings: TrainSettings, *, drop_count: int | None = None):
+    """(scores, probe record or None, stats) for the configured scorer.
+
+    `drop_count`, when known, lets GradMAP stop after that many greedy decisions (one backward
+    pass each) instead of ranking every layer; the dropped set is the same.
+    """
     if c.scorer == "igia":
         steps, planned = probe_length(c, len(features), settings)
         record, stats = run_probe(model, features, tokenizer, settings, probe_steps=steps)
@@ -61,7 +66,10 @@ def score_layers(model, features, tokenizer, c: CompressConfig, settings: TrainS
     collate = CompletionCollator(tokenizer.pad_token_id)
     batches = [collate(features[i:i + c.batch_size]) for i in range(0, len(features), c.batch_size)][: c.scorer_batches]
     start = time.perf_counter()
-    scores = SCORERS[c.scorer](model, batches, seed=c.seed)
+    scorer = SCORERS[c.scorer]
+    if c.scorer == "gradmap" and drop_count:
+        scorer = functools.partial(scorer, max_decisions=drop_count)
+    scores = scorer(model, batches, seed=c.seed)
     return scores.double(), None, {"batches": len(batches), "seconds": time.perf_counter() - start}
 
 
@@ -118,10 +126,12 @@ def compress(config: CompressConfig) -> dict:
     budget = dict(drop_count=config.drop_layers, drop_ratio=config.drop_ratio, target_params=config.target_params,
                   layer_params=layer_params, total_params=params_before,
                   protect_first=config.protect_first, protect_last=config.protect_last)
-    select_layers_to_drop(torch.zeros(num_layers), **budget)  # an impossible budget fails now, not after the probe
+    # An impossible budget fails now, not after the probe.
+    planned_drop = len(select_layers_to_drop(torch.zeros(num_layers), **budget))
 
     with _timed(timings, "score"):
-        scores, record, score_stats = score_layers(model, features, tokenizer, config, settings)
+        scores, record, score_stats = score_layers(model, features, tokenizer, config, settings,
+                                                   drop_count=None if config.target_params else planned_drop)
     dropped = select_layers_to_drop(scores, **budget)
     kept = [i for i in range(num_layers) if i not in dropped]
     logger.info("dropping %d of %d layers: %s", len(dropped), num_layers, dropped)

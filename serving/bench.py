@@ -8,7 +8,7 @@ and the pruned checkpoint under identical settings:
   end-to-end latency and output tokens/s at concurrency 1; on vLLM also output tokens/s, time per
   output token and failed requests at concurrency N;
 - peak memory: on CPU the peak RSS of the serving process (hf/onnx: each model runs in its own
-  worker process, `ru_maxrss`; vLLM: the server's process tree, sampled), plus the RSS above the
+  worker process, its high-water RSS (VmHWM); vLLM: the server's process tree, sampled), plus the RSS above the
   runtime's own footprint; on CUDA `torch.cuda.max_memory_allocated` (hf), vLLM's logged model
   weights memory with the KV cache fixed to the same size for both models, and onnxruntime's
   process GPU memory.
@@ -68,7 +68,7 @@ class BenchConfig:
     warmup: int = field(default=1, metadata={"help": "unrecorded warm-up runs per model before the measured ones"})
     concurrency: int = field(default=16, metadata={"help": "concurrent clients for the vLLM throughput run"})
     num_requests: int = field(default=200, metadata={"help": "requests per vLLM run at --concurrency"})
-    dtype: str = field(default="auto", metadata={"help": "weights dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weights dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16"})
     out: str | None = field(default=None, metadata={"help": "report directory (default: PRUNED/bench, where the Hub model card picks it up)"})
     tolerance: float = field(default=0.05, metadata={"help": "allowed |measured − ideal| for the time-per-output-token ratio check"})
     max_model_len: int = field(default=2048, metadata={"help": "vLLM --max-model-len"})

@@ -136,6 +136,7 @@ def run_worker_backend(backend: str, checkpoints: dict[str, Path], prompts: list
         if config.device == "cpu":
             samples[label]["peak_rss_bytes"] = [s["peak_rss_bytes"]]
             samples[label]["model_rss_bytes"] = [s["peak_rss_bytes"] - s["baseline_rss_bytes"]]
+            samples[label]["steady_rss_bytes"] = [s["current_rss_bytes"] - s["baseline_rss_bytes"]]
         for key in ("cuda_peak_bytes", "gpu_memory_bytes"):
             if s.get(key) is not None:
                 samples[label][key] = [s[key]]
@@ -147,8 +148,9 @@ def run_worker_backend(backend: str, checkpoints: dict[str, Path], prompts: list
         "samples": samples,
         "load_s": {label: round(r["load_s"], 2) for label, r in ready.items()},
         "memory": stats,
-        "notes": [f"memory: each model in its own worker process; peak RSS is the process's ru_maxrss (loading included); "
-                  f"'above the runtime' subtracts the RSS after importing the runtime, before loading the model"
+        "notes": ["memory: each model in its own worker process; peak RSS is the process's high-water mark VmHWM (loading included); "
+                  "'above the runtime' subtracts the RSS after importing the runtime, before loading the model; "
+                  "'steady' is the RSS after the runs, above that same baseline"
                   if config.device == "cpu" else "memory: per-model worker process",
                   f"greedy outputs identical for {same}/{len(outputs['dense'])} prompts (pruning changes the model; expected to differ)"],
     }

@@ -26,7 +26,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,30 +65,45 @@ def process_tree_pids(pid: int) -> list[int]:
         return out
 
 
-def tree_rss_bytes(pids: list[int]) -> int:
+def process_rss(pids: list[int]) -> dict[int, tuple[str, int]]:
+    """{pid: (process name, RSS bytes)} for the pids still alive."""
     import os
 
-    total = 0
+    out = {}
     for pid in pids:
         try:
             with open(f"/proc/{pid}/statm") as fh:
-                total += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            with open(f"/proc/{pid}/comm") as fh:
+                out[pid] = (fh.read().strip(), rss)
         except (OSError, ValueError):
             pass
-    return total
+    return out
+
+
+def tree_rss_bytes(pids: list[int]) -> int:
+    return sum(rss for _, rss in process_rss(pids).values())
 
 
 class RssSampler:
-    """Peak summed RSS of a process tree, sampled in a daemon thread."""
+    """Peak summed RSS of a process tree, and each process's own peak, sampled in a daemon thread."""
 
     def __init__(self, pids_fn, interval_s: float = 0.2):
         self.pids_fn, self.interval_s, self.peak = pids_fn, interval_s, 0
+        self.peak_by_process: dict[str, int] = {}  # "name (pid)" → peak RSS
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> None:
+        current = process_rss(self.pids_fn())
+        self.peak = max(self.peak, sum(rss for _, rss in current.values()))
+        for pid, (name, rss) in current.items():
+            key = f"{name} ({pid})"
+            self.peak_by_process[key] = max(self.peak_by_process.get(key, 0), rss)
+
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss_bytes(self.pids_fn()))
+            self.sample()
             self._stop.wait(self.interval_s)
 
     def __enter__(self):
@@ -99,7 +113,7 @@ class RssSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, tree_rss_bytes(self.pids_fn()))
+        self.sample()
 
 
 def _server_pids(server) -> list[int]:
@@ -127,39 +141,69 @@ def run_bench_serve(server, prompts: list[list[int]], *, output_len: int, concur
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     with contextlib.redirect_stdout(sys.stderr):  # bench serve prints its table; our stdout ends with JSON
         result = asyncio.run(vllm_serve.benchmark(**kwargs))
+    if not result.get("completed"):
+        first = next((e for e in result.get("errors", []) if e), "no error text")
+        raise ServingError(f"every request to the vLLM server at {server.base_url} failed; the first: {first.strip().splitlines()[-1]}")
     lens = result.get("output_lens") or []
     if result.get("completed") and any(n != output_len for n, err in zip(lens, result.get("errors", [])) if not err):
         logger.warning("some vLLM requests returned a number of tokens other than %d: %s", output_len, sorted(set(lens)))
     return result
 
 
-def _start_servers(checkpoints: dict[str, Path], config: "BenchConfig", log_dir: Path):
-    """Start both servers at once (each start is mostly compilation; they overlap well)."""
+class _ServerThread(threading.Thread):
+    """One server's whole life in one thread: start, wait for `stop`, shut down.
+
+    Not a pool thread that returns after start-up: the server is spawned with PR_SET_PDEATHSIG,
+    which fires when the spawning *thread* exits, so a short-lived starter thread would take its
+    server down with it.
+    """
+
+    def __init__(self, label: str, manager):
+        super().__init__(name=f"vllm-{label}", daemon=True)
+        self.label, self.manager = label, manager
+        self.up, self.stop = threading.Event(), threading.Event()
+        self.server, self.error = None, None
+
+    def run(self):
+        try:
+            with self.manager as server:
+                self.server = server
+                self.up.set()
+                self.stop.wait()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self.error = exc
+        finally:
+            self.up.set()
+
+
+@contextlib.contextmanager
+def _running_servers(checkpoints: dict[str, Path], config: "BenchConfig", log_dir: Path):
+    """Both servers started at once (start-up is mostly compilation; they overlap well), both stopped on exit."""
     from .vllm_server import start_server
 
     extra: list[str] = []
     if config.device == "cuda":  # the same KV cache for both, so weight memory is all that differs
         extra = ["--kv-cache-memory-bytes", str(int(config.kv_cache_gib * 2**30))]
-    managers = {
-        label: start_server(directory, dtype=config.torch_dtype, max_model_len=config.max_model_len,
-                            kv_cache_gib=config.kv_cache_gib, extra_args=tuple(extra),
-                            startup_timeout_s=config.startup_timeout_s, log_path=log_dir / f"vllm-{label}.log")
+    threads = [
+        _ServerThread(label, start_server(directory, dtype=config.torch_dtype, max_model_len=config.max_model_len,
+                                          kv_cache_gib=config.kv_cache_gib, extra_args=tuple(extra),
+                                          startup_timeout_s=config.startup_timeout_s, log_path=log_dir / f"vllm-{label}.log"))
         for label, directory in checkpoints.items()
-    }
-    stack = contextlib.ExitStack()
-    with ThreadPoolExecutor(len(managers)) as pool:
-        futures = {label: pool.submit(cm.__enter__) for label, cm in managers.items()}
-    servers, errors = {}, []
-    for label, future in futures.items():
-        try:
-            servers[label] = future.result()
-            stack.push(managers[label].__exit__)
-        except Exception as exc:  # noqa: BLE001 - the other server is stopped before re-raising
-            errors.append(exc)
-    if errors:
-        stack.close()
-        raise errors[0]
-    return stack, servers
+    ]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.up.wait()
+        errors = [t.error for t in threads if t.error is not None]
+        if errors:
+            raise errors[0]
+        yield {t.label: t.server for t in threads}
+    finally:
+        for t in threads:
+            t.stop.set()
+        for t in threads:
+            t.join()
 
 
 def _weights_gib(log_path: Path) -> float | None:
@@ -180,9 +224,8 @@ def run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, 
     failed = {label: 0 for label in checkpoints}
     completed = {label: 0 for label in checkpoints}
     start = time.perf_counter()
-    stack, servers = _start_servers(checkpoints, config, log_dir)
-    logger.info("both vLLM servers ready after %.0f s", time.perf_counter() - start)
-    with stack:
+    with _running_servers(checkpoints, config, log_dir) as servers:
+        logger.info("both vLLM servers ready after %.0f s", time.perf_counter() - start)
         samplers = {label: RssSampler(lambda s=server: _server_pids(s)) for label, server in servers.items()}
         with contextlib.ExitStack() as sampling:
             for sampler in samplers.values():
@@ -205,7 +248,8 @@ def run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, 
                              tpot_s_concurrent=r["median_tpot_ms"] / 1e3)
                         failed[label] += r["failed"]
                         completed[label] += r["completed"]
-        server_info = {label: {"pid": s.pid, "base_url": s.base_url, "log": str(log_dir / f"vllm-{label}.log")}
+        server_info = {label: {"pid": s.pid, "base_url": s.base_url, "startup_s": round(getattr(s, "started_s", 0.0), 1),
+                               "log": str(log_dir / f"vllm-{label}.log")}
                        for label, s in servers.items()}
     for label in checkpoints:
         if config.device == "cpu":
@@ -215,6 +259,9 @@ def run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, 
             samples[label]["model_weights_bytes"] = [weights * 2**30]
     if any(failed.values()):
         logger.warning("vLLM failed requests: %s", failed)
+    memory = {label: {"peak_tree_rss_bytes": sampler.peak, "peak_rss_bytes_by_process": sampler.peak_by_process,
+                      "weights_gib_logged": _weights_gib(log_dir / f"vllm-{label}.log")}
+              for label, sampler in samplers.items()}
     return {
         "device": config.device,
         "settings": settings_of(config, "vllm"),
@@ -222,6 +269,7 @@ def run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, 
         "failed_requests": failed,
         "completed_requests": completed,
         "servers": server_info,
+        "memory": memory,
         "notes": ["requests sent by vllm.benchmarks.serve.benchmark (the `vllm bench serve` engine) with token-id prompts, "
                   "ignore_eos, temperature 0; both servers alive together, passes interleaved A B A B",
                   "memory: peak summed RSS of the server process tree, sampled every 0.2 s while serving; "

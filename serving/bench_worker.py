@@ -11,8 +11,9 @@ JSON line per request line on stdin:
 - `{"op": "generate", "prompt_ids": [...], "output_len": M}` → greedy decoding of exactly M tokens
   (EOS ignored, like vLLM's `ignore_eos`): `{"ttft_s", "tpot_s", "e2e_s", "output_tokens", "token_ids"}`.
   TTFT = prefill + first token; TPOT = (e2e − TTFT) / (M − 1), vLLM's definition.
-- `{"op": "stats"}` → `{"peak_rss_bytes", "baseline_rss_bytes", ...}`: the process's high-water RSS
-  (`ru_maxrss`, exact, no sampling) and its RSS after imports, before the model was loaded; on
+- `{"op": "stats"}` → `{"peak_rss_bytes", "baseline_rss_bytes", "current_rss_bytes", ...}`: the
+  process's high-water RSS (VmHWM, exact, no sampling, loading included), its RSS after
+  imports before the model was loaded, and its RSS now (after the runs: the steady state); on
   CUDA also `cuda_peak_bytes` (hf: torch.cuda.max_memory_allocated) or `gpu_memory_bytes` (onnx:
   the process's GPU memory as NVML / nvidia-smi reports it).
 - `{"op": "exit"}`.
@@ -36,7 +37,14 @@ def current_rss_bytes(pid: int | str = "self") -> int:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """VmHWM: the high-water RSS of this process's address space since exec. Not ru_maxrss, which
+    Linux carries over from the parent across fork + exec (a parent that exported ONNX at 2 GiB
+    would hand its peak to both workers)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def gpu_memory_of_pid(pid: int) -> int | None:
@@ -194,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             if request["op"] == "generate":
                 send(runner.generate(request["prompt_ids"], request["output_len"]))
             elif request["op"] == "stats":
-                send({"peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": baseline, **runner.stats()})
+                send({"peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": baseline,
+                      "current_rss_bytes": current_rss_bytes(), **runner.stats()})
             elif request["op"] == "exit":
                 send({"event": "bye"})
                 break

@@ -168,6 +168,7 @@ METRIC_IDEAL = {
     "tpot_s_concurrent": ("decode_flops", "time"),
     "peak_rss_bytes": ("weight_bytes", "memory"),
     "model_rss_bytes": ("weight_bytes", "memory"),
+    "steady_rss_bytes": ("weight_bytes", "memory"),
     "cuda_peak_bytes": ("weight_bytes", "memory"),
     "model_weights_bytes": ("weight_bytes", "memory"),
     "gpu_memory_bytes": ("weight_bytes", "memory"),

@@ -13,9 +13,9 @@ where each metric entry is
 
 Files written into `<pruned checkpoint>/bench/` by default, where the Hub exporter's model card
 looks for them (exporters/checkpoint.py `find_reports`): `report.json`, `report.md` (which embeds
-`report.png`), `report.png`. A run for one backend keeps the other
-backends' results already in `benchmark.json` when it is for the same dense/pruned pair, so
-backends can be measured one command at a time.
+`report.png`), `report.png`. A run for one backend keeps the other backends' results already
+in `report.json` when it is for the same dense/pruned pair, so backends can be measured one
+command at a time (each backend records its own settings, time and load average).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 REPORT_SCHEMA = "gradprune-bench/1"
 REPORT_FILES = {"json": "report.json", "markdown": "report.md", "png": "report.png"}
 
-# metric → (unit, label, how to show it); the order is the table order.
+# metric → (unit, label); the order is the table order.
 METRICS: dict[str, tuple[str, str]] = {
     "ttft_s": ("s", "time to first token"),
     "tpot_s": ("s", "time per output token"),
@@ -43,6 +43,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "tpot_s_concurrent": ("s", "time per output token, concurrency N"),
     "peak_rss_bytes": ("bytes", "peak RSS"),
     "model_rss_bytes": ("bytes", "peak RSS above the runtime's own"),
+    "steady_rss_bytes": ("bytes", "RSS after the runs, above the runtime's own"),
     "cuda_peak_bytes": ("bytes", "torch.cuda.max_memory_allocated"),
     "model_weights_bytes": ("bytes", "vLLM model weights memory"),
     "gpu_memory_bytes": ("bytes", "GPU memory of the process"),
@@ -98,7 +99,7 @@ def tpot_decomposition(entry: Mapping[str, Any], dense: Mapping[str, Any], prune
     """
     dl, pl = dense["num_layers"], pruned["num_layers"]
     td, tp = entry["dense"]["median"], entry["pruned"]["median"]
-    if dl == pl or td is None or tp is None:
+    if dl == pl or not td or tp is None:
         return None
     per_layer = (td - tp) / (dl - pl)
     fixed = td - dl * per_layer
@@ -212,7 +213,8 @@ def save_plot(report: Mapping[str, Any], path: str | Path) -> Path:
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([r[0].replace("\n", ": ") for r in rows], fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("pruned / dense (bar: measured, black tick: ideal from the checkpoints)")
+    ax.set_xlim(0, 1.12 * max([1.0] + [r[1] for r in rows] + [r[2] for r in rows if r[2] is not None]))
+    ax.set_xlabel("pruned / dense — bar: measured; black tick: ideal", fontsize=8)
     ratios = report["ideal"]["ratios"]
     ax.set_title(f"Dense vs pruned ({report['ideal']['dense']['num_layers']} → {report['ideal']['pruned']['num_layers']} layers; "
                  f"ideal decode {ratios['decode_bytes']:.3f})", fontsize=9)

@@ -15,6 +15,7 @@ parent dies. Its output goes to a log file whose tail is quoted when start-up fa
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -89,13 +90,19 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:  # runs in the child before exec (Linux): SIGTERM when the parent dies
-    try:
-        import ctypes
+def _die_with_parent_preexec():
+    """A preexec_fn asking Linux to SIGTERM the child when its parent dies (PR_SET_PDEATHSIG).
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    libc is loaded here, in the parent: the function that runs in the forked child must not
+    import or allocate (start_server is also called from threads).
+    """
+    if sys.platform != "linux":
+        return None
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+    return lambda: prctl(1, signal.SIGTERM)
 
 
 def _server_env(kv_cache_gib: int) -> dict[str, str]:
@@ -213,7 +220,7 @@ def start_server(
     with open(log_path, "ab") as log:
         process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    env=_server_env(int(kv_cache_gib)), start_new_session=True,
-                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                   preexec_fn=_die_with_parent_preexec())
     url_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     server = VllmServer(process, f"http://{url_host}:{port}", name, log_path)
     try:

@@ -255,7 +255,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             if branch in meta["branches"]:
                 raise HubError(409, f"Reference refs/heads/{branch} already exists")
             start = (json.loads(body) if body else {}).get("startingPoint") or "main"
-            meta["branches"][branch] = store.resolve(meta, start) if meta["branches"].get("main") or start != "main" else None
+            meta["branches"][branch] = store.resolve(meta, start)  # None: branching off an empty main
             store.save_meta(repo, meta)
         self._send(200, {})
 
@@ -401,9 +401,14 @@ class LocalHubServer(ThreadingHTTPServer):
         return out
 
 
-if __name__ == "__main__":  # a manual server: python -m tests.hub_server ROOT TOKEN [PORT]
-    import sys
+if __name__ == "__main__":  # python -m tests.hub_server --root DIR --token TOKEN [--port 8765]
+    import argparse
 
-    server = LocalHubServer(Path(sys.argv[1]), tokens={sys.argv[2]: "user"}, port=int(sys.argv[3]) if len(sys.argv) > 3 else 0)
-    print(f"Hub-protocol server on {server.url} (HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1)", flush=True)
+    parser = argparse.ArgumentParser(description="a local Hub-protocol server (for trying `gradprune export hub`)")
+    parser.add_argument("--root", required=True, help="where repos and files are stored")
+    parser.add_argument("--token", required=True, help="the token clients must send (HF_TOKEN)")
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args()
+    server = LocalHubServer(Path(args.root), tokens={args.token: "user"}, port=args.port)
+    print(f"Hub-protocol server on {server.url}: export HF_ENDPOINT={server.url} HF_HUB_DISABLE_XET=1", flush=True)
     server.serve_forever()

@@ -333,9 +333,9 @@ def test_cli_missing_checkpoint_exits_2(toy_data, tmp_path, capsys):
 # ------------------------------------------------------------------ real model
 
 @pytest.mark.slow
-def test_smollm2_choice_is_batch_invariant_and_beats_nothing_silly(smollm2_dir):
+def test_smollm2_choice_scores_are_batch_invariant(smollm2_dir):
     model, tokenizer = load_model_and_tokenizer(smollm2_dir)
-    examples = read_examples(SHARED_DATA / "sst2", split="test", limit=24)
+    examples = read_examples(SHARED_DATA / "sst2", split="test", limit=16)
     s1, one = evaluate_model(model, tokenizer, examples, metric="choice", batch_size=1)
     s8, eight = evaluate_model(model, tokenizer, examples, metric="choice", batch_size=8)
     assert [r["pred"] for r in one] == [r["pred"] for r in eight]

@@ -26,3 +26,17 @@ def test_compress_each_architecture(arch, tokenizer, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 5, 9, 2]])).logits).all()
+
+
+@pytest.mark.parametrize("scorer", ["block-influence", "last-n", "random", "gradmap", "taylor"])
+def test_compress_with_each_baseline_scorer(scorer, tiny_llama_dir, tmp_path):
+    out = tmp_path / scorer
+    compress(CompressConfig(model=str(tiny_llama_dir), data="../shared/data/sst2", out=str(out), drop_layers=2,
+                            max_examples=16, scorer=scorer, scorer_batches=2, finetune="none", batch_size=4, max_length=96))
+    manifest = json.loads((out / "gradprune.json").read_text())
+    assert manifest["scorer"] == scorer and not manifest["merge"]["enabled"]
+    assert len(manifest["layers_dropped"]) == 2 and manifest["scoring"]["batches"] == 2
+    order = sorted(range(6), key=lambda i: (manifest["layer_scores"][i], -i))
+    assert manifest["layers_dropped"] == sorted(order[:2])  # the two least important were dropped
+    if scorer == "last-n":
+        assert manifest["layers_dropped"] == [3, 4]  # deepest blocks, final layer kept

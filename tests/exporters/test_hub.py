@@ -165,3 +165,14 @@ def test_cli_push_never_shows_or_stores_the_token(local_hub, ckpt, tmp_path):
     assert not any(HUB_TOKEN.encode() in p.read_bytes() for p in ckpt.rglob("*") if p.is_file())
     writes = [r for r in local_hub.requests if r["method"] == "POST" and r["path"].startswith("/api/models/")]
     assert writes and all(r["auth"] for r in writes)  # the token came from HF_TOKEN
+
+
+def test_endpoint_without_xet_names_the_switch(local_hub, ckpt, monkeypatch):
+    """huggingface_hub uploads through Xet when hf_xet is installed; a plain Hub-protocol server has no Xet."""
+    pytest.importorskip("hf_xet")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    with pytest.raises(ExportError, match="does not offer Xet storage: set HF_HUB_DISABLE_XET=1"):
+        push_to_hub(ckpt, repo_id="tester/xet", token=HUB_TOKEN, endpoint=local_hub.url)
+    assert local_hub.commits("tester/xet") == []

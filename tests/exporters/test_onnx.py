@@ -162,3 +162,13 @@ def test_pruned_smollm2_export_through_cli(pruned_smollm2_dir, tmp_path, capsys)
     chat = ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
             "Photosynthesis is the process by which"]
     _check_runner_against_torch(out, pruned_smollm2_dir, chat, new_tokens=12)
+
+
+def test_sliding_window_models_are_refused_before_tracing(tmp_path, tokenizer):
+    """Mistral/Gemma3 with sliding-window layers keep a window-trimmed cache the exported graph cannot express."""
+    path = tmp_path / "mistral"
+    tiny_model("mistral", num_hidden_layers=2).save_pretrained(path)  # sliding_window=8
+    tokenizer.save_pretrained(path)
+    with pytest.raises(ArchitectureError, match="MistralForCausalLM uses sliding-window attention .* serve it with vLLM"):
+        export_onnx(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -144,7 +144,7 @@ class FakeWorker:
 
     def call(self, request):
         if request["op"] == "stats":
-            return {"peak_rss_bytes": 1000 if self.label == "dense" else 700, "baseline_rss_bytes": 100}
+            return {"peak_rss_bytes": 1000 if self.label == "dense" else 700, "baseline_rss_bytes": 100, "current_rss_bytes": 500}
         FakeWorker.calls.append((self.label, request["prompt_ids"][0]))
         n = request["output_len"]
         warm = len(FakeWorker.calls) <= 4  # the warm-up round (2 prompts × 2 models): slow, must not count
@@ -165,7 +165,7 @@ def test_worker_backend_runs_dense_and_pruned_interleaved_and_drops_warmup(monke
     dense, pruned = result["samples"]["dense"], result["samples"]["pruned"]
     assert dense["tpot_s"] == [0.02] * 3 and pruned["tpot_s"] == [0.014] * 3  # 3 measured runs, warm-up dropped
     assert dense["output_tok_s"][0] == pytest.approx(5 / (0.1 + 4 * 0.02))
-    assert dense["peak_rss_bytes"] == [1000] and pruned["model_rss_bytes"] == [600]
+    assert dense["peak_rss_bytes"] == [1000] and pruned["model_rss_bytes"] == [600] and pruned["steady_rss_bytes"] == [400]
 
 
 def test_build_prompts_exact_length_deterministic_and_cycling():
@@ -263,7 +263,7 @@ def test_hf_bench_end_to_end_via_cli(tiny_pair, tmp_path, capsys):
     assert report["ideal"]["ratios"]["layers_only"] == pytest.approx(4 / 6)
     hf = report["backends"]["hf"]
     assert hf["settings"]["input_len"] == 8 and hf["settings"]["runs"] == 2 and hf["device"] == "cpu"
-    assert {"ttft_s", "tpot_s", "e2e_s", "output_tok_s", "peak_rss_bytes", "model_rss_bytes"} <= set(hf["metrics"])
+    assert {"ttft_s", "tpot_s", "e2e_s", "output_tok_s", "peak_rss_bytes", "model_rss_bytes", "steady_rss_bytes"} <= set(hf["metrics"])
     for name, entry in hf["metrics"].items():
         runs = 1 if name.endswith("bytes") else 2
         assert entry["dense"]["n"] == entry["pruned"]["n"] == runs

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import select
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -96,7 +97,7 @@ CHAT = [{"role": "user", "content": "Name three colors of the rainbow."}]
 
 @pytest.fixture(scope="module")
 def cli_server(pruned_smollm2_dir, tmp_path_factory):
-    """`gradprune serve` in a subprocess, as a user runs it; yields (process, base_url, model name, startup s)."""
+    """`gradprune serve` in a subprocess, as a user runs it; yields (process, banner, stdout lines, URL, model name)."""
     port = free_port()
     workdir = tmp_path_factory.mktemp("vllm")
     log = workdir / "server.log"
@@ -106,19 +107,22 @@ def cli_server(pruned_smollm2_dir, tmp_path_factory):
     start = time.monotonic()
     stderr = open(workdir / "cli.stderr", "w")  # a file, not a pipe: a full pipe would block the CLI
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    lines: queue.Queue[str] = queue.Queue()  # a reader thread: select() misses lines already buffered
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     banner = ""
     try:
         while "Ctrl-C or SIGTERM stops it" not in banner:
-            ready, _, _ = select.select([proc.stdout], [], [], 5)
-            if ready:
-                banner += proc.stdout.readline()
-            if proc.poll() is not None:
+            try:
+                banner += lines.get(timeout=5)
+            except queue.Empty:
+                pass
+            if proc.poll() is not None and lines.empty():
                 pytest.fail(f"gradprune serve exited {proc.returncode}: {(workdir / 'cli.stderr').read_text()[-3000:]}")
             if time.monotonic() - start > 900:
                 pytest.fail(f"gradprune serve not ready after 900 s; log tail: {log.read_text()[-3000:]}")
         startup_s = time.monotonic() - start
         print(f"\nvLLM (CPU, float32) ready after {startup_s:.0f} s from `gradprune serve`")
-        yield proc, banner, f"http://127.0.0.1:{port}", pruned_smollm2_dir.name
+        yield proc, banner, lines, f"http://127.0.0.1:{port}", pruned_smollm2_dir.name
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # only reached if a test failed to stop it: Ctrl-C
@@ -151,7 +155,7 @@ _torch_greedy.cache = {}
 @pytest.mark.vllm
 @needs_vllm
 def test_served_greedy_tokens_equal_transformers(cli_server, pruned_smollm2_dir, tokenizer):
-    proc, banner, base, model = cli_server
+    proc, banner, _, base, model = cli_server
     assert f"at {base}/v1" in banner and f"curl {base}/v1/chat/completions" in banner and "from openai import OpenAI" in banner
     with urllib.request.urlopen(base + "/health", timeout=10) as response:
         assert response.status == 200
@@ -180,12 +184,13 @@ def test_served_greedy_tokens_equal_transformers(cli_server, pruned_smollm2_dir,
 def test_sigterm_stops_the_server_and_its_children(cli_server):
     import psutil
 
-    proc, _, base, _ = cli_server
+    proc, _, lines, base, _ = cli_server
     tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     assert len(tree) >= 3  # gradprune → vLLM API server → engine core
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
-    assert "vLLM server stopped" in proc.stdout.read()
+    time.sleep(0.5)  # the reader thread drains stdout
+    assert "vLLM server stopped" in "".join(lines.get_nowait() for _ in range(lines.qsize()))
     time.sleep(1)
     assert _gone(tree)
     with pytest.raises(OSError):
