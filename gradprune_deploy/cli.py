@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export hub": ("exporters.hub:HubExportConfig", "exporters.hub:export_hub_from_config",
                    "push a checkpoint to the Hugging Face Hub with a generated model card"),
     "export onnx": ("exporters.onnx:OnnxExportConfig", "exporters.onnx:export_onnx_from_config",
-                    "export prefill + decode (KV cache) ONNX graphs, validated against PyTorch"),
+                    "export a KV-cache ONNX graph (prefill + decode), validated against PyTorch"),
     "export vllm": ("exporters.vllm:VllmExportConfig", "exporters.vllm:export_vllm_from_config",
                     "check a checkpoint is servable by vLLM and print the serve command"),
     "serve": ("serving.vllm_server:ServeConfig", "serving.vllm_server:serve_from_config",

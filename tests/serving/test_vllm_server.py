@@ -73,7 +73,7 @@ def test_server_dying_during_startup_reports_its_log(tiny_llama_dir, tmp_path):
 
 @pytest.mark.vllm
 @needs_vllm
-def test_server_not_healthy_in_time_is_killed(tiny_llama_dir, monkeypatch):
+def test_server_not_healthy_in_time_is_killed(tiny_llama_dir, monkeypatch, tmp_path):
     seen: list[int] = []
     real_wait = vllm_server._wait_healthy
 
@@ -84,7 +84,7 @@ def test_server_not_healthy_in_time_is_killed(tiny_llama_dir, monkeypatch):
 
     monkeypatch.setattr(vllm_server, "_wait_healthy", wait_and_record)
     with pytest.raises(ServingError, match=r"not healthy after 3 s: raise --startup-timeout-s"):
-        with start_server(tiny_llama_dir, startup_timeout_s=3, check=False):
+        with start_server(tiny_llama_dir, startup_timeout_s=3, check=False, log_path=tmp_path / "server.log"):
             pass
     assert seen and _gone(seen)
 
