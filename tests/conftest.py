@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ os.environ.setdefault("GRADPRUNE_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the clone
 SMOLLM2_DROP = list(range(17, 29))  # 12 of 30 layers, first and last kept: a fixed cut for exporter/bench tests
 
 

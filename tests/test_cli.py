@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from gradprune_deploy.cli import main
+from tests.conftest import SHARED_DATA
 
-SST2 = "../shared/data/sst2"
+SST2 = str(SHARED_DATA / "sst2")
 FAST = ["--max-examples", "48", "--max-steps", "3", "--probe-steps", "2", "--batch-size", "4", "--max-length", "96", "-q"]
 
 

@@ -5,6 +5,7 @@ import pytest
 from gradprune_deploy.data import (IGNORE_INDEX, CompletionCollator, Example, encode_prompt, read_examples,
                                    tokenize_examples)
 from gradprune_deploy.errors import DataError
+from tests.conftest import SHARED_DATA
 
 ROWS = [{"id": "a", "prompt": "Is water wet?", "completion": "yes", "choices": ["yes", "no"]},
         {"id": "b", "prompt": "Is fire cold?", "completion": "no", "choices": ["yes", "no"]}]
@@ -29,7 +30,7 @@ def test_bundled_gsm8k_has_fixed_disjoint_splits():
 
 
 def test_shared_task_reads_choices():
-    rows = read_examples("../shared/data/pubmedqa", split="test", limit=3)
+    rows = read_examples(SHARED_DATA / "pubmedqa", split="test", limit=3)
     assert len(rows) == 3 and set(rows[0].choices) == {"yes", "no", "maybe"}
 
 

@@ -23,7 +23,7 @@ from gradprune_deploy.loading import load_model_and_tokenizer
 
 from .conftest import tiny_model
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from tests.conftest import SHARED_DATA  # noqa: E402
 
 ROWS = [  # unequal prompt lengths and choice lengths (1-3 tokens), so padding is exercised
     {"id": "a", "prompt": "Is the sky blue?", "completion": "yes", "choices": ["yes", "no", "maybe"]},

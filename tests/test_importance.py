@@ -9,7 +9,7 @@ from gradprune_deploy.data import CompletionCollator, read_examples, tokenize_ex
 from gradprune_deploy.finetune import TrainSettings, attach_lora, run_probe
 from gradprune_deploy.importance import igia_matrix, igia_step_total, layer_scores
 from gradprune_deploy.probe import lora_pairs
-from tests.conftest import tiny_model
+from tests.conftest import SHARED_DATA, tiny_model
 
 
 def test_step_total_equals_dense_square_sum():
@@ -39,7 +39,7 @@ def test_layer_scores_sum_linears_per_layer():
 
 @pytest.fixture(scope="module")
 def sst2_features(tokenizer):
-    return tokenize_examples(read_examples("../shared/data/sst2", limit=40), tokenizer, max_length=96)
+    return tokenize_examples(read_examples(SHARED_DATA / "sst2", limit=40), tokenizer, max_length=96)
 
 
 def _manual_probe(model, features, tokenizer, settings: TrainSettings, steps: int, total_steps: int):

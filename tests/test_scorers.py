@@ -24,7 +24,7 @@ from gradprune_deploy.surgery import drop_layers
 
 from .conftest import tiny_model
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from tests.conftest import SHARED_DATA  # noqa: E402
 
 
 @pytest.fixture(scope="module")

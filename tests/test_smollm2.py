@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gradprune_deploy.cli import main
+from tests.conftest import SHARED_DATA
 
 
 @pytest.mark.slow
@@ -13,7 +14,7 @@ def test_compress_smollm2_drops_12_of_30_and_reloads(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "smollm2-pruned"
-    code = main(["compress", "--data", "../shared/data/sst2", "--max-examples", "256", "--out", str(out),
+    code = main(["compress", "--data", str(SHARED_DATA / "sst2"), "--max-examples", "256", "--out", str(out),
                  "--drop-layers", "12", "--max-steps", "12", "--probe-steps", "4", "--batch-size", "8", "-q"])
     assert code == 0
     manifest = json.loads((out / "gradprune.json").read_text())
