@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .data import CompletionCollator
 from .probe import IGIAProbe, ProbeRecord, lora_pairs
@@ -91,36 +93,31 @@ def attach_lora(model, s: TrainSettings):
     return get_peft_model(model, config)
 
 
-class _LogToLogger:
+class _LogToLogger(TrainerCallback):
     """Trainer prints its log dicts to stdout; send them to logging instead (library code logs)."""
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            logger.info("step %d: %s", state.global_step,
+                        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()))
 
-        class LogCallback(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs:
-                    logger.info("step %d: %s", state.global_step,
-                                ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()))
 
-        return LogCallback()
+class _BarOnly(ProgressCallback):
+    """The progress bar, without printing every log dict."""
+
+    def on_log(self, *args, **kwargs):
+        pass
 
 
 def _trainer(model, features, tokenizer, args, callbacks=()):
     from transformers import Trainer
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer = Trainer(model=model, args=args, train_dataset=features,
                       data_collator=CompletionCollator(tokenizer.pad_token_id), callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)
     if not progress_disabled():
         trainer.remove_callback(ProgressCallback)
-
-        class BarOnly(ProgressCallback):
-            def on_log(self, *args, **kwargs):  # the bar, without printing every log dict
-                pass
-
-        trainer.add_callback(BarOnly)
+        trainer.add_callback(_BarOnly)
     trainer.add_callback(_LogToLogger())
     return trainer
 
