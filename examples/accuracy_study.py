@@ -16,7 +16,7 @@ Every arm is a subprocess, so timings and memory are per arm; results are append
 OUT/results.jsonl and the study resumes where it stopped. It writes the tables and plots to
 --report (docs/results.md by default) and ends with one JSON line.
 
-    .venv/bin/python examples/accuracy_study.py --out runs/study            # CPU preset (~2 h on 2 cores)
+    .venv/bin/python examples/accuracy_study.py --out runs/study            # CPU preset (measured: 147.5 min on 2 cores)
     .venv/bin/python examples/accuracy_study.py --out runs/study --preset full   # full splits (GPU)
 """
 
@@ -138,6 +138,11 @@ def run_arm(arm: dict, task: str, preset: tuple, out: Path, args) -> dict:
     return record
 
 
+def study_settings(args) -> dict:
+    """What the report states beside the preset: the knobs every arm shares."""
+    return {"seed": args.seed, "epochs": args.epochs, "probe min steps": args.probe_min_steps}
+
+
 def dense_worker(argv: list[str]) -> None:
     """Fine-tune the dense model with the same LoRA recipe as the recovery fine-tune; save it."""
     import torch  # noqa: F401
@@ -243,8 +248,9 @@ def main() -> None:
     records = [json.loads(line) for line in results_path.read_text().splitlines()]
     from study_report import write_report
 
-    summary = write_report(records, Path(args.report), out, command=" ".join(sys.argv), preset=args.preset,
-                           presets=PRESETS[args.preset], seconds=time.perf_counter() - started)
+    summary = write_report(records, Path(args.report), out, command=" ".join([os.path.relpath(sys.executable, ROOT), *sys.argv]),
+                           preset=args.preset, presets=PRESETS[args.preset], seconds=time.perf_counter() - started,
+                           settings=study_settings(args))
     print(json.dumps(summary))
 
 

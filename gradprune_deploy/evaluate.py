@@ -257,7 +257,8 @@ def _evaluate_vllm(source, examples, config: EvalConfig):
     from .eval_vllm import vllm_endpoint, vllm_greedy_generate
 
     if source.gguf_file:
-        raise ConfigError("--backend vllm needs a checkpoint directory, not a .gguf file: convert it first (e.g. bundled: sources are)")
+        raise ConfigError("--backend vllm needs a safetensors checkpoint directory, not a .gguf file: save the model with "
+                          "save_pretrained first (bundled:SmolLM2-135M-Instruct is already converted)")
     from .data import encode_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=config.trust_remote_code)

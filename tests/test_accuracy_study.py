@@ -47,10 +47,14 @@ def test_report_targets_and_cost_arithmetic(tmp_path):
         _write(out / task / "igia@0.3" / "gradprune.json",
                {"probe": {"seconds": 10.0, "optimizer_steps": 10, "igia_callback_seconds": 0.1},
                 "finetune": {"seconds": 50.0, "steps": 100}})
+        if task == "sst2":  # an arm one task lacks gets no mean: a partial mean is not comparable
+            records.append({"task": task, "arm": "random@0.3", "scorer": "random", "cut": 0.3, "accuracy": 0.9,
+                            "test_rows": 100, "seconds": 60.0, "peak_rss_mb": None, "params": 10, "layers_dropped": [3, 4]})
         records.append({"task": task, "arm": "kendall", "probe_steps": 4, "epoch_steps": 40, "tau": 0.5, "p_value": 0.01})
     report = tmp_path / "docs" / "results.md"
     summary = study_report.write_report(records, report, out, command="cmd", preset="cpu", presets={}, seconds=60)
     text = report.read_text()
+    assert summary["mean_accuracy"]["random@0.3"] is None
     assert summary["compress_vs_dense_time"] == pytest.approx(0.6)
     # Per step: 1% of a 1 s probe step + a 0.5 s pruned step, over a 0.9 s dense step.
     assert summary["compress_vs_dense_time_at_1pct_probe"] == pytest.approx(0.51 / 0.9)
