@@ -2,26 +2,31 @@
 
 The dataclass is the CLI (see cli_args.py) and the YAML recipe schema (`--config recipe.yaml`).
 Only the chosen subcommand's modules are imported, so `gradprune --help` stays fast.
-A GradPruneError becomes one `error: ...` line on stderr and exit status 2.
+A GradPruneError (a bad input) becomes one `error: ...` line on stderr and exit status 2; SIGINT
+and SIGTERM unwind through every clean-up and exit 130 / 143 (128 + the signal).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
 import json
 import logging
+import signal
 import sys
+import threading
 
-from .errors import GradPruneError
+from .errors import GradPruneError, Interrupted
 
 # name → (config dataclass, function taking that config), as "module:attr" for lazy import.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "compress": ("gradprune_deploy.config:CompressConfig", "gradprune_deploy.pipeline:compress_from_config",
+    "compress": ("gradprune_deploy.compress.config:CompressConfig", "gradprune_deploy.compress.pipeline:compress_from_config",
                  "prune a model with GradPruner and write a smaller standard checkpoint"),
     "inspect": ("gradprune_deploy.manifest:InspectConfig", "gradprune_deploy.manifest:inspect_from_config",
                 "show a compressed checkpoint's gradprune.json"),
-    "eval": ("gradprune_deploy.evaluate:EvalConfig", "gradprune_deploy.evaluate:evaluate_from_config",
+    "eval": ("gradprune_deploy.evaluation.evaluate:EvalConfig", "gradprune_deploy.evaluation.evaluate:evaluate_from_config",
              "evaluate a checkpoint on prompt/completion data (choice, exact, loss)"),
     "export hub": ("exporters.hub:HubExportConfig", "exporters.hub:export_hub_from_config",
                    "push a checkpoint to the Hugging Face Hub with a generated model card"),
@@ -56,17 +61,49 @@ def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def build_parser(command: str) -> tuple[argparse.ArgumentParser, type]:
-    from .cli_args import add_dataclass_arguments
+    from .cli_args import ArgumentParser, add_dataclass_arguments
 
     config_ref, _, description = COMMANDS[command]
     config_cls = _load(config_ref)
-    parser = argparse.ArgumentParser(prog=f"gradprune {command}", description=description + "\n\n" + (config_cls.__doc__ or ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=f"gradprune {command}", description=description + "\n\n" + (config_cls.__doc__ or ""),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_arguments(parser, config_cls)
     parser.add_argument("--config", dest="_recipe", metavar="RECIPE.yaml", help="read options from a YAML file; flags win")
-    parser.add_argument("-v", "--verbose", dest="_verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", dest="_verbose", action="store_true", help="debug logging, and detail on errors")
     parser.add_argument("-q", "--quiet", dest="_quiet", action="store_true", help="warnings only, no progress bars")
     return parser, config_cls
+
+
+# OSErrors that mean "this path or this machine", which the user can fix: one line, not a traceback.
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+                errno.ENAMETOOLONG, errno.ENOENT, errno.EEXIST, errno.EMFILE}
+
+
+def _error(message: str) -> None:
+    """Exactly one `error:` line on stderr, whatever the message holds."""
+    text = " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
+    print(f"error: {text or 'failed'}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _signals_raise_interrupted():
+    """SIGINT and SIGTERM both raise errors.Interrupted in the main thread, so every `finally` and
+    atomic output on the way out cleans up; a second signal while unwinding is ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _handler(signum, frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # unwinding now: do not interrupt the clean-up
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, _handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,25 +111,42 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = _split_command(argv)
     if command is None:
         if argv and argv[0] not in ("-h", "--help", "help"):
-            print(f"error: unknown command {' '.join(argv[:2])!r}: choose one of {', '.join(COMMANDS)}", file=sys.stderr)
-            print(_top_level_help(), file=sys.stderr)
+            _error(f"unknown command {' '.join(argv[:2])!r}: choose one of {', '.join(COMMANDS)} (see `gradprune --help`)")
             return 2
         print(_top_level_help())
         return 0
-    try:
-        parser, config_cls = build_parser(command)
-        namespace = parser.parse_args(rest)
-        _configure_logging(verbose=namespace._verbose, quiet=namespace._quiet)
-        from .cli_args import build_config
+    verbose = "-v" in rest or "--verbose" in rest
+    with _signals_raise_interrupted():
+        try:
+            parser, config_cls = build_parser(command)
+            try:
+                namespace = parser.parse_args(rest)
+            except SystemExit as exc:  # --help
+                return exc.code if isinstance(exc.code, int) else 0
+            _configure_logging(verbose=namespace._verbose, quiet=namespace._quiet)
+            from .cli_args import build_config
 
-        config = build_config(config_cls, namespace, namespace._recipe)
-        result = _load(COMMANDS[command][1])(config)
-    except GradPruneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+            config = build_config(config_cls, namespace, namespace._recipe)
+            result = _load(COMMANDS[command][1])(config)
+        except GradPruneError as exc:
+            if verbose:
+                logging.getLogger(__name__).debug("error detail", exc_info=True)
+            _error(str(exc))
+            return 2
+        except Interrupted as exc:
+            _error(f"interrupted by {exc.signame}: stopped and cleaned up; no partial output was left")
+            return 128 + exc.signum
+        except KeyboardInterrupt:
+            _error("interrupted by SIGINT: stopped and cleaned up; no partial output was left")
+            return 130
+        except OSError as exc:
+            if exc.errno not in _USER_ERRNOS:
+                raise
+            if verbose:
+                logging.getLogger(__name__).debug("error detail", exc_info=True)
+            where = f"{exc.filename}: " if exc.filename else ""
+            _error(f"{where}{exc.strerror or exc}: check the path, its permissions and the free disk space")
+            return 2
     _print_result(result)
     return 0
 

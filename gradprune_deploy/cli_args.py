@@ -3,12 +3,23 @@
 Each field's `metadata["help"]` is its help text; `metadata["positional"]` makes it a positional
 argument; `metadata["flag"]` overrides the flag name. A `--config recipe.yaml` file supplies
 values for any field (keys use the field names); flags given on the command line win.
+
+One typed check serves every way in: `validate_fields(config)` (first line of a config's
+`__post_init__`) checks each value against its annotation — bool is only True/False, an int is
+an int (not 2.5, not "2", not True), a float is any real number, a Literal is one of its
+choices, None only where the field is Optional or defaults to None — and raises one ConfigError
+naming the flag: `--drop-layers: expected an integer, got 'two'`. Command-line text is parsed
+into those types first (`parse_text`); YAML and Python values must already have them. YAML
+recipes are read with YAML 1.2 booleans (only true/false) and floats (`2e-4` is a number).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,43 +29,233 @@ import yaml
 
 from .errors import ConfigError
 
-_MISSING = object()
+
+# -- the typed schema ---------------------------------------------------------------------------
+
+def flag_name(f: dataclasses.Field) -> str:
+    """How the user spells a field: `--drop-layers`, or the positional's name (`checkpoint`)."""
+    if f.metadata.get("positional"):
+        return f.name
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def _optional(tp: Any) -> tuple[Any, bool]:
+    """(the type inside Optional/`X | None`, whether None is allowed)."""
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0], len(rest) < len(args)
+    return tp, False
 
 
 def _unwrap_optional(tp: Any) -> Any:
+    return _optional(tp)[0]
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return repr(value)
+    return repr(value) if not isinstance(value, (list, tuple, dict)) else f"{type(value).__name__} {value!r}"[:80]
+
+
+def _choices_text(choices: tuple) -> str:
+    return ", ".join(str(c) for c in choices)
+
+
+def _describe(tp: Any) -> str:
+    tp, _ = _optional(tp)
     if get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
+        return " or ".join(_describe(m) for m in get_args(tp) if m is not type(None))
+    if get_origin(tp) is Literal:
+        return " or ".join(str(c) for c in get_args(tp))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def check_value(flag: str, tp: Any, value: Any, *, none_ok: bool = False) -> Any:
+    """`value` checked against type `tp` (returned, ints widened to float for float fields)."""
+    tp, optional = _optional(tp)
+    if value is None:
+        if optional or none_ok:
+            return None
+        raise ConfigError(f"{flag}: a value is required, got null")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        hint = " (write true or false, without quotes)" if isinstance(value, str) else ""
+        raise ConfigError(f"{flag}: expected true or false, got {_show(value)}{hint}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{flag}: expected an integer, got {_show(value)}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isnan(value):
+                raise ConfigError(f"{flag}: expected a number, got nan")
+            return float(value)
+        raise ConfigError(f"{flag}: expected a number, got {_show(value)}")
+    if tp is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML `split: 2024` or `drop_layers: 2` where text is accepted: its text
+        raise ConfigError(f"{flag}: expected a string, got {_show(value)} (quote it in YAML)")
+    if get_origin(tp) in (typing.Union, types.UnionType):  # e.g. int | Literal["auto"]: the first member that fits
+        for member in get_args(tp):
+            try:
+                return check_value(flag, member, value)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{flag}: expected {_describe(tp)}, got {_show(value)}")
+    if get_origin(tp) is Literal:
+        choices = get_args(tp)
+        if any(value == c and type(value) is type(c) for c in choices):
+            return value
+        raise ConfigError(f"{flag}: expected one of {_choices_text(choices)}, got {_show(value)}")
+    if get_origin(tp) in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{flag}: expected a list, got {_show(value)}")
+        inner = (get_args(tp) or (Any,))[0]
+        items = [check_value(flag, inner, v) for v in value]
+        return type(value)(items) if get_origin(tp) is list else tuple(items)
+    return value  # a type this schema does not describe: the config's own __post_init__ judges it
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def validate_fields(config: Any) -> None:
+    """Check (and normalise in place) every init field of dataclass instance `config`.
+
+    Call it first in `__post_init__`, so the CLI, YAML recipes and the Python API share it.
+    """
+    hints = _field_types(type(config))
+    for f in dataclasses.fields(config):
+        if not f.init or f.name not in hints:
+            continue
+        value = getattr(config, f.name)
+        checked = check_value(flag_name(f), hints[f.name], value, none_ok=f.default is None)
+        if checked is not value:
+            object.__setattr__(config, f.name, checked)
+
+
+def validate_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The same checks on a dict of field values, before the dataclass is built."""
+    hints = _field_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    return {name: check_value(flag_name(fields[name]), hints[name], value, none_ok=fields[name].default is None)
+            if name in fields and name in hints else value for name, value in values.items()}
+
+
+def parse_text(flag: str, tp: Any, text: str) -> Any:
+    """Command-line text → the field's type, or a ConfigError naming the flag."""
+    tp, optional = _optional(tp)
+    if optional and text.lower() in ("none", "null"):
+        return None
+    if tp is int:
+        try:
+            return int(text.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{flag}: expected an integer, got {text!r}") from None
+    if tp is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{flag}: expected a number, got {text!r}") from None
+        if math.isnan(value):
+            raise ConfigError(f"{flag}: expected a number, got {text!r}")
+        return value
+    if get_origin(tp) is Literal:
+        for choice in get_args(tp):
+            if str(choice) == text:
+                return choice
+        raise ConfigError(f"{flag}: expected one of {_choices_text(get_args(tp))}, got {text!r}")
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        for member in get_args(tp):
+            if member is type(None):
+                continue
+            try:
+                return parse_text(flag, member, text)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{flag}: expected {_describe(tp)}, got {text!r}")
+    return text
+
+
+# -- argparse -----------------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ConfigError line (exit 2 via the CLI), not usage + message."""
+
+    def error(self, message: str):
+        message = re.sub(r"^argument ([^:]+): ", lambda m: m.group(1).split("/")[0] + ": ", message)
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
+def _help(text: str) -> str:
+    return text.replace("%", "%%")  # argparse %-formats help strings: a bare % would crash --help
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    hints = get_type_hints(cls)
+    hints = _field_types(cls)
     for f in dataclasses.fields(cls):
         if not f.init or f.metadata.get("cli") is False:
             continue
         tp = _unwrap_optional(hints[f.name])
-        help_text = f.metadata.get("help", "")
-        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
+        help_text = _help(f.metadata.get("help", ""))
         if f.metadata.get("positional"):
             parser.add_argument(f.name, type=str, help=help_text, nargs=f.metadata.get("nargs"))
             continue
-        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif get_origin(tp) is Literal:
-            kwargs["choices"] = list(get_args(tp))
-            kwargs["type"] = type(get_args(tp)[0])
-        elif get_origin(tp) in (list, tuple):
-            kwargs["nargs"] = "+"
-            kwargs["type"] = get_args(tp)[0]
         else:
-            kwargs["type"] = tp if tp in (int, float, str) else str
+            kwargs["type"] = str  # parsed by parse_text, so every bad value gets the same one-line message
+            if get_origin(tp) is Literal:
+                kwargs["metavar"] = "{" + ",".join(str(c) for c in get_args(tp)) + "}"
+            elif get_origin(tp) in (list, tuple):
+                kwargs["nargs"] = "+"
+            else:
+                kwargs["metavar"] = f.name.upper()
         default = f.default if f.default is not dataclasses.MISSING else None
         if default not in (None, dataclasses.MISSING) and not isinstance(default, bool):
-            kwargs["help"] = f"{help_text} (default: {default})"
-        parser.add_argument(flag, dest=f.name, **kwargs)
+            kwargs["help"] = f"{help_text} (default: {_help(str(default))})"
+        parser.add_argument(flag_name(f), dest=f.name, **kwargs)
+
+
+# -- YAML recipes -------------------------------------------------------------------------------
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 core schema for scalars: only true/false are booleans (yes/no/on/off stay strings,
+    and are then refused for a boolean option), and `2e-4` is a float."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    key: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.copy().items()
+}
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def _construct_float(loader, node):
+    text = loader.construct_scalar(node)
+    if re.fullmatch(r"[-+]?[0-9]+", text):  # the float pattern also matches plain integers
+        return int(text)
+    return float(text.replace("_", ""))
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
 def read_yaml_recipe(path: str | Path) -> dict[str, Any]:
@@ -62,26 +263,38 @@ def read_yaml_recipe(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"--config {path}: file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
 def build_config(cls: type, namespace: argparse.Namespace, recipe: str | None = None):
-    """Defaults < YAML recipe < command-line flags; unknown recipe keys are an error."""
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    """Defaults < YAML recipe < command-line flags; unknown recipe keys and mistyped values are errors."""
+    hints = _field_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     values: dict[str, Any] = {}
     if recipe:
         from_yaml = read_yaml_recipe(recipe)
-        unknown = sorted(set(from_yaml) - names)
+        unknown = sorted(set(from_yaml) - set(fields))
         if unknown:
-            raise ConfigError(f"--config {recipe}: unknown option(s) {', '.join(unknown)}")
+            raise ConfigError(f"--config {recipe}: unknown option(s) {', '.join(unknown)}: see --help for the option names")
         values.update(from_yaml)
-    values.update({k: v for k, v in vars(namespace).items() if k in names})
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from None
+    for name, value in vars(namespace).items():
+        if name not in fields:
+            continue
+        tp = _unwrap_optional(hints[name])
+        if isinstance(value, str) and not fields[name].metadata.get("positional"):
+            value = parse_text(flag_name(fields[name]), hints[name], value)
+        elif isinstance(value, list) and get_origin(tp) in (list, tuple):
+            inner = (get_args(tp) or (str,))[0]
+            value = [parse_text(flag_name(fields[name]), inner, v) if isinstance(v, str) else v for v in value]
+        values[name] = value
+    missing = [flag_name(f) for f in fields.values() if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: required (see --help)")
+    values = validate_values(cls, values)  # also for configs whose __post_init__ does not call validate_fields yet
+    return cls(**values)

@@ -56,6 +56,8 @@ def read_examples(source: str | Path = DEFAULT_DATA, *, split: str = "train", li
 def _read_records(source: str, split: str) -> tuple[list[dict[str, Any]], str]:
     if source == DEFAULT_DATA:
         return _bundled_gsm8k(split), f"{DEFAULT_DATA} ({split})"
+    if not source.strip():
+        raise DataError(f"--data is empty: give a .jsonl/.csv file, a folder of splits, or {DEFAULT_DATA}")
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
@@ -70,9 +72,26 @@ def _read_records(source: str, split: str) -> tuple[list[dict[str, Any]], str]:
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
+    try:
+        return _parse_file(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}): give a UTF-8 .jsonl or .csv file") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: not valid CSV ({exc}): give a .csv with prompt and completion columns") from None
+    except PermissionError:
+        raise DataError(f"{path}: permission denied: make it readable") from None
+
+
+def _parse_file(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            missing = [c for c in ("prompt", "completion") if c not in (reader.fieldnames or ())]
+            if rows and missing:
+                raise DataError(f"{path}: no {' or '.join(missing)} column (columns: {', '.join(reader.fieldnames or [])}): "
+                                "the CSV needs prompt and completion columns")
+            return rows
     if path.suffix not in (".jsonl", ".json"):
         raise DataError(f"{path}: unsupported data format {path.suffix!r}; use .jsonl or .csv")
     records = []
@@ -93,10 +112,14 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
 def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
     from datasets import DatasetDict, load_from_disk
 
-    ds = load_from_disk(str(path))
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001 - a damaged save_to_disk folder fails in many ways
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not a readable `datasets` folder ({first}): save it again with save_to_disk") from None
     if isinstance(ds, DatasetDict):
         if split not in ds:
-            raise DataError(f"{path} has splits {sorted(ds)}, not {split!r}")
+            raise DataError(f"{path} has splits {sorted(ds)}, not {split!r}: pass one of them with --split")
         ds = ds[split]
     return ds.to_list()
 
@@ -127,6 +150,9 @@ def _to_example(record: dict[str, Any], where: str, index: int) -> Example:
     choices = record.get("choices") or ()
     if isinstance(choices, str):  # CSV: "a|b|c"
         choices = tuple(c for c in choices.split("|") if c)
+    if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
+        raise DataError(f"{where}: row {index + 1}: `choices` must be a list of strings, got {json.dumps(choices, default=str)[:60]}: "
+                        "fix the data (or leave `choices` out for free-form completions)")
     return Example(prompt=prompt, completion=completion, choices=tuple(choices), id=str(record.get("id", index)))
 
 

@@ -1,6 +1,7 @@
 """Every error a user can fix. The CLI prints `error: <message>` on one line and exits 2.
 
-Messages name the fix (the flag to change, the extra to install), never just the symptom.
+Messages name the fix (the flag to change, the extra to install), never just the symptom, and
+fit on one line (the CLI joins any extra lines). A traceback means a bug, never a bad input.
 """
 
 
@@ -38,3 +39,14 @@ class ExportError(GradPruneError):
 
 class ServingError(GradPruneError):
     """A server could not be started, became unhealthy, or the port is taken."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: unwind (every temporary output is removed on the way), exit 128 + signal."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.signame = signal.Signals(signum).name
+        super().__init__(self.signame)

@@ -132,6 +132,114 @@ def _check_checkpoint_dir(path: Path, *, allow_pickle: bool) -> None:
         )
     if not has_safetensors and not pickled:
         raise ModelLoadError(f"{path} has a config but no weights (*.safetensors): the checkpoint is incomplete")
+    if has_safetensors:
+        check_weights_cover_model(path)
+
+
+# ── weights must cover the model ──────────────────────────────────────────────
+_SHOW_KEYS = 3
+
+
+def safetensors_tensors(path: Path) -> dict[str, list[int]]:
+    """{tensor name: shape} of every safetensors file of a checkpoint, read from the headers only."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelLoadError(f"{index} is unreadable ({exc}): the checkpoint is corrupt") from None
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise ModelLoadError(f"{path} is incomplete: shard(s) {', '.join(missing[:_SHOW_KEYS])} listed in {index.name} are missing")
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    tensors: dict[str, list[int]] = {}
+    for name in files:
+        file = path / name
+        try:
+            with open(file, "rb") as fh:
+                length = int.from_bytes(fh.read(8), "little")
+                if not 0 < length <= 100_000_000:
+                    raise ValueError("bad header length")
+                header = json.loads(fh.read(length))
+            tensors.update({k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelLoadError(f"{file} is not a readable safetensors file ({exc}): the checkpoint is corrupt") from None
+    return tensors
+
+
+def _expected_tensors(config) -> tuple[list[tuple[list[str], list[int]]], object]:
+    """The model the config builds (on the meta device: no memory, no init): groups of names that
+    share one tensor (a tied lm_head and the embeddings), each with its shape."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    keys = set(model.state_dict())
+    groups: dict[int, tuple[list[str], list[int]]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if name in keys:
+            groups.setdefault(id(tensor), ([], list(tensor.shape)))[0].append(name)
+    return list(groups.values()), model
+
+
+def _matches_any(name: str, patterns) -> bool:
+    return any(re.search(p, name) for p in (patterns or ()))
+
+
+def check_weights_cover_model(path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose safetensors do not hold exactly the tensors its config.json builds.
+
+    transformers fills missing tensors with random values and only warns, so an incomplete save
+    (say every `layers.1.*` lost) or a base-model checkpoint without its LM head would otherwise
+    run — and be pruned, evaluated or shipped — as a silently corrupted model. Tensors the
+    architecture ties (an lm_head tied to the embeddings) may be absent. Reads headers only.
+    """
+    path = Path(path)
+    raw = json.loads((path / "config.json").read_text())
+    if raw.get("quantization_config") or "auto_map" in raw:
+        return  # quantized layouts and custom code: the loader judges those
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        groups, model = _expected_tensors(config)
+    except Exception as exc:  # noqa: BLE001 - an architecture we cannot build here: the loader reports it
+        logger.debug("weight coverage check skipped for %s: %s", path, exc)
+        return
+    stored = safetensors_tensors(path)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    strip = bool(prefix) and not any(k.startswith(prefix + ".") for k in stored) \
+        and any(n.startswith(prefix + ".") for names, _ in groups for n in names)
+
+    def as_stored(name: str) -> str:  # a bare base-model checkpoint stores `layers.0...` for `model.layers.0...`
+        return name[len(prefix) + 1:] if strip and name.startswith(prefix + ".") else name
+
+    missing, mismatched, known = [], [], set()
+    for names, shape in groups:
+        present = [n for n in names if as_stored(n) in stored]
+        known.update(as_stored(n) for n in names)
+        if not present:
+            if not _matches_any(names[0], getattr(model, "_keys_to_ignore_on_load_missing", None)):
+                missing.append(names[-1] if any("lm_head" in n for n in names) else names[0])
+        for n in present:
+            if stored[as_stored(n)] != shape:
+                mismatched.append(f"{as_stored(n)} {stored[as_stored(n)]} in the file vs {shape} in the model")
+    unexpected = [k for k in stored if k not in known and not _matches_any(k, getattr(model, "_keys_to_ignore_on_load_unexpected", None))]
+    if not (missing or unexpected or mismatched):
+        return
+    problems = []
+    for label, items in (("missing", sorted(missing)), ("unexpected", sorted(unexpected)), ("with the wrong shape", mismatched)):
+        if items:
+            shown = ", ".join(items[:_SHOW_KEYS]) + (", ..." if len(items) > _SHOW_KEYS else "")
+            problems.append(f"{len(items)} {label} ({shown})")
+    head = ""
+    if any(m.endswith("lm_head.weight") for m in missing):
+        head = " — there is no LM head and config.json does not tie it to the embeddings (a base-model checkpoint?)"
+    raise ModelLoadError(
+        f"{path}: the weights do not match the model config.json describes: {'; '.join(problems)}{head}. "
+        "transformers would fill the gaps with random values: use a complete checkpoint (or fix config.json)"
+    )
 
 
 def _needs_remote_code(config_path: Path) -> bool:
@@ -174,6 +282,15 @@ def _load_gguf(directory: Path, gguf_file: str, *, dtype: torch.dtype):
     return clean, tokenizer
 
 
+def _refuse_incomplete_load(path: Path, info: dict) -> None:
+    """The loader's own account (pickled weights, custom code): anything it had to invent is refused."""
+    problems = [f"{len(info[k])} {k.replace('_keys', '')} ({', '.join(sorted(map(str, info[k]))[:_SHOW_KEYS])})"
+                for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
+    if problems:
+        raise ModelLoadError(f"{path}: the weights do not match the model config.json describes: {'; '.join(problems)}: "
+                             "use a complete checkpoint (or fix config.json)")
+
+
 def load_model_and_tokenizer(
     source: str | os.PathLike = DEFAULT_MODEL,
     *,
@@ -194,10 +311,11 @@ def load_model_and_tokenizer(
                 f"{resolved.path} needs custom code from the checkpoint (auto_map): review it, then pass --trust-remote-code"
             )
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model, info = AutoModelForCausalLM.from_pretrained(
                 resolved.path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                use_safetensors=not allow_pickle or None,
+                use_safetensors=not allow_pickle or None, output_loading_info=True,
             )
+            _refuse_incomplete_load(resolved.path, info)
             tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
         except ModelLoadError:
             raise

@@ -41,28 +41,58 @@ def require(module: str, extra: str) -> None:
         )
 
 
-def check_output_dir(out: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Refuse an existing, non-empty output unless overwrite; return it as an absolute Path."""
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_dir(out: str | os.PathLike, *, overwrite: bool, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output that cannot be written or would be clobbered.
+
+    An existing non-empty output needs `overwrite`; a path under a regular file or under a
+    directory this process cannot write is refused naming `flag`. Returns the absolute Path.
+    """
+    if out is None or str(out) == "":
+        raise OutputExistsError(f"{flag} is required")
     out = Path(out).expanduser().resolve()
     if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite:
-        raise OutputExistsError(f"{out} already exists: choose another --out or pass --overwrite")
+        raise OutputExistsError(f"{flag} {out} already exists: choose another {flag} or pass --overwrite")
+    if out.exists() and not out.is_dir() and not out.is_file():
+        raise OutputExistsError(f"{flag} {out} exists and is not a directory: choose another {flag}")
+    anchor = _first_existing(out.parent)
+    if not anchor.is_dir():
+        raise OutputExistsError(f"{flag} {out}: {anchor} is a file, not a directory: choose another {flag}")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"{flag} {out}: cannot write in {anchor} (permission denied): choose a writable {flag}")
     return out
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
+def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool, flag: str = "--out") -> Iterator[Path]:
     """Yield a temporary directory beside `out`; on success rename it to `out`.
 
-    On any exception the temporary directory is removed and `out` is left as it was, so a
-    failed run never leaves a half-written checkpoint behind.
+    Enter it first, before any slow work: creating the sibling proves `out` is writable. On any
+    exception — SIGINT and SIGTERM included (the CLI turns both into an exception) — the
+    temporary directory, and any parent directory created for it, is removed and `out` is left
+    exactly as it was, so a failed run never leaves a half-written or clobbered output.
     """
-    out = check_output_dir(out, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    out = check_output_dir(out, overwrite=overwrite, flag=flag)
+    created = []  # parents made here, removed again on failure
+    for parent in reversed(out.parents):
+        if not parent.exists():
+            created.append(parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        _remove_empty(created)
+        raise OutputExistsError(f"{flag} {out}: cannot create it ({exc.strerror}): choose a writable {flag}") from None
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
     if out.exists():
         # Only reached with overwrite=True: move the old output aside, then swap in the new one.
@@ -73,3 +103,33 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool) -> Iterator[Pa
     else:
         tmp.rename(out)
     logger.info("wrote %s", out)
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for directory in reversed(directories):  # deepest first
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a file so that a reader (or a crash, or a signal) never sees half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return path
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A temporary directory that is removed however the block ends (exception or signal included)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from gradprune_deploy.config import CompressConfig
-from gradprune_deploy.pipeline import compress
+from gradprune_deploy.compress.config import CompressConfig
+from gradprune_deploy.compress.pipeline import compress
 from tests.conftest import SHARED_DATA, ARCHITECTURES, tiny_model
 
 

@@ -10,7 +10,7 @@ import torch
 
 from gradprune_deploy.data import CompletionCollator, read_examples, tokenize_examples
 from gradprune_deploy.errors import DataError
-from gradprune_deploy.scorers import (
+from gradprune_deploy.compress.baselines import (
     SCORERS,
     block_influence,
     gradmap,
@@ -20,9 +20,9 @@ from gradprune_deploy.scorers import (
     ranks_from_removal_order,
     taylor,
 )
-from gradprune_deploy.surgery import drop_layers
+from gradprune_deploy.compress.surgery import drop_layers
 
-from .conftest import tiny_model
+from tests.conftest import tiny_model
 
 from tests.conftest import SHARED_DATA  # noqa: E402
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from gradprune_deploy.errors import ArchitectureError, ConfigError
-from gradprune_deploy.surgery import drop_layers, find_layer_stack, prune_config_dict
+from gradprune_deploy.compress.surgery import drop_layers, find_layer_stack, prune_config_dict
 from tests.conftest import ARCHITECTURES, tiny_model
 
 DROP = [1, 2, 4]

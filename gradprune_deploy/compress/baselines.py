@@ -13,6 +13,8 @@ accumulated into `.grad`), train/eval mode of every module, and no hooks left be
 - last-n: deepest layers least important, final layer kept (dropping k removes L-1-k .. L-2).
 - random: a seeded permutation of 0..L-1.
 - taylor: first-order Taylor, sum over the layer's parameters of |w * dL/dw|.
+- ppl: Shortened LLaMA (Kim et al. 2024): loss increase when the layer alone is removed,
+  measured on the validation rows.
 - gradmap: GradMAP stage 1 (Liu, Li, Zhang, Tang 2026, arXiv 2602.14649), see `gradmap`.
 
 Pure tensor math (`block_influence_terms`, `taylor_terms`, `gradient_magnitude_terms`,
@@ -28,7 +30,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import DataError
+from ..errors import DataError
 from .surgery import find_layer_stack
 
 logger = logging.getLogger(__name__)
@@ -263,7 +265,38 @@ def gradmap(model: nn.Module, batches: Sequence[Batch], *, seed: int = 0, iterat
     return ranks_from_removal_order(removed, survivors, num_layers)
 
 
+@torch.no_grad()
+def completion_loss(model: nn.Module, batches: Sequence[Batch]) -> float:
+    """Mean completion-token loss over `batches`, every token weighted once."""
+    total, tokens = 0.0, 0
+    for batch in batches:
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        if n:
+            total += float(model(**_forward_kwargs(model, batch, labels=True), use_cache=False).loss) * n
+            tokens += n
+    return total / max(tokens, 1)
+
+
+@torch.no_grad()
+def ppl(model: nn.Module, batches: Sequence[Batch], *, seed: int = 0) -> torch.Tensor:
+    """Shortened LLaMA's perplexity criterion: remove each layer alone (identity bypass) and
+    measure the completion loss increase over `batches` (the validation rows). One forward pass
+    over the batches per layer, plus one for the intact model. Deterministic (`seed` unused).
+    Score = loss without the layer − loss with it (log-perplexity increase): higher = more important.
+    """
+    _check_batches(batches, need_labels=True)
+    _, layers = find_layer_stack(model)
+    with _preserved(model):
+        base = completion_loss(model, batches)
+        scores = []
+        for i in range(len(layers)):
+            with _skipping(layers, [i]):
+                scores.append(completion_loss(model, batches) - base)
+    return torch.tensor(scores, dtype=torch.float64)
+
+
 SCORERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ppl": ppl,
     "block-influence": block_influence,
     "last-n": last_n,
     "random": random_scores,

@@ -22,8 +22,8 @@ import urllib.error
 import urllib.request
 from typing import Iterator, Sequence
 
-from .errors import ConfigError, ServingError
-from .eval_hf import cut_at_eos
+from ..errors import ConfigError, ServingError
+from .hf import cut_at_eos
 
 logger = logging.getLogger(__name__)
 

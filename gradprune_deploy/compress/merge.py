@@ -31,6 +31,18 @@ class MergeStats:
         }
 
 
+def layers_to_merge(dropped: Sequence[int], scores: Sequence[float], count: int | None) -> list[int]:
+    """The `count` highest-scoring dropped layers (all when None), ascending.
+
+    GradPruner's ablation merges 1-3 layers: the ones removed beyond what can go without merging,
+    i.e. the most important of the dropped set. Ties go to the shallower layer.
+    """
+    if count is None:
+        return sorted(dropped)
+    ranked = sorted(dropped, key=lambda i: (-float(scores[i]), i))
+    return sorted(ranked[: max(0, count)])
+
+
 def merge_targets(dropped: Sequence[int], num_layers: int) -> dict[int, int]:
     """Removed layer → nearest preceding kept layer (the following one if none precedes)."""
     dropped_set = set(dropped)
@@ -77,3 +89,35 @@ def same_sign_merge(
         delta_norm_ratio=float(delta.float().norm()) / kept_norm if kept_norm else 0.0,
     )
     return merged, stats
+
+
+# ── orchestration: apply the merge to a live model ──────────────────────────────────────────────
+def merge_dropped_layers(layers: torch.nn.ModuleList, igia_for_layer, dropped: Sequence[int], merged: Sequence[int],
+                         keep_top_p: float) -> dict:
+    """Same-sign merge of each layer in `merged` (a subset of `dropped`) into its nearest preceding
+    kept layer, in place. `igia_for_layer(i)` returns {linear name: F} for dropped layer i."""
+    from .surgery import linear_weights_by_layer
+
+    targets = {d: t for d, t in merge_targets(dropped, len(layers)).items() if d in set(merged)}
+    linears = linear_weights_by_layer(layers)
+    per_layer, total_merged = {}, 0
+    for removed, target in targets.items():
+        igia = igia_for_layer(removed)
+        linear_stats = {}
+        for name, removed_linear in linears[removed].items():
+            if name not in igia:
+                continue  # not LoRA-wrapped, so no IGIA: nothing principled to merge
+            kept_linear = linears[target][name]
+            with torch.no_grad():
+                new_weight, stats = same_sign_merge(kept_linear.weight.data, removed_linear.weight.data, igia[name], keep_top_p)
+                kept_linear.weight.data.copy_(new_weight)
+            linear_stats[name] = stats.as_dict()
+            total_merged += stats.merged_entries
+        per_layer[str(removed)] = {
+            "into": target,
+            "merged_entries": sum(st["merged_entries"] for st in linear_stats.values()),
+            "entries": sum(st["entries"] for st in linear_stats.values()),
+            "linears": linear_stats,
+        }
+    return {"enabled": bool(targets), "keep_top_p": keep_top_p, "targets": {str(k): v for k, v in targets.items()},
+            "merged_entries_total": total_merged, "per_layer": per_layer}

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gradprune_deploy.errors import ConfigError
-from gradprune_deploy.selection import drop_count_from_ratio, select_layers_to_drop
+from gradprune_deploy.compress.selection import drop_count_from_ratio, select_layers_to_drop
 
 SCORES = torch.tensor([9.0, 1.0, 5.0, 1.0, 3.0, 8.0], dtype=torch.float64)
 

@@ -16,19 +16,22 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .data import CompletionCollator
+from ..data import CompletionCollator
 from .probe import IGIAProbe, ProbeRecord, lora_pairs
 from .surgery import find_layer_stack
-from .utils import progress_disabled
+from ..utils import progress_disabled
 
 logger = logging.getLogger(__name__)
+
+
+DEFAULT_LEARNING_RATE = {"lora": 2e-4, "full": 2e-5}
 
 
 @dataclass
 class TrainSettings:
     batch_size: int = 8
     grad_accum: int = 1
-    learning_rate: float = 2e-4
+    learning_rate: float | None = None  # None: DEFAULT_LEARNING_RATE[mode]
     epochs: float = 1.0
     max_steps: int | None = None
     warmup_ratio: float = 0.03
@@ -56,7 +59,8 @@ def planned_steps(num_examples: int, s: TrainSettings) -> int:
     return max(1, math.ceil(s.epochs * per_epoch))
 
 
-def _training_args(output_dir: str, s: TrainSettings, *, max_steps: int, max_grad_norm: float, learning_rate: float):
+def _training_args(output_dir: str, s: TrainSettings, *, max_steps: int, max_grad_norm: float, learning_rate: float,
+                   disable_tqdm: bool | None = None):
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -76,7 +80,7 @@ def _training_args(output_dir: str, s: TrainSettings, *, max_steps: int, max_gra
         data_seed=s.seed,
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        disable_tqdm=progress_disabled(),
+        disable_tqdm=progress_disabled() if disable_tqdm is None else disable_tqdm,
         use_cpu=not torch.cuda.is_available(),
         train_sampling_strategy=s.sampling,
         gradient_checkpointing=s.gradient_checkpointing,
@@ -109,13 +113,19 @@ class _BarOnly(ProgressCallback):
         pass
 
 
-def _trainer(model, features, tokenizer, args, callbacks=()):
+def _trainer(model, features, tokenizer, args, callbacks=(), *, teacher=None, distill=None):
     from transformers import Trainer
 
-    trainer = Trainer(model=model, args=args, train_dataset=features,
-                      data_collator=CompletionCollator(tokenizer.pad_token_id), callbacks=list(callbacks))
+    kwargs = dict(model=model, args=args, train_dataset=features, data_collator=CompletionCollator(tokenizer.pad_token_id),
+                  callbacks=list(callbacks))
+    if teacher is not None:
+        from .distill import DistillTrainer
+
+        trainer = DistillTrainer(**kwargs, teacher=teacher, distill=distill)
+    else:
+        trainer = Trainer(**kwargs)
     trainer.remove_callback(PrinterCallback)
-    if not progress_disabled():
+    if not args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_BarOnly)
     trainer.add_callback(_LogToLogger())
@@ -138,7 +148,8 @@ def run_probe(model, features, tokenizer, s: TrainSettings, *, probe_steps: int,
     # at the start (B = 0; linear warm-up also makes the first learning rate 0): leave room.
     max_steps = max(planned_steps(len(features), s), probe_steps + 4)
     with tempfile.TemporaryDirectory(prefix="gradprune-probe-") as tmp:
-        args = _training_args(tmp, s, max_steps=max_steps, max_grad_norm=0.0, learning_rate=s.learning_rate)
+        args = _training_args(tmp, s, max_steps=max_steps, max_grad_norm=0.0,
+                              learning_rate=s.learning_rate or DEFAULT_LEARNING_RATE["lora"])
         trainer = _trainer(peft_model, features, tokenizer, args, callbacks=[probe])
         start = time.perf_counter()
         trainer.train()
@@ -163,11 +174,16 @@ def run_probe(model, features, tokenizer, s: TrainSettings, *, probe_steps: int,
     return probe.record, stats
 
 
-def recovery_finetune(model, features, tokenizer, s: TrainSettings, *, mode: str, learning_rate: float | None = None):
-    """Fine-tune the pruned model. mode: 'lora' (merged into the weights at the end) or 'full'."""
-    if mode not in ("lora", "full"):
+def recovery_finetune(model, features, tokenizer, s: TrainSettings, *, mode: str, steps: int | None = None,
+                      teacher=None, distill=None, quiet: bool = False):
+    """Fine-tune the pruned model. mode: 'lora' (merged into the weights at the end) or 'full'.
+
+    With `teacher` (a frozen dense model) and `distill` (DistillSettings) the loss is logit
+    distillation mixed with CE (distill.py). `steps` overrides the planned length (short heals).
+    """
+    if mode not in DEFAULT_LEARNING_RATE:
         raise ValueError(mode)
-    lr = learning_rate or (s.learning_rate if mode == "lora" else 2e-5)
+    lr = s.learning_rate or DEFAULT_LEARNING_RATE[mode]
     model.config.use_cache = False
     if mode == "lora":
         train_model = attach_lora(model, s)
@@ -175,21 +191,25 @@ def recovery_finetune(model, features, tokenizer, s: TrainSettings, *, mode: str
         for p in model.parameters():
             p.requires_grad_(True)
         train_model = model
-    steps = planned_steps(len(features), s)
+    steps = steps or planned_steps(len(features), s)
     with tempfile.TemporaryDirectory(prefix="gradprune-finetune-") as tmp:
-        args = _training_args(tmp, s, max_steps=steps, max_grad_norm=s.max_grad_norm, learning_rate=lr)
-        trainer = _trainer(train_model, features, tokenizer, args)
+        args = _training_args(tmp, s, max_steps=steps, max_grad_norm=s.max_grad_norm, learning_rate=lr,
+                              disable_tqdm=quiet or None)
+        trainer = _trainer(train_model, features, tokenizer, args, teacher=teacher, distill=distill)
         start = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - start
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if mode == "lora":
         model = train_model.merge_and_unload()
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
     model.config.use_cache = True
     model.eval()
     stats = {
-        "mode": mode, "steps": steps, "learning_rate": lr, "seconds": seconds,
-        "train_loss": result.training_loss, "first_logged_loss": losses[0] if losses else None,
+        "mode": mode, "objective": "distill" if teacher is not None else "ce", "steps": steps, "learning_rate": lr,
+        "seconds": seconds, "train_loss": result.training_loss, "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
     }
     return model, stats

@@ -10,7 +10,7 @@ i.e. the chat template when the tokenizer has one):
 - `exact`: greedy generation (`--max-new-tokens`, default: the longest reference in tokens + 16)
   and exact match after normalisation: strip, optional --case-fold; GSM8K-style references
   (`#### 18`) compare only the final answer after `####` (--final-answer auto|always|never,
-  see eval_metrics). `--backend vllm` generates through vLLM's OpenAI server instead (eval_vllm).
+  see metrics.py). `--backend vllm` generates through vLLM's OpenAI server instead (vllm.py).
 - `loss`: mean negative log-likelihood per completion token over the set, and perplexity.
 
 The result is a dict (the CLI prints it as one JSON line) and, when the checkpoint is a local
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +91,8 @@ def evaluate(checkpoint: str, *, data: str, split: str = "test", metric: str = "
                         length_normalize=length_normalize, max_new_tokens=max_new_tokens, backend=backend,
                         case_fold=case_fold, final_answer=final_answer, dtype=dtype, out_dir=out_dir, save=save,
                         server_url=server_url, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    from .data import read_examples
-    from .loading import resolve_source
+    from ..data import read_examples
+    from ..loading import resolve_source
 
     source = resolve_source(checkpoint, allow_pickle=allow_pickle)  # a missing checkpoint fails first
     examples = read_examples(data, split=split, limit=limit)
@@ -160,10 +160,10 @@ def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list
 
 
 def _eval_choice(model, tokenizer, examples, *, batch_size: int, length_normalize: bool):
-    from .data import Example, encode_example
-    from .eval_hf import completion_logprobs
-    from .eval_metrics import accuracy, argmax, choice_scores, confusion_counts
-    from .utils import tqdm
+    from ..data import Example, encode_example
+    from .hf import completion_logprobs
+    from .metrics import accuracy, argmax, choice_scores, confusion_counts
+    from ..utils import tqdm
 
     encoded = [[encode_example(tokenizer, Example(ex.prompt, choice)) for choice in ex.choices] for ex in examples]
     results: list[list[tuple[float, int]]] = [[] for _ in examples]
@@ -185,10 +185,10 @@ def _eval_choice(model, tokenizer, examples, *, batch_size: int, length_normaliz
 
 
 def _eval_loss(model, tokenizer, examples, *, batch_size: int):
-    from .data import encode_example
-    from .eval_hf import completion_logprobs
-    from .eval_metrics import mean_token_loss
-    from .utils import tqdm
+    from ..data import encode_example
+    from .hf import completion_logprobs
+    from .metrics import mean_token_loss
+    from ..utils import tqdm
 
     encoded = [encode_example(tokenizer, ex) for ex in examples]
     results: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
@@ -203,7 +203,7 @@ def _eval_loss(model, tokenizer, examples, *, batch_size: int):
 
 
 def _hf_generator(model, tokenizer) -> Callable[[list[list[int]], int], list[list[int]]]:
-    from .eval_hf import eos_token_ids, greedy_generate
+    from .hf import eos_token_ids, greedy_generate
 
     eos = eos_token_ids(model, tokenizer)
     return lambda prompts, max_new: greedy_generate(model, prompts, max_new_tokens=max_new,
@@ -215,9 +215,9 @@ def default_max_new_tokens(tokenizer, examples) -> int:
 
 
 def _eval_exact(tokenizer, examples, generate, *, batch_size: int, max_new_tokens: int | None, case_fold: bool, final_answer: str):
-    from .data import encode_prompt
-    from .eval_metrics import accuracy, exact_match, uses_final_answer
-    from .utils import tqdm
+    from ..data import encode_prompt
+    from .metrics import accuracy, exact_match, uses_final_answer
+    from ..utils import tqdm
 
     max_new = max_new_tokens or default_max_new_tokens(tokenizer, examples)
     prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
@@ -242,7 +242,7 @@ def _eval_exact(tokenizer, examples, generate, *, batch_size: int, max_new_token
 def _load_hf(checkpoint: str, config: EvalConfig):
     import torch
 
-    from .loading import load_model_and_tokenizer
+    from ..loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(checkpoint, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
                                                 allow_pickle=config.allow_pickle)
@@ -254,12 +254,12 @@ def _load_hf(checkpoint: str, config: EvalConfig):
 def _evaluate_vllm(source, examples, config: EvalConfig):
     from transformers import AutoTokenizer
 
-    from .eval_vllm import vllm_endpoint, vllm_greedy_generate
+    from .vllm import vllm_endpoint, vllm_greedy_generate
 
     if source.gguf_file:
         raise ConfigError("--backend vllm needs a safetensors checkpoint directory, not a .gguf file: save the model with "
                           "save_pretrained first (bundled:SmolLM2-135M-Instruct is already converted)")
-    from .data import encode_prompt
+    from ..data import encode_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=config.trust_remote_code)
     if tokenizer.pad_token is None:

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def drop_count_from_ratio(ratio: float, num_layers: int) -> int:

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from gradprune_deploy.data import CompletionCollator, read_examples, tokenize_examples
-from gradprune_deploy.finetune import TrainSettings, attach_lora, run_probe
-from gradprune_deploy.importance import igia_matrix, igia_step_total, layer_scores
-from gradprune_deploy.probe import lora_pairs
+from gradprune_deploy.compress.finetune import TrainSettings, attach_lora, run_probe
+from gradprune_deploy.compress.importance import igia_matrix, igia_step_total, layer_scores
+from gradprune_deploy.compress.probe import lora_pairs
 from tests.conftest import SHARED_DATA, tiny_model
 
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch.nn as nn
 
-from .errors import ArchitectureError, ConfigError
+from ..errors import ArchitectureError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +101,8 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def linear_weights_by_layer(model: nn.Module) -> dict[int, dict[str, nn.Linear]]:
+def linear_weights_by_layer(layers: nn.ModuleList) -> dict[int, dict[str, nn.Linear]]:
     """{layer index: {name within the layer: nn.Linear}} for every linear inside the layer stack."""
-    _, layers = find_layer_stack(model)
     return {
         i: {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
         for i, layer in enumerate(layers)

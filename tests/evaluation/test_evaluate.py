@@ -16,12 +16,12 @@ import torch
 from gradprune_deploy.cli import main
 from gradprune_deploy.data import Example, encode_example, encode_prompt, read_examples
 from gradprune_deploy.errors import ConfigError, DataError, ModelLoadError
-from gradprune_deploy.eval_hf import eos_token_ids, greedy_generate
-from gradprune_deploy.eval_metrics import exact_match, extract_final_answer, mean_token_loss
-from gradprune_deploy.evaluate import EvalConfig, evaluate, evaluate_model, result_filename
+from gradprune_deploy.evaluation.hf import eos_token_ids, greedy_generate
+from gradprune_deploy.evaluation.metrics import exact_match, extract_final_answer, mean_token_loss
+from gradprune_deploy.evaluation.evaluate import EvalConfig, evaluate, evaluate_model, result_filename
 from gradprune_deploy.loading import load_model_and_tokenizer
 
-from .conftest import tiny_model
+from tests.conftest import tiny_model
 
 from tests.conftest import SHARED_DATA  # noqa: E402
 
@@ -357,7 +357,7 @@ def test_vllm_exact_agrees_with_transformers(smollm2_dir):
     """
     pytest.importorskip("vllm")
     pytest.importorskip("serving.vllm_server")
-    from gradprune_deploy.eval_vllm import vllm_endpoint, vllm_greedy_generate
+    from gradprune_deploy.evaluation.vllm import vllm_endpoint, vllm_greedy_generate
 
     model, tokenizer = load_model_and_tokenizer(smollm2_dir, dtype="float32")
     examples = read_examples(SHARED_DATA / "sst2", split="test", limit=8)

@@ -1,0 +1,121 @@
+"""The quality ledger: held-out rows, and the model's quality on them at every stage of compress.
+
+Validation rows come from the data's own `validation` (or `test`) split when it has one, else a
+seeded slice of the training rows (`fraction`, at most `max_rows`) that is removed from training.
+Each stage (dense before training, pruned after drop + merge, recovered, an optional dense
+reference) is scored with the same functions as `gradprune eval`: mean completion-token loss,
+and choice accuracy when every row has `choices`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..data import Example, read_examples
+from ..errors import DataError
+from ..manifest import QualityLedger, QualityPoint
+
+logger = logging.getLogger(__name__)
+
+VALIDATION_SPLITS = ("validation", "valid", "dev", "test")
+# A recovered model is "far worse" than its reference beyond either threshold (the ledger warns).
+WARN_RELATIVE_LOSS_INCREASE = 0.25
+WARN_ACCURACY_DROP_POINTS = 5.0
+
+
+@dataclass
+class HeldOut:
+    train: list[Example]
+    validation: list[Example]
+    description: str
+
+
+def hold_out(train: list[Example], *, data: str, split: str, validation_split: str | None, fraction: float,
+             max_rows: int, seed: int) -> HeldOut:
+    """Validation rows never trained on: the data's own split when it has one, else a seeded slice."""
+    candidates = [validation_split] if validation_split else [s for s in VALIDATION_SPLITS if s != split]
+    for name in candidates:
+        try:
+            rows = read_examples(data, split=name)
+        except DataError:
+            if validation_split:
+                raise
+            continue
+        train_ids = {(ex.prompt, ex.completion) for ex in train}
+        rows = [ex for ex in rows if (ex.prompt, ex.completion) not in train_ids][:max_rows]
+        if rows:
+            return HeldOut(train, rows, f"{data} split {name!r}, first {len(rows)} rows")
+    rows, held = split_slice(len(train), fraction=fraction, max_rows=max_rows, seed=seed)
+    if not held:
+        raise DataError(f"{data}: {len(train)} training rows are too few to hold out validation rows; "
+                        "give more rows or --no-ledger")
+    return HeldOut([train[i] for i in rows], [train[i] for i in held],
+                   f"seeded slice (seed {seed}) of {len(held)} of the {len(train)} training rows, removed from training")
+
+
+def split_slice(n: int, *, fraction: float, max_rows: int, seed: int) -> tuple[list[int], list[int]]:
+    """Pure: (train indices, held-out indices) of n rows; round(fraction·n) rows (≤ max_rows) held out,
+    at least one row left for training."""
+    k = min(max_rows, max(1, round(fraction * n)), n - 1)
+    if k < 1:
+        return list(range(n)), []
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = sorted(order[:k])
+    held_set = set(held)
+    return [i for i in range(n) if i not in held_set], held
+
+
+def binomial_se(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n) if n else float("nan")
+
+
+def measure(model, tokenizer, rows: Sequence[Example], *, stage: str, batch_size: int = 8) -> QualityPoint:
+    """Completion loss (and choice accuracy when every row has choices) of `model` on `rows`."""
+    from ..evaluation.evaluate import evaluate_model
+
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    loss, rows_loss = evaluate_model(model, tokenizer, rows, metric="loss", batch_size=batch_size)
+    point = QualityPoint(stage=stage, loss=loss["value"], perplexity=loss.get("perplexity"), rows=len(rows),
+                         tokens=sum(r["tokens"] for r in rows_loss))
+    if all(ex.choices and ex.completion in ex.choices for ex in rows):
+        acc, _ = evaluate_model(model, tokenizer, rows, metric="choice", batch_size=batch_size)
+        point.accuracy, point.accuracy_se = acc["value"], binomial_se(acc["value"], len(rows))
+    point.seconds = round(time.perf_counter() - start, 3)
+    model.train(was_training)
+    logger.info("quality %s: loss %.4f%s", stage, point.loss,
+                f", accuracy {100 * point.accuracy:.1f}%" if point.accuracy is not None else "")
+    return point
+
+
+def verdict(points: Sequence[QualityPoint]) -> tuple[str, bool]:
+    """(one line comparing the recovered model with its reference, whether it is far worse)."""
+    by_stage = {p.stage: p for p in points}
+    final = by_stage.get("recovered") or by_stage.get("pruned")
+    reference = by_stage.get("dense-reference") or by_stage.get("dense")
+    if final is None or reference is None or final.loss is None or reference.loss is None:
+        return "", False
+    rel = final.loss / reference.loss - 1
+    parts = [f"{final.stage} vs {reference.stage}: loss {reference.loss:.3f} → {final.loss:.3f} ({rel:+.1%})"]
+    warn = rel > WARN_RELATIVE_LOSS_INCREASE
+    if final.accuracy is not None and reference.accuracy is not None:
+        drop = 100 * (reference.accuracy - final.accuracy)
+        parts.append(f"accuracy {100 * reference.accuracy:.1f}% → {100 * final.accuracy:.1f}% ({-drop:+.1f} points)")
+        warn = warn or drop > WARN_ACCURACY_DROP_POINTS
+    text = ", ".join(parts)
+    if warn:
+        text += (f" — far worse than its reference (more than {WARN_RELATIVE_LOSS_INCREASE:.0%} loss or "
+                 f"{WARN_ACCURACY_DROP_POINTS:g} points): cut fewer layers, merge, recover longer or distill")
+    return text, warn
+
+
+def build_ledger(points: list[QualityPoint], held: HeldOut) -> QualityLedger:
+    text, warn = verdict(points)
+    return QualityLedger(validation=held.description, rows=len(held.validation), points=points, verdict=text, warning=warn)
