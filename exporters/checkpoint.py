@@ -1,14 +1,16 @@
 """What every exporter needs to know about a checkpoint directory, read without loading weights.
 
 `inspect_checkpoint` reads config.json, the safetensors headers (tensor names and shapes, no
-tensor data), the optional `gradprune.json` manifest and any `eval_*.json` / `bench/` reports,
-and refuses a directory that cannot be exported: no config, no weights, shards missing, or
-weights whose decoder layers disagree with `num_hidden_layers` (a pruned model whose config was
-not rewritten would load with random or missing layers).
+tensor data), any `eval_*.json` / `bench/` reports and, on first use, the optional
+`gradprune.json` manifest (through `Manifest`, its one reader). It refuses a directory that
+cannot be exported: no config, no weights, shards missing, or weights whose decoder layers
+disagree with `num_hidden_layers` (a pruned model whose config was not rewritten would load with
+random or missing layers).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -20,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from gradprune_deploy.errors import ModelLoadError
+from gradprune_deploy.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "gradprune.json"
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
@@ -37,8 +39,17 @@ class CheckpointInfo:
     config: dict[str, Any]
     weight_files: list[str]
     tensors: dict[str, tuple[str, list[int]]]  # name → (safetensors dtype, shape)
-    manifest: dict[str, Any] | None = None
     evals: list[dict[str, Any]] = field(default_factory=list)
+
+    @functools.cached_property
+    def manifest(self) -> Manifest | None:
+        """gradprune.json through `Manifest`, its one reader; None when there is none (not made by `compress`).
+
+        Read on first use, so exports that never look at it (ONNX, vLLM, serve) are not refused over
+        it; a corrupt, off-schema or newer-schema manifest raises `Manifest.read`'s one-line error
+        (a model card built on a guessed manifest would mislead).
+        """
+        return Manifest.read_optional(self.path)
 
     @property
     def architecture(self) -> str:
@@ -125,9 +136,8 @@ def inspect_checkpoint(checkpoint_dir: str | os.PathLike) -> CheckpointInfo:
     tensors: dict[str, tuple[str, list[int]]] = {}
     for name in files:
         tensors.update(read_safetensors_header(path / name))
-    manifest = _read_json(path / MANIFEST) if (path / MANIFEST).is_file() else None
     evals = [e for p in sorted(path.glob("eval_*.json")) if isinstance(e := _read_json(p), dict)]
-    info = CheckpointInfo(path.resolve(), config, files, tensors, manifest if isinstance(manifest, dict) else None, evals)
+    info = CheckpointInfo(path.resolve(), config, files, tensors, evals)
     check_layers_complete(info)
     return info
 

@@ -1,23 +1,27 @@
 """The model card of a compressed checkpoint: metadata the Hub indexes + a body a person reads.
 
 Everything comes from files in the checkpoint directory (config.json, the weights' headers,
-`gradprune.json`, `eval_*.json`, `bench/`). Every manifest key is optional: a checkpoint with no
-manifest at all still gets a valid card (architecture, layers and parameters read from the
-weights). Pure apart from reading those files; nothing is uploaded here.
+`gradprune.json` read as a typed `Manifest`, `eval_*.json`, `bench/`). A checkpoint with no
+manifest still gets a valid card (architecture, layers and parameters read from the weights).
+Local paths never reach the metadata, and the body names a local model or dataset by its folder
+name, not by a path on the user's machine. Pure apart from reading files; nothing is uploaded here.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shlex
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import MANIFEST, CheckpointInfo, find_reports
+from gradprune_deploy.manifest import MANIFEST_NAME, DataRecord, Manifest, QualityLedger, QualityPoint
 
-# Names the compression stage records for its bundled models → their Hub ids.
-KNOWN_BASE_MODELS = {"bundled:SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+from .checkpoint import CheckpointInfo, find_reports
+
+# Data sources the compression stage bundles → the name a reader knows them by.
+BUNDLED_DATA = {"bundled:gsm8k": "GSM8K (Cobbe et al. 2021; the 1,000-problem sample bundled with gradprune-deploy)"}
+STAGES = {"dense": "the base model, before pruning", "pruned": "after dropping (and merging) layers, before fine-tuning",
+          "recovered": "after the recovery fine-tune", "dense-reference": "the base model fine-tuned the same way"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SECRET_PATTERNS = [(re.compile(r"hf_[A-Za-z0-9]{8,}"), "hf_***"),
                     (re.compile(r"(--token[= ]|HF_TOKEN=)(\S+)"), r"\1***")]
@@ -33,34 +37,28 @@ def redact(text: str, *secrets: str | None) -> str:
     return text
 
 
+def _unhome(text: str) -> str:
+    """The user's home directory → `~` (a card is public; their user name is not its business)."""
+    home = str(Path.home())
+    return re.sub(re.escape(home) + r"(?=/|\b)", "~", text) if home not in ("/", "") else text
+
+
 def _is_hub_id(text: Any) -> bool:
     return isinstance(text, str) and bool(_HUB_ID.match(text)) and not Path(text).exists() \
         and not text.endswith((".json", ".jsonl", ".csv", ".gguf", ".parquet", ".txt"))
 
 
-def hub_base_model(manifest: dict | None) -> str | None:
+def hub_base_model(manifest: Manifest | None) -> str | None:
     """The base model as a Hub id, or None when it was a local path (the Hub rejects those)."""
-    base = (manifest or {}).get("base_model")
-    if not isinstance(base, str):
-        return None
-    base = KNOWN_BASE_MODELS.get(base, base)
+    base = manifest.hub_base_model if manifest else None
     return base if _is_hub_id(base) else None
 
 
-def _data_sources(data: Any) -> list[str]:
-    if isinstance(data, str):
-        return [data]
-    if isinstance(data, dict):
-        keys = ("dataset", "name", "path", "train", "train_file", "eval", "test")
-        return [v for k in keys if isinstance(v := data.get(k), str)]
-    if isinstance(data, (list, tuple)):
-        return [s for item in data for s in _data_sources(item)]
-    return []
-
-
 def data_name(source: str) -> str:
-    """'../shared/data/sst2/train.jsonl' → 'sst2'; a Hub id stays as it is."""
-    if _is_hub_id(source):
+    """'../shared/data/sst2/train.jsonl' → 'sst2'; a Hub id stays as it is; bundled:gsm8k → 'GSM8K'."""
+    if source in BUNDLED_DATA:
+        return BUNDLED_DATA[source].split(" ")[0]
+    if _is_hub_id(source) or source.startswith("bundled:"):
         return source
     p = Path(source)
     if p.suffix and p.stem in ("train", "test", "validation", "valid", "dev", "eval"):
@@ -68,8 +66,25 @@ def data_name(source: str) -> str:
     return p.stem or source
 
 
+def _data_phrase(source: str) -> str:
+    """How the body names a data source: a link for a Hub dataset, a folder name for a local path."""
+    if source in BUNDLED_DATA:
+        return BUNDLED_DATA[source]
+    if _is_hub_id(source):
+        return f"[{source}](https://huggingface.co/datasets/{source})"
+    return f"`{data_name(source)}`" + ("" if source.startswith("bundled:") else " (a local dataset)")
+
+
+def _model_phrase(m: Manifest) -> str:
+    hub_id = hub_base_model(m)
+    if hub_id:
+        return f"[{hub_id}](https://huggingface.co/{hub_id})"
+    base = m.base_model or "a base model"
+    return f"`{base if base.startswith('bundled:') else Path(base).name or base}`"
+
+
 def _fmt_params(n: Any) -> str:
-    if not isinstance(n, (int, float)):
+    if not isinstance(n, (int, float)) or not n:
         return "?"
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{int(n):,}"
 
@@ -78,10 +93,32 @@ def _fmt_value(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _eval_results(info: CheckpointInfo, model_name: str):
+def _fmt(v: float | None, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def final_point(m: Manifest) -> QualityPoint | None:
+    """The ledger point measured on the model this checkpoint holds (recovered, or pruned with no fine-tune)."""
+    if not m.quality:
+        return None
+    return m.quality.point("recovered" if m.finetune.mode != "none" else "pruned") or m.quality.point("recovered")
+
+
+# ── metadata ──────────────────────────────────────────────────────────────────
+def _eval_results(info: CheckpointInfo):
     from huggingface_hub import EvalResult
 
     results = []
+    m, point = info.manifest, final_point(info.manifest) if info.manifest else None
+    if point and m.data.source:
+        name = data_name(m.data.source)
+        dataset_type = m.data.source if _is_hub_id(m.data.source) else name
+        rows = f"{point.rows} held-out rows"
+        for metric, value, label in (("loss", point.loss, f"validation loss, completion tokens ({rows})"),
+                                     ("accuracy", point.accuracy, f"validation accuracy ({rows})")):
+            if value is not None:
+                results.append(EvalResult(task_type="text-generation", dataset_type=dataset_type, dataset_name=name,
+                                          metric_type=metric, metric_value=float(value), metric_name=label))
     for ev in info.evals:
         metric, value = ev.get("metric"), ev.get("value")
         if not isinstance(metric, str) or not isinstance(value, (int, float)):
@@ -96,79 +133,140 @@ def build_card_data(info: CheckpointInfo, *, repo_id: str):
     """ModelCardData: base_model, library_name, pipeline_tag, tags, datasets, metrics, eval results."""
     from huggingface_hub import ModelCardData
 
-    manifest = info.manifest or {}
+    m = info.manifest
     model_name = repo_id.split("/")[-1]
-    datasets = sorted({s for s in _data_sources(manifest.get("data")) if _is_hub_id(s)})
-    evals = _eval_results(info, model_name)
+    datasets = [m.data.source] if m and _is_hub_id(m.data.source) else None
+    evals = _eval_results(info)
     tags = ["gradprune", "layer-pruning", "pruned", "compressed"]
     if info.config.get("model_type"):
         tags.append(info.config["model_type"])
-    if manifest.get("finetune"):
+    if m and m.finetune.mode != "none":
         tags.append("fine-tuned")
+    if m and m.finetune.objective == "distill" and m.finetune.mode != "none":
+        tags.append("distillation")
     return ModelCardData(
-        base_model=hub_base_model(manifest), library_name="transformers", pipeline_tag="text-generation",
-        tags=tags, datasets=datasets or None, metrics=sorted({r.metric_type for r in evals}) or None,
+        base_model=hub_base_model(m), library_name="transformers", pipeline_tag="text-generation",
+        tags=tags, datasets=datasets, metrics=sorted({r.metric_type for r in evals}) or None,
         eval_results=evals or None, model_name=model_name if evals else None,
     )
 
 
 # ── body sections ─────────────────────────────────────────────────────────────
 def _summary(info: CheckpointInfo, repo_id: str) -> str:
-    m = info.manifest or {}
-    hub_id = hub_base_model(m)
-    base = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"`{m.get('base_model') or 'a base model'}`"
-    before, after = m.get("num_layers_before"), m.get("num_layers_after", info.num_layers)
-    dropped = m.get("layers_dropped") or []
+    m = info.manifest
     lines = [f"# {repo_id.split('/')[-1]}", ""]
-    if info.manifest is None:
-        lines.append(f"A {info.architecture or 'causal LM'} checkpoint with {after} decoder layers, exported with "
+    if m is None:
+        lines.append(f"A {info.architecture or 'causal LM'} checkpoint with {info.num_layers} decoder layers, exported with "
                      "gradprune-deploy. It has no `gradprune.json`, so how it was compressed is not recorded.")
-    else:
-        count = f"{len(dropped)} of {before}" if before else f"{len(dropped)}"
-        lines.append(f"{base} with {count} decoder layers removed by GradPruner "
-                     f"layer pruning ({after} layers left), saved as a standard `{info.architecture}` checkpoint: "
-                     "it loads with plain transformers and serves with vLLM, no custom code.")
+        return "\n".join(lines)
+    if m.quality and m.quality.warning:
+        lines += [f"> **WARNING: {m.quality.verdict or 'the recovered model is far worse than its reference'}** "
+                  "See [Held-out quality](#held-out-quality) before using it.", ""]
+    before, after = m.num_layers_before, m.num_layers_after or info.num_layers
+    count = f"{len(m.layers_dropped)} of {before}" if before else f"{len(m.layers_dropped)}"
+    lines.append(f"{_model_phrase(m)} with {count} decoder layers removed by {m.method or 'GradPruner'} "
+                 f"layer pruning ({after} layers left), saved as a standard `{info.architecture}` checkpoint: "
+                 "it loads with plain transformers and serves with vLLM, no custom code.")
     return "\n".join(lines)
+
+
+def _merge_lines(m: Manifest) -> list[str]:
+    merge = m.merge
+    top = f"top {merge.keep_top_p:.0%} " if merge.keep_top_p is not None else ""
+    how = f"{top}by {merge.criterion.upper()}, same sign"
+    out = [f"- Layer {src} was merged into kept layer {dst} ({how}) before it was removed"
+           for src, dst in sorted(merge.targets.items(), key=lambda kv: int(kv[0]))]
+    unmerged = [d for d in m.layers_dropped if str(d) not in merge.targets]
+    if unmerged and m.layers_dropped:
+        which = "Layers {} were" if len(unmerged) > 1 else "Layer {} was"
+        out.append(f"- {which.format(', '.join(map(str, unmerged)))} removed outright, without a merge"
+                   + (f" (`--merge-layers {merge.layers_requested}`)" if merge.layers_requested else ""))
+    if merge.enabled and merge.merged_entries_total:
+        out.append(f"- The merge added {merge.merged_entries_total:,} weights to the kept layers in all")
+    return out
 
 
 def _layers_section(info: CheckpointInfo) -> str:
     m = info.manifest
     if not m:
         return ""
-    dropped = [int(i) for i in m.get("layers_dropped") or []]
-    kept = [int(i) for i in m.get("layers_kept") or []]
-    merged = next((v for k in ("merged_into", "merges", "merge_map") if isinstance(v := m.get(k), dict)), {})
+    dropped, kept = m.layers_dropped, m.layers_kept
     out = ["## What was removed", ""]
     if dropped:
         out.append(f"- Layers dropped (original indices): {', '.join(map(str, dropped))}")
     if kept:
         out.append(f"- Layers kept, renumbered 0..{len(kept) - 1}: {', '.join(map(str, kept))}")
-    for src, dst in merged.items():
-        out.append(f"- Layer {src} was merged into kept layer {dst} before it was removed")
-    if isinstance(m.get("merge"), dict):
-        out.append(f"- Merge settings: `{json.dumps(m['merge'], sort_keys=True)}`")
-    scores = m.get("layer_scores")
-    if isinstance(scores, list):
-        scores = dict(enumerate(scores))
-    if isinstance(scores, dict) and scores:
-        out += ["", "| layer | importance | result |", "|---:|---:|---|"]
-        for layer, score in sorted(((int(k), v) for k, v in scores.items())):
+    out += _merge_lines(m)
+    if m.layer_scores:
+        out += ["", f"| layer | importance ({m.scorer}) | result |", "|---:|---:|---|"]
+        for layer, score in enumerate(m.layer_scores):
             status = "dropped" if layer in dropped else (f"kept as {kept.index(layer)}" if layer in kept else "kept")
             out.append(f"| {layer} | {_fmt_value(score)} | {status} |")
     return "\n".join(out) if len(out) > 2 else ""
 
 
 def _size_section(info: CheckpointInfo) -> str:
-    m = info.manifest or {}
-    before, after = m.get("params_before"), m.get("params_after", info.num_parameters)
-    lb, la = m.get("num_layers_before"), m.get("num_layers_after", info.num_layers)
+    m = info.manifest
+    before = m.params_before if m else None
+    after = (m.params_after if m else None) or info.num_parameters
+    lb = (m.num_layers_before if m else None) or None
+    la = (m.num_layers_after if m else None) or info.num_layers
     out = ["## Size", "", "| | before | after |", "|---|---:|---:|",
            f"| decoder layers | {lb if lb is not None else '?'} | {la} |",
            f"| parameters | {_fmt_params(before)} | {_fmt_params(after)} |"]
-    if isinstance(before, (int, float)) and isinstance(after, (int, float)) and before:
-        out += ["", f"Parameters removed: {100 * (1 - after / before):.1f}%."]
+    if before and after:
+        out += ["", f"Parameters removed: {100 * (1 - after / before):.1f}% ({before:,} → {after:,})."]
     dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(info.weights_dtype, info.weights_dtype)
     out += ["", f"Weights: {', '.join(info.weight_files)} ({dtype})."]
+    return "\n".join(out)
+
+
+def _data_section(m: Manifest | None) -> str:
+    if not m or not m.data.source:
+        return ""
+    d: DataRecord = m.data
+    rows = f"{d.examples:,} rows"
+    if d.tokenized and d.tokenized != d.examples:
+        rows += f" ({d.tokenized:,} after tokenisation)"
+    line = f"- Trained on {_data_phrase(d.source)}, split `{d.split}`: {rows}"
+    if d.max_length:
+        line += f", at most {d.max_length} tokens each"
+    line += f"; loss on {d.loss}" + ("; the tokenizer's chat template applied." if d.chat_template else ".")
+    out = ["## Data", "", line]
+    if d.validation_rows:
+        where = _scrub(d.validation, m) if d.validation else "held out"
+        out.append(f"- Validation: {d.validation_rows:,} held-out rows ({where}), never trained on.")
+    return "\n".join(out)
+
+
+def _scrub(text: str, m: Manifest) -> str:
+    """A free-text field with the data source's local path replaced by its display name."""
+    source = m.data.source
+    if source and not _is_hub_id(source) and not source.startswith("bundled:"):
+        for form in {str(Path(source).expanduser().resolve()), source}:
+            text = text.replace(form, data_name(source))
+    return text
+
+
+def _quality_section(ledger: QualityLedger | None, m: Manifest | None) -> str:
+    if not ledger or not ledger.points:
+        return ""
+    has_acc = any(p.accuracy is not None for p in ledger.points)
+    where = f" ({_scrub(ledger.validation, m)})" if ledger.validation else ""
+    out = ["## Held-out quality", "",
+           f"Measured by `gradprune compress` on {ledger.rows:,} validation rows{where} that no stage trained on; "
+           "loss is the mean negative log-likelihood of the completion tokens.", "",
+           "| stage | model | loss | perplexity |" + (" accuracy |" if has_acc else "") + " rows |",
+           "|---|---|---:|---:|" + ("---:|" if has_acc else "") + "---:|"]
+    final = final_point(m) if m else None
+    for p in ledger.points:
+        stage = f"**{p.stage}** (this checkpoint)" if p is final else p.stage
+        cells = [stage, STAGES.get(p.stage, ""), _fmt(p.loss, ".4f"), _fmt(p.perplexity, ".2f")]
+        if has_acc:
+            cells.append("–" if p.accuracy is None else f"{100 * p.accuracy:.1f}% ± {100 * (p.accuracy_se or 0):.1f}")
+        out.append("| " + " | ".join([*cells, f"{p.rows:,}"]) + " |")
+    if ledger.verdict:
+        out += ["", f"**WARNING: {ledger.verdict}**" if ledger.warning else ledger.verdict]
     return "\n".join(out)
 
 
@@ -253,21 +351,41 @@ def _tokenizer_config(path: Path) -> dict:
         return {}
 
 
+def _finetune_line(m: Manifest) -> str:
+    ft = m.finetune
+    if ft.mode == "none":
+        return "- Recovery fine-tune: none (the pruned weights as they are)"
+    mode = "LoRA, merged into the weights" if ft.mode == "lora" else ft.mode
+    objective = "cross-entropy" if ft.objective == "ce" else ft.objective
+    if ft.objective == "distill" and ft.distill:
+        teacher, d = str(ft.distill.get("teacher") or "the dense model"), ft.distill
+        if not _is_hub_id(teacher) and " " not in teacher:  # a local checkpoint: its folder name
+            teacher = f"`{Path(teacher).name}`"
+        settings = ", ".join(f"{k} {d[k]}" for k in ("alpha", "temperature", "top_k") if d.get(k) is not None)
+        objective = f"logit distillation from {teacher} mixed with cross-entropy" + (f" ({settings})" if settings else "")
+    line = f"- Recovery fine-tune: {mode}, {objective}, {ft.steps} steps"
+    if ft.learning_rate is not None:
+        line += f" at learning rate {ft.learning_rate:g}"
+    if ft.first_logged_loss is not None and ft.last_logged_loss is not None:
+        line += f"; training loss {ft.first_logged_loss:.3f} → {ft.last_logged_loss:.3f}"
+    return line + f" ({ft.seconds:.0f} s)"
+
+
 def _provenance_section(info: CheckpointInfo) -> str:
     m = info.manifest
     if not m:
         return ""
     out = ["## How it was made", ""]
-    command = m.get("command")
-    if isinstance(command, list):
-        command = shlex.join(str(c) for c in command)
-    if isinstance(command, str) and command:
-        out += ["```bash", command, "```", ""]
-    for key, title in (("finetune", "Fine-tuning"), ("data", "Data")):
-        if m.get(key):
-            value = m[key] if isinstance(m[key], (dict, list)) else str(m[key])
-            out += [f"{title}:", "", "```json", json.dumps(value, indent=2, default=str), "```", ""]
-    out.append(f"The full record (scores, settings, versions) is in [`{MANIFEST}`]({MANIFEST}).")
+    if m.command:
+        out += ["```bash", m.command, "```", ""]
+    out.append(f"- Method: {m.method or 'layer pruning'}; layer importance by `{m.scorer}`")
+    if m.scorer == "igia" and m.scoring.get("probe_steps") is not None:
+        out[-1] += f", accumulated over {m.scoring['probe_steps']} LoRA probe steps"
+    out.append(_finetune_line(m))
+    versions = ", ".join(f"{k} {v}" for k, v in m.versions.items())
+    processes = f", {m.world_size} processes" if m.world_size > 1 else ""
+    out.append(f"- Seed {m.seed}{processes}" + (f"; {versions}" if versions else ""))
+    out += ["", f"The full record (scores, settings, timings, versions) is in [`{MANIFEST_NAME}`]({MANIFEST_NAME})."]
     return "\n".join(out)
 
 
@@ -275,7 +393,9 @@ def build_card_text(info: CheckpointInfo, *, repo_id: str, secrets: tuple[str | 
     """The whole README.md: YAML metadata + body, with anything token-like redacted."""
     card_data = build_card_data(info, repo_id=repo_id)
     reports = find_reports(info.path)
+    m = info.manifest
     sections = [_summary(info, repo_id), _layers_section(info), _plots_section(info, reports), _size_section(info),
-                _evals_section(info), _bench_section(reports), _usage_section(info, repo_id), _provenance_section(info)]
+                _data_section(m), _quality_section(m.quality if m else None, m), _evals_section(info),
+                _bench_section(reports), _usage_section(info, repo_id), _provenance_section(info)]
     body = "\n\n".join(s for s in sections if s)
-    return redact(f"---\n{card_data.to_yaml()}\n---\n\n{body}\n", *secrets)
+    return _unhome(redact(f"---\n{card_data.to_yaml()}\n---\n\n{body}\n", *secrets))

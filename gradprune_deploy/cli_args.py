@@ -281,7 +281,7 @@ def build_config(cls: type, namespace: argparse.Namespace, recipe: str | None = 
         unknown = sorted(set(from_yaml) - set(fields))
         if unknown:
             raise ConfigError(f"--config {recipe}: unknown option(s) {', '.join(unknown)}: see --help for the option names")
-        values.update(from_yaml)
+        values.update(validate_values(cls, from_yaml))  # a broken recipe is refused even where a flag overrides it
     for name, value in vars(namespace).items():
         if name not in fields:
             continue

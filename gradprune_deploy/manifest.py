@@ -21,6 +21,7 @@ from .errors import GradPruneError
 MANIFEST_NAME = "gradprune.json"
 SCHEMA_VERSION = 2
 KNOWN_HUB_IDS = {"bundled:SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+KNOWN_DATASET_IDS = {"bundled:gsm8k": "openai/gsm8k"}
 
 
 def _f(default=None, help_text: str = "", **kwargs):
@@ -33,7 +34,7 @@ def _f(default=None, help_text: str = "", **kwargs):
 class DataRecord:
     """The training data and the held-out rows the quality ledger was measured on."""
 
-    source: str = _f(None, "--data as given (a path, a Hub dataset id, or bundled:gsm8k)")
+    source: str | None = _f(None, "--data as given (a path, a Hub dataset id, or bundled:gsm8k)")
     split: str = _f("train", "split trained on")
     examples: int = _f(0, "rows read for training (after --max-examples and the validation hold-out)")
     tokenized: int = _f(0, "rows left after tokenisation (prompts longer than --max-length are dropped)")
@@ -77,7 +78,7 @@ class FinetuneRecord:
 class QualityPoint:
     """Held-out quality of one model at one stage, on the validation rows."""
 
-    stage: str = _f(None, "dense (before any training), pruned (after drop + merge), recovered, or dense-reference")
+    stage: str | None = _f(None, "dense (before any training), pruned (after drop + merge), recovered, or dense-reference")
     loss: float | None = _f(None, "mean completion-token negative log-likelihood")
     perplexity: float | None = _f(None, "exp(loss)")
     accuracy: float | None = _f(None, "choice accuracy (rows with `choices` only)")
@@ -91,7 +92,7 @@ class QualityPoint:
 class QualityLedger:
     """What the pruned checkpoint is worth, measured on held-out rows at every stage."""
 
-    validation: str = _f(None, "where the rows came from")
+    validation: str | None = _f(None, "where the rows came from")
     rows: int = _f(0, "validation rows")
     points: list[QualityPoint] = _f([], "one per stage, in pipeline order")
     verdict: str = _f("", "one line comparing the recovered model with its reference")
@@ -107,11 +108,11 @@ class Manifest:
 
     schema_version: int = _f(SCHEMA_VERSION, "version of this schema")
     tool: str = _f("gradprune-deploy", "the writer")
-    method: str = _f(None, "GradPruner (ICLR 2026), or the baseline scorer used")
-    base_model: str = _f(None, "--model as given")
+    method: str | None = _f(None, "GradPruner (ICLR 2026), or the baseline scorer used")
+    base_model: str | None = _f(None, "--model as given")
     base_model_id: str | None = _f(None, "the base model's Hub id, when known")
-    architecture: str = _f(None, "transformers class, e.g. LlamaForCausalLM")
-    model_type: str = _f(None, "config.model_type")
+    architecture: str | None = _f(None, "transformers class, e.g. LlamaForCausalLM")
+    model_type: str | None = _f(None, "config.model_type")
     data: DataRecord = _f(None, "training data and validation hold-out", init=True)
     scorer: str = _f("igia", "layer-importance metric")
     layer_scores: list[float] = _f([], "one per original layer; higher = more important")
@@ -192,6 +193,17 @@ class Manifest:
     @property
     def hub_base_model(self) -> str | None:
         return self.base_model_id or KNOWN_HUB_IDS.get(self.base_model or "")
+
+    @property
+    def hub_dataset(self) -> str | None:
+        return KNOWN_DATASET_IDS.get(self.data.source or "")
+
+    @property
+    def final_quality(self) -> QualityPoint | None:
+        """The ledger point measured on the model this checkpoint holds."""
+        if not self.quality:
+            return None
+        return self.quality.point("recovered" if self.finetune.mode != "none" else "pruned")
 
 
 _NESTED = {"data": DataRecord, "merge": MergeRecord, "finetune": FinetuneRecord, "quality": QualityLedger}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from ..cli_args import validate_fields
 from ..errors import ConfigError
 
 DEFAULT_DROP_RATIO = 0.4
@@ -103,12 +104,7 @@ class CompressConfig:
     plot: bool = _f(True, "write layer_importance.png")
 
     def __post_init__(self):
-        try:
-            from ..cli_args import validate_fields
-        except ImportError:  # pragma: no cover - older cli_args without typed validation
-            validate_fields = None
-        if validate_fields is not None:
-            validate_fields(self)
+        validate_fields(self)  # types, choices and booleans, as for the CLI and a YAML recipe
         if not self.out:
             raise ConfigError("--out is required: the directory to write the pruned checkpoint to")
         self.drop_layers = _int_or_word(self.drop_layers, "--drop-layers", ("auto",), minimum=1)

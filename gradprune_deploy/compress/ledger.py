@@ -14,6 +14,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 from ..data import Example, read_examples
@@ -38,7 +39,8 @@ class HeldOut:
 def hold_out(train: list[Example], *, data: str, split: str, validation_split: str | None, fraction: float,
              max_rows: int, seed: int) -> HeldOut:
     """Validation rows never trained on: the data's own split when it has one, else a seeded slice."""
-    candidates = [validation_split] if validation_split else [s for s in VALIDATION_SPLITS if s != split]
+    single_file = Path(data).expanduser().is_file()  # a file has no other splits: slice it
+    candidates = [validation_split] if validation_split else [] if single_file else [s for s in VALIDATION_SPLITS if s != split]
     for name in candidates:
         try:
             rows = read_examples(data, split=name)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..data import has_chat_template, read_examples, tokenize_examples
-from ..loading import load_model_and_tokenizer
+from ..loading import load_model_and_tokenizer, resolve_source
 from ..manifest import KNOWN_HUB_IDS, DataRecord, FinetuneRecord, Manifest, MergeRecord, command_line, summarize
 from ..utils import atomic_output_dir, check_output_dir
 from .config import AUTO_CANDIDATES, CompressConfig, train_settings
@@ -131,6 +131,9 @@ def compress(config: CompressConfig) -> dict:
         tmp = stack.enter_context(atomic_output_dir(out, overwrite=config.overwrite)) if state.is_main_process else None
         set_seed(config.seed)
         held = _read_data(config)  # bad data fails before the model loads
+        for source in (config.teacher, config.dense_reference):
+            if source:
+                resolve_source(source, allow_pickle=config.allow_pickle)  # missing or incomplete: fail now
 
         with _timed(timings, "load"):
             model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.dtype,

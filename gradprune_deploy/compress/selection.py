@@ -15,6 +15,8 @@ from ..errors import ConfigError
 
 
 def drop_count_from_ratio(ratio: float, num_layers: int) -> int:
+    if num_layers < 1:
+        raise ConfigError("the model has no decoder layers (num_hidden_layers=0): there is nothing to prune; check --model")
     if not 0 < ratio < 1:
         raise ConfigError(f"--drop-ratio must be between 0 and 1 (exclusive), got {ratio}")
     n = round(ratio * num_layers)
@@ -47,6 +49,8 @@ def select_layers_to_drop(
     parameters; it needs `layer_params` (parameters per layer) and `total_params`.
     """
     num_layers = len(scores)
+    if num_layers < 1:
+        raise ConfigError("the model has no decoder layers (num_hidden_layers=0): there is nothing to prune; check --model")
     given = [b is not None for b in (drop_count, drop_ratio, target_params)]
     if sum(given) != 1:
         raise ConfigError("give exactly one of --drop-ratio, --drop-layers or --target-params")

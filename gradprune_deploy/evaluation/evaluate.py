@@ -63,6 +63,9 @@ class EvalConfig:
     allow_pickle: bool = field(default=False, metadata={"help": "allow pickled (.bin) weights"})
 
     def __post_init__(self):
+        from ..cli_args import validate_fields
+
+        validate_fields(self)  # types, choices and booleans, as for the CLI and a YAML recipe
         if not self.data:
             raise ConfigError("--data is required: a .jsonl/.csv file, a folder with {split}.jsonl, or bundled:gsm8k")
         if self.limit is not None and self.limit < 1:

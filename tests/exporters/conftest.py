@@ -1,11 +1,11 @@
-"""Fixtures for exporter tests: a Hub-protocol server on 127.0.0.1 and small checkpoints."""
+"""Fixtures for exporter tests: a Hub-protocol server on 127.0.0.1 and a checkpoint made by the real `compress`."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
+from gradprune_deploy.manifest import Manifest
+from tests.conftest import SHARED_DATA
 from tests.hub_server import LocalHubServer
 
 HUB_TOKEN = "hf_testtoken0123456789abcdefXYZ"  # accepted by the local server only
@@ -38,18 +38,37 @@ def local_hub(tmp_path, monkeypatch):
         yield hub
 
 
-def write_manifest(ckpt, **overrides) -> dict:
-    """A gradprune.json as the compression stage writes it (keys it may or may not have)."""
-    manifest = {
-        "base_model": "bundled:SmolLM2-135M-Instruct",
-        "num_layers_before": 8, "num_layers_after": 6,
-        "layers_dropped": [3, 5], "layers_kept": [0, 1, 2, 4, 6, 7],
-        "layer_scores": [0.9, 0.8, 0.7, 0.05, 0.6, 0.04, 0.5, 0.95],
-        "params_before": 3_300_000, "params_after": 3_200_000,
-        "command": ["gradprune", "compress", "--model", "bundled:SmolLM2-135M-Instruct", "--drop", "2"],
-        "finetune": {"method": "lora", "r": 8, "steps": 20},
-        "data": {"train": "../shared/data/sst2/train.jsonl"},
-    }
-    manifest.update(overrides)
-    (ckpt / "gradprune.json").write_text(json.dumps(manifest))
+# The real `gradprune compress` on the tiny random Llama, small enough for a CPU test run: 2 of 6
+# layers dropped, one of them merged (so the card shows a merged and an unmerged layer), a LoRA
+# fine-tune, and the held-out quality ledger on sst2's test rows (they carry `choices`: accuracy too).
+COMPRESS_ARGS = ["--max-examples", "32", "--max-length", "64", "--batch-size", "4", "--max-steps", "4", "--probe-steps", "2",
+                 "--drop-layers", "2", "--merge-layers", "1", "--validation-rows", "16", "-q"]
+
+
+@pytest.fixture(scope="session")
+def compressed_dir(tmp_path_factory, tiny_llama_dir):
+    """A checkpoint as `gradprune compress` writes it (weights, tokenizer, gradprune.json, plot); read-only."""
+    from gradprune_deploy.cli import main
+
+    out = tmp_path_factory.mktemp("compressed") / "tiny-pruned"
+    code = main(["compress", "--model", str(tiny_llama_dir), "--data", str(SHARED_DATA / "sst2"), "--out", str(out), *COMPRESS_ARGS])
+    assert code == 0, "gradprune compress failed on the tiny model (see the error line above)"
+    return out
+
+
+def edit_manifest(ckpt, **changes) -> Manifest:
+    """Change fields of a checkpoint's real manifest through the schema; nested ones as `data__source=...`.
+
+    For what compress records for inputs a test cannot run offline (a bundled base model, a Hub dataset).
+    """
+    manifest = Manifest.read(ckpt)
+    for name, value in changes.items():
+        target = manifest
+        *path, last = name.split("__")
+        for part in path:
+            target = getattr(target, part)
+        if not hasattr(target, last):
+            raise AttributeError(f"{type(target).__name__} has no field {last!r}")
+        setattr(target, last, value)
+    manifest.write(ckpt)
     return manifest

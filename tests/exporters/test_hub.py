@@ -15,19 +15,19 @@ import torch
 from exporters.hub import push_to_hub
 from gradprune_deploy.cli import main
 from gradprune_deploy.errors import ConfigError, ExportError, ModelLoadError
+from gradprune_deploy.manifest import Manifest
 from tests.conftest import free_port
-from tests.exporters.conftest import HUB_TOKEN, write_manifest
+from tests.exporters.conftest import HUB_TOKEN, edit_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def ckpt(tmp_path, tiny_llama_dir):
-    """The tiny checkpoint as the compression stage leaves it: manifest, plot, eval result, bench report."""
+def ckpt(tmp_path, compressed_dir):
+    """A real `compress` output (manifest, plot) plus an eval result and a bench report."""
     out = tmp_path / "tiny-pruned"
-    shutil.copytree(tiny_llama_dir, out)
-    write_manifest(out)
-    (out / "layer_importance.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    shutil.copytree(compressed_dir, out)
+    edit_manifest(out, base_model="bundled:SmolLM2-135M-Instruct")  # what compress records for the bundled model
     (out / "eval_sst2.json").write_text(json.dumps({"metric": "accuracy", "value": 0.75, "data": "../shared/data/sst2/test.jsonl", "n": 872}))
     (out / "bench").mkdir()
     (out / "bench" / "report.md").write_text("# Dense vs pruned\n\n| model | tok/s |\n|---|---:|\n| pruned | 42 |\n\n![latency](latency.png)\n")
@@ -63,13 +63,15 @@ def test_push_round_trip_same_logits_and_card(local_hub, ckpt):
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
     assert {"gradprune", "layer-pruning", "llama"} <= set(card.data.tags)
-    assert card.data.metrics == ["accuracy"]
-    [result] = card.data.eval_results
-    assert (result.dataset_name, result.metric_type, result.metric_value) == ("sst2", "accuracy", 0.75)
+    assert card.data.metrics == ["accuracy", "loss"]  # eval_sst2.json + the held-out quality ledger
+    results = {(r.dataset_name, r.metric_type, r.metric_value) for r in card.data.eval_results}
+    assert ("sst2", "accuracy", 0.75) in results and len(results) == 3
+    assert "## Held-out quality" in card.text and "was merged into kept layer" in card.text
     assert "![Layer importance" in card.text and "(layer_importance.png)" in card.text
     assert "](bench/latency.png)" in card.text and "| pruned | 42 |" in card.text
-    assert "Layers dropped (original indices): 3, 5" in card.text
-    assert "gradprune compress --model bundled:SmolLM2-135M-Instruct --drop 2" in card.text
+    manifest = Manifest.read(ckpt)
+    assert f"Layers dropped (original indices): {', '.join(map(str, manifest.layers_dropped))}" in card.text
+    assert f"```bash\n{manifest.command}\n```" in card.text
     assert 'from_pretrained("tester/tiny-pruned")' in card.text and "vllm serve tester/tiny-pruned" in card.text
 
 
@@ -108,7 +110,12 @@ def test_no_token_fails_before_any_request(local_hub, ckpt):
 
 
 def test_cli_bad_input_is_one_line_exit_2(local_hub, ckpt, capsys, tmp_path):
+    newer = tmp_path / "newer"
+    shutil.copytree(ckpt, newer)
+    manifest = json.loads((newer / "gradprune.json").read_text())
+    (newer / "gradprune.json").write_text(json.dumps({**manifest, "schema_version": manifest["schema_version"] + 1}))
     cases = [
+        (["export", "hub", str(newer), "--repo-id", "tester/x", "--token", HUB_TOKEN], "newer than this gradprune-deploy reads"),
         (["export", "hub", str(ckpt), "--repo-id", "no-namespace"], "invalid repo id 'no-namespace'"),
         (["export", "hub", str(ckpt), "--repo-id", "a/b--c"], "invalid repo id"),
         (["export", "hub", str(ckpt)], "--repo-id is required"),
@@ -144,7 +151,7 @@ def test_unreachable_endpoint_and_rejected_token(local_hub, ckpt):
 
 
 def test_token_inside_a_file_is_refused(local_hub, ckpt):
-    write_manifest(ckpt, command=["gradprune", "compress", "--token", HUB_TOKEN])
+    edit_manifest(ckpt, command=f"gradprune compress --token {HUB_TOKEN}")
     with pytest.raises(ExportError, match="contains the Hub token") as exc:
         push_to_hub(ckpt, repo_id="tester/x", token=HUB_TOKEN, endpoint=local_hub.url)
     assert HUB_TOKEN not in str(exc.value) and local_hub.requests == []

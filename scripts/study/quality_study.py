@@ -1,0 +1,199 @@
+"""The quality study: does a GradPruner checkpoint keep its accuracy, and what does it cost?
+
+Per task (sst2, fin_headlines from ../shared/data) with SmolLM2-135M-Instruct, every arm gets the
+same recovery budget as the dense LoRA fine-tune (`--steps` optimizer steps of batch 8 on the
+same training rows) and is scored on the same test rows by choice log-likelihood:
+- dense: LoRA fine-tune of the unpruned model (the reference), zero-shot accuracy beside it;
+- GradPruner (igia) at 20/30/40% of layers removed, merging K=1 dropped layer (the default);
+  at 30% also K=0, K=2, and distillation from the dense model;
+- block-influence, last-n and ppl at 30% (no merge: it needs IGIA).
+For each arm: test accuracy ± SE, test completion loss, the checkpoint's held-out ledger
+(validation rows sliced from the training file, never trained on), wall time per phase from
+gradprune.json, the process's peak RSS, parameters. Compress cost = probe/scoring + surgery +
+recovery seconds over the dense fine-tune's seconds, beside the pruned/dense step-time ratio.
+
+Each arm is a subprocess; results append to OUT/results.jsonl and a rerun resumes. The report
+(docs/results.md's study section by default) is rewritten after every arm; ends with one JSON line.
+
+    .venv/bin/python scripts/study/quality_study.py --out runs/quality-study          # CPU preset
+    .venv/bin/python scripts/study/quality_study.py --out runs/smoke --preset smoke   # minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared" / "data"
+GRADPRUNE = str(Path(sys.executable).parent / "gradprune")
+NUM_LAYERS = 30  # SmolLM2-135M
+
+# (training rows read from train.jsonl incl. the 10% validation slice, optimizer steps, test rows, max tokens)
+PRESETS = {"cpu": (900, 100, 200, 128), "smoke": (48, 4, 16, 96)}
+# Arms in priority order: an interrupted study has the targets' arms first.
+ARMS = [
+    {"arm": "dense"},
+    {"arm": "igia@20%", "scorer": "igia", "drop": 6},
+    {"arm": "igia@30%", "scorer": "igia", "drop": 9},
+    {"arm": "block-influence@30%", "scorer": "block-influence", "drop": 9},
+    {"arm": "last-n@30%", "scorer": "last-n", "drop": 9},
+    {"arm": "ppl@30%", "scorer": "ppl", "drop": 9},
+    {"arm": "igia@40%", "scorer": "igia", "drop": 12},
+    {"arm": "igia-kd@30%", "scorer": "igia", "drop": 9, "extra": ["--distill"]},
+    {"arm": "igia-K0@30%", "scorer": "igia", "drop": 9, "extra": ["--merge-layers", "none"]},
+    {"arm": "igia-K2@30%", "scorer": "igia", "drop": 9, "extra": ["--merge-layers", "2"]},
+]
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's own peak RSS (VmHWM; ru_maxrss would carry the parent's across fork/exec)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def run_measured(cmd: list[str]) -> dict:
+    """Run a subprocess; its wall seconds, peak RSS (polled every 0.1 s) and stdout."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0.0
+    with ThreadPoolExecutor(2) as pool:
+        out_f, err_f = pool.submit(proc.stdout.read), pool.submit(proc.stderr.read)
+        while proc.poll() is None:
+            peak = max(peak, peak_rss_mb(proc.pid) or 0.0)
+            time.sleep(0.1)
+        stdout, stderr = out_f.result(), err_f.result()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    return {"seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": round(peak, 1), "stdout": stdout}
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def dense_worker(out: str, train_file: str, rows: int, steps: int, max_length: int, seed: int) -> None:
+    """The dense reference: the same LoRA fine-tune (rows, steps, settings) without any pruning."""
+    from gradprune_deploy.compress.finetune import TrainSettings, recovery_finetune
+    from gradprune_deploy.compress.ledger import split_slice
+    from gradprune_deploy.data import read_examples, tokenize_examples
+    from gradprune_deploy.loading import load_model_and_tokenizer
+
+    examples = read_examples(train_file, limit=rows)
+    train_idx, _ = split_slice(len(examples), fraction=0.1, max_rows=128, seed=seed)  # as compress holds out
+    model, tokenizer = load_model_and_tokenizer("bundled:SmolLM2-135M-Instruct")
+    features = tokenize_examples([examples[i] for i in train_idx], tokenizer, max_length=max_length)
+    settings = TrainSettings(batch_size=8, max_steps=steps, seed=seed)
+    model, stats = recovery_finetune(model, features, tokenizer, settings, mode="lora")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    (Path(out) / "dense.json").write_text(json.dumps({"finetune": stats, "params": params}))
+
+
+def run_arm(arm: dict, task: str, out: Path, preset: tuple, seed: int) -> dict:
+    rows, steps, test_rows, max_length = preset
+    ckpt, train_file = out / task / arm["arm"], SHARED / task / "train.jsonl"
+    if arm["arm"] == "dense":
+        cmd = [sys.executable, __file__, "--dense-worker", str(ckpt), str(train_file), str(rows), str(steps), str(max_length),
+               str(seed)]
+    else:
+        cmd = [GRADPRUNE, "compress", "--out", str(ckpt), "--overwrite", "--data", str(train_file), "--max-examples", str(rows),
+               "--max-steps", str(steps), "--batch-size", "8", "--max-length", str(max_length), "--seed", str(seed),
+               "--scorer", arm["scorer"], "--drop-layers", str(arm["drop"]), "-q", *arm.get("extra", [])]
+    measured = run_measured(cmd)
+    record = {"task": task, **{k: v for k, v in arm.items() if k != "extra"}, "extra": arm.get("extra", []),
+              "seconds": measured["seconds"], "peak_rss_mb": measured["peak_rss_mb"]}
+    evals = {}
+    for metric in ("choice", "loss"):
+        evals[metric] = last_json(run_measured([GRADPRUNE, "eval", str(ckpt), "--data", str(SHARED / task), "--metric", metric,
+                                                "--limit", str(test_rows), "--batch-size", "8", "-q"])["stdout"])
+    n = evals["choice"]["n"]
+    acc = evals["choice"]["value"]
+    record.update(accuracy=acc, accuracy_se=math.sqrt(acc * (1 - acc) / n), test_rows=n, test_loss=evals["loss"]["value"])
+    if arm["arm"] == "dense":
+        dense = json.loads((ckpt / "dense.json").read_text())
+        record.update(params=dense["params"], finetune_seconds=dense["finetune"]["seconds"], finetune_steps=steps,
+                      compress_seconds=dense["finetune"]["seconds"])
+        zero = last_json(run_measured([GRADPRUNE, "eval", "bundled:SmolLM2-135M-Instruct", "--data", str(SHARED / task),
+                                       "--metric", "choice", "--limit", str(test_rows), "--batch-size", "8", "-q"])["stdout"])
+        record["zero_shot_accuracy"] = zero["value"]
+        record["majority_share"] = max(c / n for c in _label_counts(SHARED / task, test_rows).values())
+    else:
+        m = json.loads((ckpt / "gradprune.json").read_text())
+        t = m["timings"]
+        score_s = sum(v for k, v in t.items() if k.startswith("score_") and k != "score_seconds") or t.get("score_seconds", 0)
+        record.update(params=m["params_after"], layers_dropped=m["layers_dropped"], merge_targets=m["merge"]["targets"],
+                      finetune_seconds=m["finetune"]["seconds"], finetune_steps=m["finetune"]["steps"],
+                      score_seconds=score_s, surgery_seconds=t.get("surgery_seconds", 0),
+                      compress_seconds=score_s + t.get("surgery_seconds", 0) + t.get("finetune_seconds", 0),
+                      ledger=m["quality"], probe=m["scoring"] if m["scorer"] == "igia" else None)
+    return record
+
+
+def _label_counts(task_dir: Path, limit: int) -> dict:
+    counts: dict[str, int] = {}
+    with (task_dir / "test.jsonl").open() as fh:
+        for i, line in enumerate(fh):
+            if i >= limit:
+                break
+            label = json.loads(line)["completion"]
+            counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+def read_results(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--dense-worker":
+        out, train_file, rows, steps, max_length, seed = sys.argv[2:8]
+        os.environ.setdefault("GRADPRUNE_DISABLE_PROGRESS_BARS", "1")
+        dense_worker(out, train_file, int(rows), int(steps), int(max_length), int(seed))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/quality-study")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--tasks", nargs="+", default=["sst2", "fin_headlines"])
+    parser.add_argument("--arms", nargs="+", default=None, help="only these arms (names as in ARMS)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report", default=str(ROOT / "docs" / "study.md"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    done = {(r["task"], r["arm"]) for r in read_results(results_path)}
+    plan = [(arm, task) for arm in ARMS for task in args.tasks if not args.arms or arm["arm"] in args.arms]
+    started = time.perf_counter()
+    for arm, task in plan:
+        if (task, arm["arm"]) in done:
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {task} {arm['arm']}", flush=True)
+        record = run_arm(arm, task, out, PRESETS[args.preset], args.seed)
+        record.update(preset=args.preset, seed=args.seed, threads=os.cpu_count())
+        with results_path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        from study_report import write_report
+
+        write_report(read_results(results_path), Path(args.report), preset=PRESETS[args.preset], preset_name=args.preset)
+    print(json.dumps({"results": str(results_path), "arms": len(read_results(results_path)),
+                      "minutes_this_run": round((time.perf_counter() - started) / 60, 1)}))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()
