@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gradprune_deploy.cli_args import validate_fields
 from gradprune_deploy.errors import ConfigError, ExportError
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class HubExportConfig:
     endpoint: str | None = field(default=None, metadata={"help": "Hub URL (default: HF_ENDPOINT or https://huggingface.co)"})
 
     def __post_init__(self):
+        validate_fields(self)
         validate_repo_id(self.repo_id)
 
 
@@ -147,10 +149,13 @@ def push_to_hub(
     from .checkpoint import inspect_checkpoint
     from .model_card import build_card_text
 
+    from gradprune_deploy.loading import check_weights_cover_model
+
     validate_repo_id(repo_id)
+    info = inspect_checkpoint(checkpoint_dir)
+    check_weights_cover_model(info.path)  # never publish a checkpoint that would load with random tensors
     token = _resolve_token(token)
     endpoint = _resolve_endpoint(endpoint)
-    info = inspect_checkpoint(checkpoint_dir)
     card = build_card_text(info, repo_id=repo_id, secrets=(token,))
     files = files_to_upload(info.path)
     for rel in files:  # a token must never travel inside an uploaded file

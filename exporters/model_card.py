@@ -99,9 +99,7 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def final_point(m: Manifest) -> QualityPoint | None:
     """The ledger point measured on the model this checkpoint holds (recovered, or pruned with no fine-tune)."""
-    if not m.quality:
-        return None
-    return m.quality.point("recovered" if m.finetune.mode != "none" else "pruned") or m.quality.point("recovered")
+    return m.final_quality
 
 
 # ── metadata ──────────────────────────────────────────────────────────────────
@@ -135,7 +133,7 @@ def build_card_data(info: CheckpointInfo, *, repo_id: str):
 
     m = info.manifest
     model_name = repo_id.split("/")[-1]
-    datasets = [m.data.source] if m and _is_hub_id(m.data.source) else None
+    datasets = [m.data.source] if m and _is_hub_id(m.data.source) else [m.hub_dataset] if m and m.hub_dataset else None
     evals = _eval_results(info)
     tags = ["gradprune", "layer-pruning", "pruned", "compressed"]
     if info.config.get("model_type"):

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from gradprune_deploy.cli_args import validate_fields
 from gradprune_deploy.errors import ArchitectureError, ConfigError, ExportError
 from gradprune_deploy.utils import atomic_output_dir, check_output_dir, require
 
@@ -58,8 +59,13 @@ class OnnxExportConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --out"})
 
     def __post_init__(self):
+        validate_fields(self)
         if not self.out:
             raise ConfigError("--out is required: the directory to write the ONNX export to")
+        if self.atol is not None and not self.atol > 0:
+            raise ConfigError(f"--atol must be positive, got {self.atol}")
+        if self.opset is not None and not 7 <= self.opset <= 30:
+            raise ConfigError(f"--opset {self.opset}: give an ONNX opset between 7 and 30, or leave it out for the newest")
         if self.new_tokens < 1:
             raise ConfigError(f"--new-tokens must be at least 1, got {self.new_tokens}")
 
@@ -127,15 +133,17 @@ def _quiet_loggers(*names: str):
 def _trace_to_onnx(model, path: Path, *, opset: int | None) -> None:
     from transformers.exporters import OnnxConfig, OnnxExporter
 
-    inputs = _sample_inputs(model)
-    config = OnnxConfig(dynamic=True, dynamic_shapes=_dynamic_shapes(inputs), output_path=str(path),
-                        opset_version=opset, external_data=True)
     captured = io.StringIO()
     try:
+        inputs = _sample_inputs(model)
+        config = OnnxConfig(dynamic=True, dynamic_shapes=_dynamic_shapes(inputs), output_path=str(path),
+                            opset_version=opset, external_data=True)
         # torch.onnx prints its progress, and the CLI's stdout is the result: keep it for -v instead
         with contextlib.redirect_stdout(captured), _quiet_loggers("onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
             OnnxExporter().export(model, copy.copy(inputs), config=config)
-    except Exception as exc:  # noqa: BLE001 - tracing failures are many and deep; report the first line
+    except ArchitectureError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tracing failures are many and deep (TypeError included); report the first line
         logger.debug("exporter output:\n%s", captured.getvalue(), exc_info=True)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"ONNX export of {type(model).__name__} failed: {first} (run with -v for the trace)") from None
@@ -198,17 +206,25 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         require(module, "onnx")
     if dtype not in DEFAULT_ATOL:
         raise ConfigError(f"--dtype {dtype} is not supported for ONNX: use float32 or float16")
-    from gradprune_deploy.loading import load_model_and_tokenizer
+    from gradprune_deploy.loading import check_weights_cover_model, load_model_and_tokenizer
 
     from .checkpoint import inspect_checkpoint
 
+    if new_tokens < 1:
+        raise ConfigError(f"--new-tokens must be at least 1, got {new_tokens}")
+    if atol is not None and not atol > 0:
+        raise ConfigError(f"--atol must be positive, got {atol}")
+    if opset is not None and not 7 <= opset <= 30:
+        raise ConfigError(f"--opset {opset}: give an ONNX opset between 7 and 30, or leave it out for the newest")
     info = inspect_checkpoint(checkpoint_dir)
     _check_exportable(info)
+    check_weights_cover_model(info.path)
     check_output_dir(out_dir, overwrite=overwrite)  # fail before the slow part
     atol = DEFAULT_ATOL[dtype] if atol is None else atol
-    model, tokenizer = load_model_and_tokenizer(info.path, dtype=dtype)
-    model.config.use_cache = True
+    # The temporary sibling exists from here on: an interruption or failure anywhere below removes it.
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        model, tokenizer = load_model_and_tokenizer(info.path, dtype=dtype)
+        model.config.use_cache = True
         start = time.perf_counter()
         logger.info("exporting %s (%d layers, %s) to ONNX", info.path.name, model.config.num_hidden_layers, dtype)
         _trace_to_onnx(model, tmp / "model.onnx", opset=opset)
@@ -218,7 +234,15 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         tokenizer.save_pretrained(tmp)
         summary = _write_metadata(tmp, info, model, tokenizer, dtype=dtype, opset=opset, export_s=export_s)
         if validate:
-            summary["validation"] = validate_export(tmp, model, tokenizer, atol=atol, new_tokens=new_tokens)
+            try:
+                summary["validation"] = validate_export(tmp, model, tokenizer, atol=atol, new_tokens=new_tokens)
+            except ExportError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - onnxruntime could not run the graph: still an export failure
+                logger.debug("validation failure", exc_info=True)
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ExportError(f"the ONNX graph of {type(model).__name__} does not run in onnxruntime: {first} "
+                                  "(nothing was written; run with -v for the trace)") from None
             _update_metadata(tmp, validation=summary["validation"])
     summary["out"] = str(Path(out_dir).expanduser().resolve())
     return summary

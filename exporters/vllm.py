@@ -14,6 +14,7 @@ import os
 import shlex
 from dataclasses import dataclass, field
 
+from gradprune_deploy.cli_args import validate_fields
 from gradprune_deploy.errors import ArchitectureError, MissingDependencyError, ModelLoadError
 from gradprune_deploy.utils import is_available
 
@@ -49,7 +50,10 @@ def check_vllm_compatible(checkpoint_dir: str | os.PathLike) -> dict:
     """Raise a one-line error if vLLM cannot serve `checkpoint_dir`; else report what it will see."""
     from .checkpoint import inspect_checkpoint
 
+    from gradprune_deploy.loading import check_weights_cover_model
+
     info = inspect_checkpoint(checkpoint_dir)  # config present + parseable, weights complete
+    check_weights_cover_model(info.path)  # every tensor the config builds, none extra, right shapes
     arch = info.architecture
     if not arch:
         raise ArchitectureError(f"{info.path}/config.json has no `architectures` entry: vLLM cannot pick a model class")
@@ -87,6 +91,9 @@ class VllmExportConfig:
     """Check a checkpoint is servable by vLLM as it is (nothing is written) and print how to serve it."""
 
     checkpoint: str = field(metadata={"positional": True, "help": "checkpoint directory to check"})
+
+    def __post_init__(self):
+        validate_fields(self)
 
 
 def export_vllm_from_config(config: VllmExportConfig) -> str:

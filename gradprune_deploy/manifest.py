@@ -316,6 +316,13 @@ class InspectConfig:
     checkpoint: str = field(default=None, metadata={"help": "checkpoint directory", "positional": True})
     json: bool = field(default=False, metadata={"help": "print the whole manifest as JSON"})
 
+    def __post_init__(self):
+        from .cli_args import validate_fields
+
+        validate_fields(self)
+        if not self.checkpoint:
+            raise GradPruneError("give the checkpoint directory: gradprune inspect DIR")
+
 
 def inspect_from_config(config: InspectConfig) -> str:
     manifest = Manifest.read(config.checkpoint)

@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from gradprune_deploy.errors import ConfigError, DataError
-from gradprune_deploy.utils import is_available, require
+from gradprune_deploy.cli_args import validate_fields
+from gradprune_deploy.errors import ConfigError, DataError, OutputExistsError
+from gradprune_deploy.utils import check_output_dir, is_available, require
 
 from . import report as report_lib
 from .bench_backends import run_onnx, run_worker_backend
@@ -78,8 +79,11 @@ class BenchConfig:
     threads: int = field(default=0, metadata={"help": "CPU threads per model (0: all cores); on a shared machine 1 is steadier"})
     startup_timeout_s: int = field(default=900, metadata={"help": "how long a model server or worker may take to start"})
     plot: bool = field(default=True, metadata={"help": "write benchmark.png"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a report in --out that is for another pair, or that "
+                                                             "already holds results for the backends measured now"})
 
     def __post_init__(self):
+        validate_fields(self)
         for flag, value in (("--dense", self.dense), ("--pruned", self.pruned)):
             if not value:
                 raise ConfigError(f"{flag} is required: give a checkpoint directory")
@@ -180,6 +184,32 @@ def load_common_tokenizer(dense_dir: Path, pruned_dir: Path):
     return dense_tok
 
 
+def check_report_out(out_dir: Path, dense_dir: Path, pruned_dir: Path, backends: tuple[str, ...], *, overwrite: bool) -> None:
+    """The --overwrite rule, before any work: a report is only added to (a new backend for the same
+    pair), never replaced, unless --overwrite."""
+    check_output_dir(out_dir, overwrite=True)  # writable, not under a file
+    if overwrite or not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise OutputExistsError(f"--out {out_dir} is a file: choose a directory for the report, or pass --overwrite")
+    ours = [name for name in report_lib.REPORT_FILES.values() if (out_dir / name).exists()]
+    if not ours:
+        return
+    json_path = out_dir / report_lib.REPORT_FILES["json"]
+    try:
+        old = json.loads(json_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise OutputExistsError(f"--out {out_dir} holds {ours[0]} but no readable report.json: choose another --out or "
+                                "pass --overwrite to replace it") from None
+    if not isinstance(old, dict) or (old.get("dense"), old.get("pruned")) != (str(dense_dir), str(pruned_dir)):
+        raise OutputExistsError(f"--out {out_dir} holds the report of another pair (dense {old.get('dense') if isinstance(old, dict) else '?'}): "
+                                "choose another --out or pass --overwrite to replace it")
+    again = sorted(set(old.get("backends") or {}) & set(backends))
+    if again:
+        raise OutputExistsError(f"--out {out_dir} already holds {', '.join(again)} results for this pair: pass --overwrite to "
+                                "measure them again, or choose another --out")
+
+
 def check_lengths(config: BenchConfig, dense_dir: Path) -> None:
     limit = json.loads((dense_dir / "config.json").read_text()).get("max_position_embeddings")
     total = config.input_len + config.output_len
@@ -263,15 +293,21 @@ def bench(config: BenchConfig) -> dict[str, Any]:
     """Run every requested backend on dense and pruned, write the report, return it."""
     check_environment(config)
     dense_dir, pruned_dir = resolve_checkpoints(config.dense, config.pruned)
-    tokenizer = load_common_tokenizer(dense_dir, pruned_dir)
+    out_dir = Path(config.out).expanduser().resolve() if config.out else pruned_dir / "bench"
+    check_report_out(out_dir, dense_dir, pruned_dir, config.backends, overwrite=config.overwrite)
     check_lengths(config, dense_dir)
+    if config.prompts != DEFAULT_PROMPTS and not Path(config.prompts).expanduser().exists():
+        raise DataError(f"--prompts {config.prompts} not found: give a .jsonl/.csv file, a folder of splits, or {DEFAULT_PROMPTS}")
+    for flag, given in (("--onnx-dense", config.onnx_dense), ("--onnx-pruned", config.onnx_pruned)):
+        if given and not (Path(given).expanduser() / "model.onnx").is_file():
+            raise ConfigError(f"{flag} {given}: no model.onnx there: give a `gradprune export onnx` output, or leave {flag} out")
+    tokenizer = load_common_tokenizer(dense_dir, pruned_dir)
     wanted = max(config.num_prompts, config.num_requests if "vllm" in config.backends else 0)
     prompts = read_prompt_tokens(config.prompts, tokenizer, num_prompts=wanted, input_len=config.input_len)
     ideal = ideal_from_checkpoints(dense_dir, pruned_dir, input_len=config.input_len, output_len=config.output_len)
     machine = describe_machine(config.device)
     from gradprune_deploy.manifest import command_line
 
-    out_dir = Path(config.out) if config.out else pruned_dir / "bench"
     report: dict[str, Any] = {"schema": report_lib.REPORT_SCHEMA, "dense": str(dense_dir), "pruned": str(pruned_dir),
                               "machine": machine, "ideal": ideal, "tolerance": config.tolerance,
                               "command": command_line(), "backends": {}}

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import statistics
 import subprocess
 import sys
@@ -59,19 +60,20 @@ class Worker:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
             raise ServingError(f"the {self.label} benchmark worker did not answer within {timeout:.0f} s "
-                               f"(raise --startup-timeout-s if the machine is slow); its log: {self.log_path}")
+                               f"(raise --startup-timeout-s if the machine is slow); its log ends: {self._tail(1)}")
         line = self.proc.stdout.readline()
         if not line:
             raise ServingError(f"the {self.label} benchmark worker exited with status {self.proc.wait()}: {self._tail()}")
         message = json.loads(line)
         if "error" in message:
-            raise ServingError(f"the {self.label} benchmark worker failed: {message['error']} (log: {self.log_path})")
+            raise ServingError(f"the {self.label} benchmark worker failed: {message['error']}")
         return message
 
     def _tail(self, lines: int = 5) -> str:
         self._log.flush()
         text = self.log_path.read_text(errors="replace").strip().splitlines()
-        return " | ".join(text[-lines:]) or f"no output (log: {self.log_path})"
+        logger.debug("%s worker log:\n%s", self.label, "\n".join(text[-60:]))
+        return " | ".join(text[-lines:]) or "no output"
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -128,6 +130,7 @@ def run_worker_backend(backend: str, checkpoints: dict[str, Path], prompts: list
     finally:
         for w in workers.values():
             w.close()
+        shutil.rmtree(log_dir, ignore_errors=True)  # errors quote the log's last lines: nothing is left in the temp dir
     samples: dict[str, dict[str, list[float]]] = {}
     for label in workers:
         runs = [per_run_metrics(by_run[label][r]) for r in sorted(by_run[label])]

@@ -23,13 +23,13 @@ import inspect
 import logging
 import re
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradprune_deploy.errors import ServingError
+from gradprune_deploy.utils import scratch_dir
 
 if TYPE_CHECKING:
     from .bench import BenchConfig
@@ -214,9 +214,13 @@ def _weights_gib(log_path: Path) -> float | None:
 
 
 def run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, config: "BenchConfig") -> dict[str, Any]:
+    with scratch_dir("gradprune-bench-vllm-") as log_dir:  # server logs: read for the weights line, then removed
+        return _run_vllm(checkpoints, prompts, tokenizer, config, log_dir)
+
+
+def _run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, config: "BenchConfig", log_dir: Path) -> dict[str, Any]:
     from .bench import settings_of
 
-    log_dir = Path(tempfile.mkdtemp(prefix="gradprune-bench-vllm-"))
     single = prompts[: config.num_prompts]
     many = [prompts[i % len(prompts)] for i in range(config.num_requests)]
     warm = many[: min(len(many), 2 * config.concurrency)]
@@ -249,7 +253,7 @@ def run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, 
                         failed[label] += r["failed"]
                         completed[label] += r["completed"]
         server_info = {label: {"pid": s.pid, "base_url": s.base_url, "startup_s": round(getattr(s, "started_s", 0.0), 1),
-                               "log": str(log_dir / f"vllm-{label}.log")}
+                               }
                        for label, s in servers.items()}
     for label in checkpoints:
         if config.device == "cpu":

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from gradprune_deploy.utils import atomic_write_text
 
 from .ideal import ideal_for_metric
 
@@ -237,9 +240,15 @@ def write_report(report: dict[str, Any], out_dir: str | Path, *, plot: bool = Tr
             logger.warning("%s is not valid JSON; replacing it", json_path)
     report = merge_reports(old, report)
     report["files"] = {kind: str(out_dir / name) for kind, name in REPORT_FILES.items() if kind != "png" or plot}
-    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out_dir / REPORT_FILES["markdown"]).write_text(to_markdown(report, plot=REPORT_FILES["png"] if plot else None))
+    # each file replaced atomically: an interrupted run leaves the previous report whole, never half of one
     if plot:
-        save_plot(report, out_dir / REPORT_FILES["png"])
+        png_tmp = out_dir / f".{REPORT_FILES['png']}.tmp-{os.getpid()}.png"
+        try:
+            save_plot(report, png_tmp)
+            os.replace(png_tmp, out_dir / REPORT_FILES["png"])
+        finally:
+            png_tmp.unlink(missing_ok=True)
+    atomic_write_text(out_dir / REPORT_FILES["markdown"], to_markdown(report, plot=REPORT_FILES["png"] if plot else None))
+    atomic_write_text(json_path, json.dumps(report, indent=2, default=str) + "\n")
     logger.info("wrote %s, %s%s", json_path, REPORT_FILES["markdown"], f", {REPORT_FILES['png']}" if plot else "")
     return report

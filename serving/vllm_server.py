@@ -19,6 +19,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
+from gradprune_deploy.cli_args import validate_fields
 from gradprune_deploy.errors import ConfigError, MissingDependencyError, ServingError
 from gradprune_deploy.utils import is_available
 
@@ -123,20 +125,45 @@ def _healthy(base_url: str) -> bool:
         return False
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# vLLM's log prefix: "(APIServer pid=12) ERROR 11-02 10:00:00 [core.py:123] " / "INFO 11-02 ...".
+_LOG_PREFIX = re.compile(r"^(\(\w+ pid=\d+\)\s*)?((DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+\S+\s+\S+\s+\[[^\]]*\]\s*)?")
+_DECISIVE = re.compile(r"(\b\w*(Error|Exception|Exit)\b:|\berror:|\bout of memory\b|\bnot supported\b)", re.IGNORECASE)
+_GENERIC = re.compile(r"(see root cause above|engine core initialization failed|^Traceback|^raise |^\s*\^+\s*$)", re.IGNORECASE)
+
+
+def decisive_line(log_text: str) -> str:
+    """The one line of a failed start-up log that says why: the last error-looking line that is not
+    a generic wrapper ("Engine core initialization failed. See root cause above"), else the last line."""
+    lines = [_LOG_PREFIX.sub("", _ANSI.sub("", line)).strip() for line in log_text.splitlines()]
+    lines = [line for line in lines if line]
+    for line in reversed(lines[-200:]):
+        if _DECISIVE.search(line) and not _GENERIC.search(line):
+            return line[:300]
+    return lines[-1][:300] if lines else "(the log is empty)"
+
+
+def _startup_failure(server: VllmServer, what: str) -> ServingError:
+    """One line: what happened, the decisive log line and where the whole log is (its tail at -v)."""
+    text = ""
+    with contextlib.suppress(OSError):
+        text = server.log_path.read_text(errors="replace")
+    logger.debug("last lines of %s:\n%s", server.log_path, server.log_tail(60))
+    return ServingError(f"{what}: {decisive_line(text)} (full log: {server.log_path}; -v prints its tail)")
+
+
 def _wait_healthy(server: VllmServer, timeout_s: float) -> None:
     start = time.monotonic()
     while True:
         code = server.process.poll()
         if code is not None:
-            raise ServingError(f"the vLLM server exited with status {code} during start-up (full log: {server.log_path}); "
-                               f"last lines:\n{server.log_tail()}")
+            raise _startup_failure(server, f"the vLLM server exited with status {code} during start-up")
         if _healthy(server.base_url):
             server.started_s = time.monotonic() - start
             return
         if time.monotonic() - start > timeout_s:
-            raise ServingError(f"the vLLM server was not healthy after {timeout_s:g} s: raise --startup-timeout-s "
-                               f"(first start-up on CPU takes minutes) or read {server.log_path}; last lines:\n"
-                               f"{server.log_tail()}")
+            raise _startup_failure(server, f"the vLLM server was not healthy after {timeout_s:g} s: raise "
+                                           "--startup-timeout-s (the first start-up on CPU takes minutes); last log line")
         time.sleep(1.0)
 
 
@@ -172,6 +199,27 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def server_command(model_dir: Path, *, served_model_name: str, host: str, port: int, dtype: str, max_model_len: int,
+                   extra_args: Sequence[str] = ()) -> list[str]:
+    """The vLLM OpenAI server command line (the CPU build's `vllm` console script is broken)."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--served-model-name", served_model_name, "--host", host, "--port", str(port), "--dtype", dtype,
+            "--max-model-len", str(max_model_len), *extra_args]
+
+
+def check_max_model_len(model_dir: str | os.PathLike, max_model_len: int) -> None:
+    """--max-model-len must fit the model's positions (vLLM would refuse it after a minute of start-up)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # the checkpoint checks report this
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    limit = text.get("max_position_embeddings")
+    if isinstance(limit, int) and max_model_len > limit:
+        raise ConfigError(f"--max-model-len {max_model_len} exceeds the model's max_position_embeddings {limit} "
+                          f"(config.json): pass --max-model-len {limit} or less")
+
+
 @contextlib.contextmanager
 def start_server(
     model_dir: str | os.PathLike,
@@ -204,6 +252,7 @@ def start_server(
 
         check_vllm_compatible(model_dir)
     model_dir = Path(model_dir).expanduser().resolve()
+    check_max_model_len(model_dir, max_model_len)
     if port is None:
         port = _free_port(host)
     elif port_in_use(host, port):
@@ -213,9 +262,8 @@ def start_server(
         fd, log_path = tempfile.mkstemp(prefix=f"gradprune-vllm-{port}-", suffix=".log")
         os.close(fd)
     log_path = Path(log_path)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--served-model-name", name, "--host", host, "--port", str(port), "--dtype", dtype,
-           "--max-model-len", str(max_model_len), *extra_args]
+    cmd = server_command(model_dir, served_model_name=name, host=host, port=port, dtype=dtype,
+                         max_model_len=max_model_len, extra_args=extra_args)
     logger.info("starting vLLM: %s (log: %s)", " ".join(cmd), log_path)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -247,10 +295,17 @@ class ServeConfig:
     log_file: str | None = field(default=None, metadata={"help": "server log (default: a file in the temp directory)"})
 
     def __post_init__(self):
+        validate_fields(self)
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
         if self.max_model_len < 16:
             raise ConfigError(f"--max-model-len must be at least 16, got {self.max_model_len}")
+        if self.kv_cache_gib < 1:
+            raise ConfigError(f"--kv-cache-gib must be a whole number of GiB, at least 1, got {self.kv_cache_gib}")
+        if not self.startup_timeout_s > 0:
+            raise ConfigError(f"--startup-timeout-s must be positive, got {self.startup_timeout_s}")
+        if not self.host.strip():
+            raise ConfigError("--host is empty: give an address to bind, e.g. 127.0.0.1")
 
 
 def usage_examples(base_url: str, model: str, *, chat: bool) -> str:
@@ -279,8 +334,18 @@ def _has_chat_template(model_dir: Path) -> bool:
 
 def serve_from_config(config: ServeConfig) -> str:
     """`gradprune serve`: runs until Ctrl-C or SIGTERM, then stops the server and its children."""
+    from exporters.checkpoint import inspect_checkpoint
     from exporters.vllm import check_vllm_compatible
 
+    # Everything that reads files or sockets first: a bad input never waits for vLLM to import.
+    inspect_checkpoint(config.checkpoint)
+    check_max_model_len(config.checkpoint, config.max_model_len)
+    if port_in_use(config.host, config.port):
+        raise ServingError(f"port {config.port} on {config.host} is in use: pass another --port (or stop what listens there)")
+    if config.log_file:
+        log_dir = Path(config.log_file).expanduser().resolve().parent
+        if not log_dir.is_dir() or not os.access(log_dir, os.W_OK):
+            raise ConfigError(f"--log-file {config.log_file}: {log_dir} is not a writable directory")
     report = check_vllm_compatible(config.checkpoint)
     logger.info("%s: %s, %s layers, %s", report["checkpoint"], report["architecture"], report["num_hidden_layers"], report["dtype"])
 
@@ -298,8 +363,7 @@ def serve_from_config(config: ServeConfig) -> str:
                   f"log: {server.log_path})\n\n{examples}\n\nCtrl-C or SIGTERM stops it.", flush=True)
             while server.process.poll() is None:
                 time.sleep(1.0)
-            raise ServingError(f"the vLLM server exited with status {server.process.returncode} while serving; "
-                               f"last lines of {server.log_path}:\n{server.log_tail()}")
+            raise _startup_failure(server, f"the vLLM server exited with status {server.process.returncode} while serving")
     except KeyboardInterrupt:
         return "vLLM server stopped"
     finally:

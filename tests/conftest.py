@@ -82,7 +82,7 @@ def pruned_smollm2_dir(tmp_path_factory, smollm2_dir, tokenizer):
     """SmolLM2 with 12 of 30 layers removed by surgery alone (no merge, no fine-tune)."""
     from transformers import AutoModelForCausalLM
 
-    from gradprune_deploy.surgery import drop_layers
+    from gradprune_deploy.compress.surgery import drop_layers
 
     out = tmp_path_factory.mktemp("smollm2-pruned")
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)

@@ -73,3 +73,23 @@ def test_bad_data(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(DataError, match=message):
         read_examples(path)
+
+
+def test_malformed_rows_are_one_line_data_errors(tmp_path):
+    import pytest
+
+    from gradprune_deploy.data import read_examples
+    from gradprune_deploy.errors import DataError
+
+    cases = {
+        "choices.jsonl": ('{"prompt": "a", "completion": "b", "choices": 5}\n', "`choices` must be a list of strings"),
+        "choices2.jsonl": ('{"prompt": "a", "completion": "b", "choices": ["b", 3]}\n', "`choices` must be a list of strings"),
+        "columns.csv": ("question,answer\nq,a\n", "no prompt or completion column"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=message):
+            read_examples(tmp_path / name)
+    (tmp_path / "binary.jsonl").write_bytes(b'{"prompt": "\xff"}\n')
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_examples(tmp_path / "binary.jsonl")

@@ -57,3 +57,54 @@ def test_remote_code_needs_the_flag(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ModelLoadError, match="--trust-remote-code"):
         load_model_and_tokenizer(tmp_path)
+
+
+def _save(model, path, *, drop=(), add=None):
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(path)
+    sd = {k: v for k, v in load_file(path / "model.safetensors").items() if not any(d in k for d in drop)}
+    sd.update(add or {})
+    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def test_weights_must_cover_the_model(tmp_path):
+    """transformers fills gaps with random values and only warns: refuse, naming the keys and the count."""
+    from gradprune_deploy.loading import check_weights_cover_model
+    from tests.conftest import tiny_model
+
+    check_weights_cover_model(_save(tiny_model("llama", num_hidden_layers=2), tmp_path / "ok"))  # tied lm_head absent: fine
+    with pytest.raises(ModelLoadError, match=r"9 missing \(model\.layers\.1\.input_layernorm\.weight, .*, \.\.\.\)"):
+        check_weights_cover_model(_save(tiny_model("llama", num_hidden_layers=2), tmp_path / "a", drop=[".layers.1."]))
+    with pytest.raises(ModelLoadError, match=r"1 unexpected \(extra\.weight\)"):
+        check_weights_cover_model(_save(tiny_model("llama", num_hidden_layers=2), tmp_path / "b", add={"extra.weight": torch.zeros(2)}))
+    with pytest.raises(ModelLoadError, match=r"1 with the wrong shape \(model\.norm\.weight \[3\] in the file vs \[64\]"):
+        check_weights_cover_model(_save(tiny_model("llama", num_hidden_layers=2), tmp_path / "c", add={"model.norm.weight": torch.ones(3)}))
+
+
+def test_base_model_checkpoint_without_lm_head(tmp_path):
+    """Tied: the bare base model (keys without `model.`) is complete. Untied: no LM head is refused."""
+    from gradprune_deploy.loading import check_weights_cover_model
+    from tests.conftest import tiny_model
+
+    tied = tiny_model("llama", num_hidden_layers=2)
+    tied.model.save_pretrained(tmp_path / "tied")
+    check_weights_cover_model(tmp_path / "tied")
+    untied = tiny_model("llama", num_hidden_layers=2)
+    untied.config.tie_word_embeddings = False
+    untied.model.save_pretrained(tmp_path / "untied")
+    with pytest.raises(ModelLoadError, match="no LM head"):
+        check_weights_cover_model(tmp_path / "untied")
+    with pytest.raises(ModelLoadError, match="lm_head.weight"):
+        load_model_and_tokenizer(tmp_path / "untied")  # refused before transformers invents a head
+
+
+def test_every_architecture_and_smollm2_are_complete(tmp_path, smollm2_dir):
+    from gradprune_deploy.loading import check_weights_cover_model
+    from tests.conftest import ARCHITECTURES, tiny_model
+
+    for arch in ARCHITECTURES:
+        tiny_model(arch, num_hidden_layers=2, vocab_size=256).save_pretrained(tmp_path / arch)
+        check_weights_cover_model(tmp_path / arch)
+    check_weights_cover_model(smollm2_dir)

@@ -55,7 +55,7 @@ class EvalConfig:
     case_fold: bool = field(default=False, metadata={"help": "exact: compare case-insensitively"})
     final_answer: Literal["auto", "always", "never"] = field(default="auto", metadata={
         "help": "exact: compare only the answer after '####' (auto: when the reference has one)"})
-    dtype: str = field(default="float32", metadata={"help": "weights dtype: float32, bfloat16 or float16"})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights dtype: float32, bfloat16 or float16"})
     out_dir: str | None = field(default=None, metadata={"help": "where to write the result JSON (default: the checkpoint directory)"})
     save: bool = field(default=True, metadata={"help": "write eval_<data>_<split>_<metric>.json"})
     server_url: str | None = field(default=None, metadata={"help": "vllm backend: use this running server instead of starting one"})
@@ -96,7 +96,10 @@ def evaluate(checkpoint: str, *, data: str, split: str = "test", metric: str = "
                         server_url=server_url, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     from ..data import read_examples
     from ..loading import resolve_source
+    from ..utils import check_output_dir
 
+    if save and out_dir:
+        check_output_dir(out_dir, overwrite=True, flag="--out-dir")  # an unwritable --out-dir fails before any work
     source = resolve_source(checkpoint, allow_pickle=allow_pickle)  # a missing checkpoint fails first
     examples = read_examples(data, split=split, limit=limit)
     check_examples(examples, metric)
@@ -315,10 +318,10 @@ def _result_dir(checkpoint: str, out_dir: str | None, source) -> Path | None:
 
 def write_result(summary: dict[str, Any], directory: Path, *, data: str, split: str, metric: str) -> Path:
     """Write the summary as JSON (atomically: a reader never sees half a file)."""
+    from ..utils import atomic_write_text
+
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / result_filename(data, split, metric)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({**summary, "saved_to": str(path)}, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({**summary, "saved_to": str(path)}, indent=2, default=str) + "\n")
     logger.info("wrote %s", path)
     return path

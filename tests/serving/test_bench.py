@@ -19,7 +19,7 @@ from tests.conftest import tiny_model
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory, tokenizer):
     """Tiny Llama (6 layers, tied embeddings) and the same with layers 1 and 4 dropped."""
-    from gradprune_deploy.surgery import drop_layers
+    from gradprune_deploy.compress.surgery import drop_layers
 
     root = tmp_path_factory.mktemp("bench-pair")
     for name, drop in (("dense", []), ("pruned", [1, 4])):

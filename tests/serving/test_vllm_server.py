@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gradprune_deploy.errors import MissingDependencyError, ServingError
+from gradprune_deploy.errors import ConfigError, MissingDependencyError, ServingError
 from serving import vllm_server
 from serving.vllm_server import start_server
 from tests.conftest import free_port
@@ -47,8 +47,26 @@ def test_port_in_use_is_refused(tiny_llama_dir, monkeypatch):
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(ServingError, match=f"port {port} on 127.0.0.1 is in use: pass another --port"):
-            with start_server(tiny_llama_dir, port=port, check=False):
+            with start_server(tiny_llama_dir, port=port, check=False, max_model_len=256):
                 pass
+
+
+def test_max_model_len_beyond_the_model_is_refused_before_start(tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(vllm_server, "is_available", lambda module: True)  # refused before any process starts
+    with pytest.raises(ConfigError, match="--max-model-len 2048 exceeds the model's max_position_embeddings 512"):
+        with start_server(tiny_llama_dir, check=False, max_model_len=2048):
+            pass
+
+
+def test_decisive_line_skips_generic_wrappers():
+    log = ("(APIServer pid=7) INFO 11-02 10:00:00 [api_server.py:1] loading\n"
+           "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+           "ValueError: the checkpoint has 6 layers, the config 7\n"
+           "(EngineCore pid=8) ERROR 11-02 10:00:05 [core.py:700] RuntimeError: Engine core initialization failed. "
+           "See root cause above.\n")
+    assert vllm_server.decisive_line(log) == "ValueError: the checkpoint has 6 layers, the config 7"
+    assert vllm_server.decisive_line("a\nlast words\n") == "last words"
+    assert vllm_server.decisive_line("") == "(the log is empty)"
 
 
 def test_missing_vllm_names_the_extra(tiny_llama_dir, monkeypatch):
@@ -66,9 +84,11 @@ def test_missing_vllm_names_the_extra(tiny_llama_dir, monkeypatch):
 def test_server_dying_during_startup_reports_its_log(tiny_llama_dir, tmp_path):
     log = tmp_path / "server.log"
     with pytest.raises(ServingError, match=r"exited with status \d+ during start-up") as exc:
-        with start_server(tiny_llama_dir, extra_args=["--no-such-flag"], check=False, log_path=log):
+        with start_server(tiny_llama_dir, extra_args=["--no-such-flag"], check=False, log_path=log, max_model_len=256):
             pass
-    assert "no-such-flag" in str(exc.value) and str(log) in str(exc.value)  # the tail of the log is in the error
+    message = str(exc.value)
+    assert "no-such-flag" in message and str(log) in message  # the decisive log line and the log's path
+    assert "\n" not in message  # one line, not the log's tail
 
 
 @pytest.mark.vllm
@@ -84,7 +104,8 @@ def test_server_not_healthy_in_time_is_killed(tiny_llama_dir, monkeypatch, tmp_p
 
     monkeypatch.setattr(vllm_server, "_wait_healthy", wait_and_record)
     with pytest.raises(ServingError, match=r"not healthy after 3 s: raise --startup-timeout-s"):
-        with start_server(tiny_llama_dir, startup_timeout_s=3, check=False, log_path=tmp_path / "server.log"):
+        with start_server(tiny_llama_dir, startup_timeout_s=3, check=False, log_path=tmp_path / "server.log",
+                          max_model_len=256):
             pass
     assert seen and _gone(seen)
 

@@ -1,0 +1,483 @@
+"""The bad-input matrix: every subcommand, every class of bad input or fault, one promise.
+
+Each case runs the real CLI (`gradprune_deploy.cli.main`, in-process; signals in a subprocess) on
+tiny random models built offline, and asserts the README's promise:
+
+- exit status 2 (130 / 143 for SIGINT / SIGTERM);
+- exactly one `error:` line on stderr, naming the option or the file to fix; no traceback;
+- nothing written: no output directory, no temporary sibling, nothing in the temp dir, every file
+  in the case's work directory (a pre-existing output included) byte-for-byte unchanged.
+
+A case is `name: build(ctx) -> (argv, what the error line must name)`; `ctx` makes the inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradprune_deploy.cli import main
+from tests.conftest import free_port, tiny_model
+
+PROJECT = Path(__file__).resolve().parents[1]
+FAST = ["--max-examples", "24", "--max-steps", "2", "--probe-steps", "2", "--batch-size", "4", "--max-length", "64",
+        "--no-ledger", "--no-plot", "-q"]
+ROWS = "".join(json.dumps({"id": i, "prompt": f"Is {i} even?", "completion": "yes" if i % 2 == 0 else "no",
+                           "choices": ["yes", "no"]}) + "\n" for i in range(32))
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Llama (6 layers, tied embeddings, 512 positions) with SmolLM2's tokenizer."""
+    out = tmp_path_factory.mktemp("matrix-tiny")
+    tiny_model("llama").save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_mistral(tmp_path_factory, tokenizer) -> Path:
+    """Sliding-window attention: servable, not exportable to ONNX."""
+    out = tmp_path_factory.mktemp("matrix-mistral")
+    tiny_model("mistral", num_hidden_layers=2).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+class Ctx:
+    def __init__(self, work: Path, tiny: Path, tiny_mistral: Path):
+        self.work, self.tiny_dir, self._mistral = work, tiny, tiny_mistral
+        self.out = work / "out"
+
+    @property
+    def tiny(self) -> str:
+        return str(self.tiny_dir)
+
+    @property
+    def mistral(self) -> str:
+        return str(self._mistral)
+
+    def data(self, text: str = ROWS, name: str = "train.jsonl", raw: bytes | None = None) -> str:
+        path = self.work / name
+        path.write_bytes(raw) if raw is not None else path.write_text(text)
+        return str(path)
+
+    def file(self, name: str, text: str) -> str:
+        path = self.work / name
+        path.write_text(text)
+        return str(path)
+
+    def existing_out(self) -> str:
+        """An output from an earlier run that must survive byte for byte."""
+        self.out.mkdir()
+        (self.out / "config.json").write_text('{"precious": true}\n')
+        (self.out / "model.safetensors").write_bytes(os.urandom(256))
+        return str(self.out)
+
+    def broken(self, kind: str) -> str:
+        """A copy of the tiny checkpoint, damaged in one way."""
+        from safetensors.torch import load_file, save_file
+
+        d = self.work / f"ckpt-{kind}"
+        shutil.copytree(self.tiny_dir, d)
+        weights = d / "model.safetensors"
+        config = json.loads((d / "config.json").read_text())
+        if kind in ("missing_layer", "unexpected_key", "wrong_shape"):
+            sd = load_file(weights)
+            if kind == "missing_layer":
+                sd = {k: v for k, v in sd.items() if ".layers.1." not in k}
+            elif kind == "unexpected_key":
+                sd["model.extra_adapter.weight"] = torch.zeros(4)
+            else:
+                sd["model.norm.weight"] = torch.ones(3)
+            save_file(sd, weights, metadata={"format": "pt"})
+        elif kind == "no_lm_head":  # untied config, no lm_head stored: a base-model checkpoint
+            model = tiny_model("llama")
+            model.config.tie_word_embeddings = False
+            model.model.save_pretrained(d)
+            config = json.loads((d / "config.json").read_text())
+            config.update(architectures=["LlamaForCausalLM"], tie_word_embeddings=False)
+            (d / "config.json").write_text(json.dumps(config))
+        elif kind == "zero_layers":
+            tiny_model("llama", num_hidden_layers=0).save_pretrained(d)
+        elif kind == "layer_count":
+            config["num_hidden_layers"] = 7
+            (d / "config.json").write_text(json.dumps(config))
+        elif kind == "config_not_json":
+            (d / "config.json").write_text("{not json")
+        elif kind == "no_weights":
+            weights.unlink()
+        elif kind == "pickled":
+            weights.unlink()
+            (d / "pytorch_model.bin").write_bytes(b"not really a pickle")
+        elif kind == "corrupt_weights":
+            weights.write_bytes(b"garbage, not safetensors")
+        elif kind == "remote_code":
+            config.update(model_type="acme-lm", auto_map={"AutoConfig": "acme.Config"})
+            (d / "config.json").write_text(json.dumps(config))
+        elif kind == "encoder_decoder":
+            (d / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"],
+                                                       "is_encoder_decoder": True, "d_model": 64, "num_layers": 2}))
+        elif kind == "unknown_arch":
+            config["architectures"] = ["AcmeForCausalLM"]
+            (d / "config.json").write_text(json.dumps(config))
+        elif kind == "manifest_corrupt":
+            (d / "gradprune.json").write_text("{half a manifest")
+        else:
+            raise ValueError(kind)
+        return str(d)
+
+    def report(self, *, dense: str, pruned: str, backends=("hf",)) -> str:
+        self.out.mkdir()
+        (self.out / "report.json").write_text(json.dumps({"schema": "gradprune-bench/1", "dense": dense, "pruned": pruned,
+                                                          "backends": {b: {"measured": True} for b in backends}}))
+        (self.out / "report.md").write_text("## an earlier report\n")
+        return str(self.out)
+
+
+def _resolved(path: str) -> str:
+    return str(Path(path).resolve())
+
+
+# -- the matrix ---------------------------------------------------------------------------------
+# name → (build(ctx) → argv, text the error line must contain: the option or the file to fix)
+
+def _compress(c: Ctx, *extra: str, model: str | None = None, data: str | None = None, out: str | None = None) -> list[str]:
+    return ["compress", "--model", model or c.tiny, "--data", data or c.data(), "--out", out or str(c.out), *FAST, *extra]
+
+
+def _yaml(c: Ctx, text: str) -> list[str]:
+    return ["--config", c.file("recipe.yaml", text)]
+
+
+CASES: dict[str, tuple] = {
+    # compress: typed options (CLI and YAML share one schema)
+    "compress/drop-layers-word": (lambda c: _compress(c, "--drop-layers", "two"), "--drop-layers: expected an integer"),
+    "compress/drop-ratio-text": (lambda c: _compress(c, "--drop-ratio", "abc"), "--drop-ratio: expected a number"),
+    "compress/scorer-unknown": (lambda c: _compress(c, "--scorer", "bogus"), "--scorer: expected one of"),
+    "compress/finetune-unknown": (lambda c: _compress(c, "--finetune", "bogus"), "--finetune: expected one of"),
+    "compress/dtype-unknown": (lambda c: _compress(c, "--dtype", "float8"), "--dtype"),
+    "compress/unknown-flag": (lambda c: _compress(c, "--frobnicate", "3"), "--frobnicate"),
+    "compress/flag-without-value": (lambda c: _compress(c, "--batch-size"), "--batch-size"),
+    "compress/drop-ratio-zero": (lambda c: _compress(c, "--drop-ratio", "0"), "--drop-ratio"),
+    "compress/drop-ratio-one": (lambda c: _compress(c, "--drop-ratio", "1.0"), "--drop-ratio"),
+    "compress/two-budgets": (lambda c: _compress(c, "--drop-ratio", "0.3", "--drop-layers", "2"), "--drop-layers"),
+    "compress/drop-every-layer": (lambda c: _compress(c, "--drop-layers", "6"), "--drop-layers"),
+    "compress/zero-layer-model": (lambda c: _compress(c, "--drop-ratio", "0.5", model=c.broken("zero_layers")), "layer"),
+    "compress/over-protected": (lambda c: _compress(c, "--drop-layers", "3", "--protect-first", "2", "--protect-last", "2"),
+                                "--protect"),
+    "compress/distill-without-finetune": (lambda c: _compress(c, "--distill", "--finetune", "none"), "--distill"),
+    "compress/teacher-without-distill": (lambda c: _compress(c, "--teacher", c.tiny), "--teacher"),
+    "compress/merge-with-other-scorer": (lambda c: _compress(c, "--scorer", "random", "--merge-layers", "2"), "--merge-layers"),
+    "compress/max-length-zero": (lambda c: _compress(c, "--max-length", "0"), "--max-length"),
+    "compress/yaml-quoted-false-keeps-output": (lambda c: _compress(c, *_yaml(c, 'overwrite: "false"\n'), out=c.existing_out()),
+                                                "--overwrite: expected true or false"),
+    "compress/yaml-yes-is-not-a-boolean": (lambda c: _compress(c, *_yaml(c, "gradient_checkpointing: yes\n")),
+                                            "--gradient-checkpointing: expected true or false"),
+    "compress/yaml-drop-layers-word": (lambda c: _compress(c, *_yaml(c, "drop_layers: two\n")), "--drop-layers: expected an integer"),
+    "compress/yaml-float-for-int": (lambda c: _compress(c, *_yaml(c, "lora_r: 2.5\n")), "--lora-r: expected an integer"),
+    "compress/yaml-string-for-number": (lambda c: _compress(c, *_yaml(c, 'learning_rate: "fast"\n')), "--learning-rate"),
+    "compress/yaml-unknown-key": (lambda c: _compress(c, *_yaml(c, "drop_ratioo: 0.3\n")), "drop_ratioo"),
+    "compress/yaml-not-a-mapping": (lambda c: _compress(c, *_yaml(c, "- drop_ratio\n")), "--config"),
+    "compress/yaml-invalid": (lambda c: _compress(c, *_yaml(c, "drop_ratio: [0.3\n")), "--config"),
+    "compress/yaml-missing": (lambda c: _compress(c, "--config", str(c.work / "nope.yaml")), "nope.yaml"),
+    # compress: the output
+    "compress/existing-output": (lambda c: _compress(c, out=c.existing_out()), "--overwrite"),
+    "compress/output-under-a-file": (lambda c: _compress(c, out=str(Path(c.file("plain.txt", "x")) / "sub")), "--out"),
+    # compress: the model (weights must cover it)
+    "compress/model-missing": (lambda c: _compress(c, model=str(c.work / "nope")), "nope"),
+    "compress/model-missing-layer": (lambda c: _compress(c, model=c.broken("missing_layer")), "model.layers.1."),
+    "compress/model-unexpected-key": (lambda c: _compress(c, model=c.broken("unexpected_key")), "model.extra_adapter.weight"),
+    "compress/model-wrong-shape": (lambda c: _compress(c, model=c.broken("wrong_shape")), "model.norm.weight"),
+    "compress/model-no-lm-head": (lambda c: _compress(c, model=c.broken("no_lm_head")), "lm_head.weight"),
+    "compress/model-config-not-json": (lambda c: _compress(c, model=c.broken("config_not_json")), "config.json"),
+    "compress/model-no-weights": (lambda c: _compress(c, model=c.broken("no_weights")), "ckpt-no_weights"),
+    "compress/model-pickled": (lambda c: _compress(c, model=c.broken("pickled")), "--allow-pickle"),
+    "compress/model-corrupt-weights": (lambda c: _compress(c, model=c.broken("corrupt_weights")), "model.safetensors"),
+    "compress/model-remote-code": (lambda c: _compress(c, model=c.broken("remote_code")), "--trust-remote-code"),
+    # compress: the data (read before the model loads)
+    "compress/data-missing": (lambda c: _compress(c, data=str(c.work / "nope.jsonl")), "nope.jsonl"),
+    "compress/data-empty": (lambda c: _compress(c, data=c.data("")), "train.jsonl"),
+    "compress/data-malformed": (lambda c: _compress(c, data=c.data('{"prompt": "a", "completion": "b"}\n{not json\n')),
+                                "train.jsonl:2"),
+    "compress/data-no-label": (lambda c: _compress(c, data=c.data('{"prompt": "a"}\n')), "completion"),
+    "compress/data-not-utf8": (lambda c: _compress(c, data=c.data(raw=b'{"prompt": "\xff\xfe"}\n')), "train.jsonl"),
+    "compress/data-csv-columns": (lambda c: _compress(c, data=c.data("question,answer\nq,a\n", name="train.csv")), "train.csv"),
+    "compress/data-format": (lambda c: _compress(c, data=c.data("prompt: a\n", name="train.txt")), "train.txt"),
+    "compress/data-choices-not-list": (lambda c: _compress(c, data=c.data('{"prompt": "a", "completion": "b", "choices": 5}\n')),
+                                       "choices"),
+    # inspect
+    "inspect/missing-dir": (lambda c: ["inspect", str(c.work / "nope")], "nope"),
+    "inspect/no-manifest": (lambda c: ["inspect", c.tiny], "gradprune.json"),
+    "inspect/corrupt-manifest": (lambda c: ["inspect", c.broken("manifest_corrupt")], "gradprune.json"),
+    "inspect/no-checkpoint-given": (lambda c: ["inspect"], "checkpoint"),
+    # eval
+    "eval/no-data": (lambda c: ["eval", c.tiny, "-q"], "--data"),
+    "eval/checkpoint-missing": (lambda c: ["eval", str(c.work / "nope"), "--data", c.data(), "-q"], "nope"),
+    "eval/checkpoint-missing-layer": (lambda c: ["eval", c.broken("missing_layer"), "--data", c.data(), "-q"], "model.layers.1."),
+    "eval/metric-unknown": (lambda c: ["eval", c.tiny, "--data", c.data(), "--metric", "bleu", "-q"], "--metric"),
+    "eval/vllm-backend-for-choice": (lambda c: ["eval", c.tiny, "--data", c.data(), "--backend", "vllm", "-q"], "--backend"),
+    "eval/limit-zero": (lambda c: ["eval", c.tiny, "--data", c.data(), "--limit", "0", "-q"], "--limit"),
+    "eval/choices-not-a-list": (lambda c: ["eval", c.tiny, "--data", c.data('{"prompt": "a", "completion": "b", "choices": 5}\n'),
+                                           "-q"], "choices"),
+    "eval/choice-metric-without-choices": (lambda c: ["eval", c.tiny, "--data", c.data('{"prompt": "a", "completion": "b"}\n'),
+                                                      "-q"], "choices"),
+    # export onnx
+    "export-onnx/no-out": (lambda c: ["export", "onnx", c.tiny, "-q"], "--out"),
+    "export-onnx/existing-output": (lambda c: ["export", "onnx", c.tiny, "--out", c.existing_out(), "-q"], "--overwrite"),
+    "export-onnx/dtype-bfloat16": (lambda c: ["export", "onnx", c.tiny, "--out", str(c.out), "--dtype", "bfloat16", "-q"], "--dtype"),
+    "export-onnx/new-tokens-zero": (lambda c: ["export", "onnx", c.tiny, "--out", str(c.out), "--new-tokens", "0", "-q"],
+                                    "--new-tokens"),
+    "export-onnx/atol-negative": (lambda c: ["export", "onnx", c.tiny, "--out", str(c.out), "--atol", "-1", "-q"], "--atol"),
+    "export-onnx/checkpoint-missing": (lambda c: ["export", "onnx", str(c.work / "nope"), "--out", str(c.out), "-q"], "nope"),
+    "export-onnx/checkpoint-missing-layer": (lambda c: ["export", "onnx", c.broken("missing_layer"), "--out", str(c.out), "-q"],
+                                             "ckpt-missing_layer"),
+    "export-onnx/encoder-decoder": (lambda c: ["export", "onnx", c.broken("encoder_decoder"), "--out", str(c.out), "-q"], "ONNX"),
+    "export-onnx/sliding-window": (lambda c: ["export", "onnx", c.mistral, "--out", str(c.out), "-q"], "sliding-window"),
+    # export vllm
+    "export-vllm/checkpoint-missing": (lambda c: ["export", "vllm", str(c.work / "nope"), "-q"], "nope"),
+    "export-vllm/checkpoint-missing-layer": (lambda c: ["export", "vllm", c.broken("missing_layer"), "-q"], "ckpt-missing_layer"),
+    "export-vllm/no-lm-head": (lambda c: ["export", "vllm", c.broken("no_lm_head"), "-q"], "lm_head.weight"),
+    "export-vllm/layer-count": (lambda c: ["export", "vllm", c.broken("layer_count"), "-q"], "num_hidden_layers"),
+    "export-vllm/unknown-architecture": (lambda c: ["export", "vllm", c.broken("unknown_arch"), "-q"], "AcmeForCausalLM"),
+    # export hub (nothing may be uploaded: every check is local)
+    "export-hub/no-repo-id": (lambda c: ["export", "hub", c.tiny, "-q"], "--repo-id"),
+    "export-hub/bad-repo-id": (lambda c: ["export", "hub", c.tiny, "--repo-id", "not a repo", "-q"], "repo id"),
+    "export-hub/no-token": (lambda c: ["export", "hub", c.tiny, "--repo-id", "me/tiny", "--endpoint", "http://127.0.0.1:9", "-q"],
+                            "HF_TOKEN"),
+    "export-hub/checkpoint-missing-layer": (lambda c: ["export", "hub", c.broken("missing_layer"), "--repo-id", "me/tiny", "-q"],
+                                            "ckpt-missing_layer"),
+    "export-hub/private-not-boolean": (lambda c: ["export", "hub", c.tiny, "--repo-id", "me/tiny",
+                                                  *_yaml(c, "private: 'no'\n"), "-q"], "--private"),
+    # serve (refused before vLLM starts)
+    "serve/port-text": (lambda c: ["serve", c.tiny, "--port", "http"], "--port: expected an integer"),
+    "serve/port-range": (lambda c: ["serve", c.tiny, "--port", "70000"], "--port"),
+    "serve/max-model-len-beyond-positions": (lambda c: ["serve", c.tiny, "--max-model-len", "4096"], "--max-model-len"),
+    "serve/kv-cache-zero": (lambda c: ["serve", c.tiny, "--kv-cache-gib", "0"], "--kv-cache-gib"),
+    "serve/checkpoint-missing": (lambda c: ["serve", str(c.work / "nope")], "nope"),
+    "serve/checkpoint-missing-layer": (lambda c: ["serve", c.broken("missing_layer"), "--max-model-len", "256"], "ckpt-missing_layer"),
+    "serve/no-lm-head": (lambda c: ["serve", c.broken("no_lm_head"), "--max-model-len", "256"], "lm_head.weight"),
+    "serve/port-in-use": (lambda c: ["serve", c.tiny, "--port", str(c.busy_port), "--max-model-len", "256"], "--port"),
+    # bench
+    "bench/no-dense": (lambda c: ["bench", "--pruned", c.tiny, "--backend", "hf", "-q"], "--dense"),
+    "bench/runs-zero": (lambda c: ["bench", "--dense", c.tiny, "--pruned", c.tiny, "--runs", "0", "-q"], "--runs"),
+    "bench/output-len-one": (lambda c: ["bench", "--dense", c.tiny, "--pruned", c.tiny, "--output-len", "1", "-q"], "--output-len"),
+    "bench/backend-unknown": (lambda c: ["bench", "--dense", c.tiny, "--pruned", c.tiny, "--backend", "tensorrt", "-q"], "--backend"),
+    "bench/pruned-missing-layer": (lambda c: ["bench", "--dense", c.tiny, "--pruned", c.broken("missing_layer"), "--backend", "hf",
+                                              "--out", str(c.out), "-q"], "model.layers.1."),
+    "bench/lengths-beyond-positions": (lambda c: ["bench", "--dense", c.tiny, "--pruned", c.tiny, "--backend", "hf",
+                                                  "--input-len", "600", "--out", str(c.out), "-q"], "max_position_embeddings"),
+    "bench/prompts-missing": (lambda c: ["bench", "--dense", c.tiny, "--pruned", c.tiny, "--backend", "hf",
+                                         "--prompts", str(c.work / "nope.jsonl"), "--out", str(c.out), "-q"], "nope.jsonl"),
+    "bench/report-of-another-pair": (lambda c: ["bench", "--dense", c.tiny, "--pruned", c.tiny, "--backend", "hf",
+                                                "--out", c.report(dense="/elsewhere/a", pruned="/elsewhere/b"), "-q"], "--overwrite"),
+    "bench/report-already-measured": (lambda c: ["bench", "--dense", c.tiny, "--pruned", c.tiny, "--backend", "hf", "--out",
+                                                 c.report(dense=_resolved(c.tiny), pruned=_resolved(c.tiny)), "-q"], "--overwrite"),
+    "bench/out-under-a-file": (lambda c: ["bench", "--dense", c.tiny, "--pruned", c.tiny, "--backend", "hf",
+                                          "--out", str(Path(c.file("plain.txt", "x")) / "sub"), "-q"], "--out"),
+}
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file under root → sha256 (directories as entries too): any write shows up."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        found[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+    return found
+
+
+@pytest.fixture
+def isolated_tmp(tmp_path, monkeypatch) -> Path:
+    """A private temp dir, so 'nothing left in the temp dir' is checked on this case alone."""
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp
+
+
+def assert_one_error_line(err: str, must_name: str) -> str:
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert must_name in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_is_refused_in_one_line_and_nothing_is_written(name, tiny, tiny_mistral, tmp_path, isolated_tmp,
+                                                                 monkeypatch, capsys):
+    build, must_name = CASES[name]
+    work = tmp_path / "work"
+    work.mkdir()
+    ctx = Ctx(work, tiny, tiny_mistral)
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)  # export-hub/no-token: no login cache either
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        ctx.busy_port = busy.getsockname()[1]
+        argv = build(ctx)
+        out_existed = ctx.out.exists()
+        before, tiny_before = _snapshot(work), _snapshot(tiny)
+        code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    assert_one_error_line(err, must_name)
+    assert _snapshot(work) == before  # nothing written, a pre-existing output byte-for-byte unchanged
+    assert _snapshot(tiny) == tiny_before  # nor into an input checkpoint (eval results, bench reports)
+    assert ctx.out.exists() == out_existed
+    assert not [p.name for p in work.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    assert not list(isolated_tmp.iterdir()), list(isolated_tmp.iterdir())
+
+
+def test_the_matrix_is_wide_enough():
+    commands = {name.split("/")[0] for name in CASES}
+    assert commands == {"compress", "inspect", "eval", "export-onnx", "export-vllm", "export-hub", "serve", "bench"}
+    assert len(CASES) + len(SIGNAL_CASES) + 1 >= 50  # + the serve start-up failure below
+
+
+# -- serve: a server that dies during start-up is one line with its log and the decisive line ----
+
+FAKE_VLLM = """
+import sys
+for i in range(30):
+    print(f"(APIServer pid=1) INFO 11-02 10:00:{i:02d} [api_server.py:{i}] starting, step {i}")
+print("Traceback (most recent call last):")
+print('  File "model_loader.py", line 12, in load')
+print("ValueError: checkpoint has 6 layers, model expects 7")
+print("(EngineCore pid=2) ERROR 11-02 10:01:00 [core.py:700] RuntimeError: Engine core initialization failed. See root cause above.")
+sys.exit(1)
+"""
+
+
+def test_serve_start_up_failure_is_one_line_with_the_log(tiny, tmp_path, isolated_tmp, monkeypatch, capsys):
+    import exporters.vllm
+    import serving.vllm_server as vllm_server
+
+    monkeypatch.setattr(exporters.vllm, "supported_architectures", lambda: {"LlamaForCausalLM"})
+    monkeypatch.setattr(vllm_server, "server_command", lambda *a, **k: [sys.executable, "-c", FAKE_VLLM])
+    log = tmp_path / "server.log"
+    code = main(["serve", str(tiny), "--port", str(free_port()), "--log-file", str(log), "--startup-timeout-s", "60",
+                 "--max-model-len", "256"])
+    err = capsys.readouterr().err
+    assert code == 2
+    line = assert_one_error_line(err, str(log))
+    assert "exited with status 1 during start-up" in line
+    assert "ValueError: checkpoint has 6 layers, model expects 7" in line  # the decisive line, not the generic last one
+    assert len(err.strip().splitlines()) == 1  # not the 35 lines of the log (-v prints them)
+    assert not list(isolated_tmp.iterdir())
+
+
+# -- signals: SIGINT / SIGTERM in the middle of the work ---------------------------------------
+
+def _spawn(args: list[str], tmp: Path) -> subprocess.Popen:
+    env = dict(os.environ, TMPDIR=str(tmp), GRADPRUNE_DISABLE_PROGRESS_BARS="1", PYTHONPATH=str(PROJECT))
+    return subprocess.Popen([sys.executable, "-m", "gradprune_deploy.cli", *args], cwd=PROJECT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+SIGNAL_CASES = {
+    "compress-sigint": ("compress", signal.SIGINT),
+    "compress-sigterm": ("compress", signal.SIGTERM),
+    "export-onnx-sigint": ("onnx", signal.SIGINT),
+    "export-onnx-sigterm": ("onnx", signal.SIGTERM),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIGNAL_CASES))
+def test_signal_mid_run_cleans_up_and_exits_128_plus_signal(name, tiny, tmp_path):
+    what, sig = SIGNAL_CASES[name]
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    out = tmp_path / "out"
+    if what == "compress":
+        data = tmp_path / "train.jsonl"
+        data.write_text(ROWS * 8)
+        args = ["compress", "--model", str(tiny), "--data", str(data), "--out", str(out), "--drop-layers", "2",
+                "--probe-steps", "400", "--max-steps", "400", "--batch-size", "2", "--max-length", "64", "--no-ledger", "-q"]
+        # the probe's own temp folder exists: the signal lands in the middle of training
+        started = lambda: any(p.name.startswith("gradprune-probe-") for p in tmp.iterdir())  # noqa: E731
+    else:
+        args = ["export", "onnx", str(tiny), "--out", str(out), "-q"]
+        started = lambda: any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())  # noqa: E731
+    proc = _spawn(args, tmp)
+    try:
+        assert _wait_for(started, proc, timeout=240), proc.communicate(timeout=60)[1][-3000:] if proc.poll() is not None else "not started"
+        time.sleep(1.0 if what == "onnx" else 0.3)  # into the load / trace / training step
+        assert proc.poll() is None, "finished before the signal: make the run longer"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert_one_error_line(err, f"interrupted by {signal.Signals(sig).name}")
+    assert not out.exists()
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert not list(tmp.iterdir()), list(tmp.iterdir())  # probe / fine-tune / export temp folders removed
+
+
+# -- bench: no temp folder left, success or failure; the --overwrite rule for reports -----------
+
+def test_bench_leaves_no_temp_folder_and_keeps_reports_unless_overwrite(tiny, tmp_path, isolated_tmp, monkeypatch, capsys):
+    from gradprune_deploy.errors import ServingError
+    from serving import bench_backends
+    from tests.serving.test_bench import FakeWorker
+
+    class FailingWorker(FakeWorker):
+        def call(self, request):
+            raise ServingError("the pruned benchmark worker exited with status 1: RuntimeError: out of memory")
+
+    monkeypatch.setattr(bench_backends, "SETTLE_S", 0)
+    out = tmp_path / "report"
+    args = ["bench", "--dense", str(tiny), "--pruned", str(tiny), "--backend", "hf", "--input-len", "8", "--output-len", "4",
+            "--num-prompts", "2", "--runs", "1", "--warmup", "1", "--out", str(out), "--no-plot", "-q"]
+
+    monkeypatch.setattr(bench_backends, "Worker", FailingWorker)
+    assert main(args) == 2
+    assert_one_error_line(capsys.readouterr().err, "out of memory")
+    assert not out.exists() and not list(isolated_tmp.iterdir())  # the worker log folder is gone too
+
+    monkeypatch.setattr(bench_backends, "Worker", FakeWorker)
+    FakeWorker.calls = []
+    assert main(args) == 0
+    capsys.readouterr()
+    assert not list(isolated_tmp.iterdir())  # no gradprune-bench-* folder after a successful run either
+    report = _snapshot(out)
+    assert main(args) == 2  # the same backend again: refused, the report untouched
+    assert_one_error_line(capsys.readouterr().err, "--overwrite")
+    assert _snapshot(out) == report
+    FakeWorker.calls = []
+    assert main(args + ["--overwrite"]) == 0
+    assert json.loads((out / "report.json").read_text())["backends"]["hf"]
