@@ -27,11 +27,23 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
 
-    result = compress(CompressConfig(data=args.data, out=args.out, drop_layers=str(args.drop_layers), max_examples=args.rows,
-                                     max_steps=args.steps, max_length=128, validation_rows=64, overwrite=args.overwrite))
+    result = compress(
+        CompressConfig(
+            data=args.data,
+            out=args.out,
+            drop_layers=str(args.drop_layers),
+            max_examples=args.rows,
+            max_steps=args.steps,
+            max_length=128,
+            validation_rows=64,
+            overwrite=args.overwrite,
+        )
+    )
     manifest = Manifest.read(args.out)
-    print(f"dropped {manifest.layers_dropped}, merged {manifest.merge.targets}, "
-          f"{manifest.params_before / 1e6:.1f}M → {manifest.params_after / 1e6:.1f}M parameters")
+    print(
+        f"dropped {manifest.layers_dropped}, merged {manifest.merge.targets}, "
+        f"{manifest.params_before / 1e6:.1f}M → {manifest.params_after / 1e6:.1f}M parameters"
+    )
     for stage, numbers in result["quality"].items():
         print(f"validation {stage:<10} loss {numbers['loss']:.3f}  accuracy {numbers['accuracy']:.3f}")
     test = evaluate(args.out, data=args.data, split="test", metric="choice", limit=args.test_rows)

@@ -27,8 +27,20 @@ from gradprune_deploy.manifest import Manifest
 logger = logging.getLogger(__name__)
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 @dataclass
@@ -151,8 +163,11 @@ def check_layers_complete(info: CheckpointInfo) -> None:
     if found != list(range(n)):
         missing = sorted(set(range(n)) - set(found))
         extra = sorted(set(found) - set(range(n)))
-        detail = (f"missing layer(s) {missing}" if missing else "") + ("; " if missing and extra else "") + \
-                 (f"unexpected layer(s) {extra}" if extra else "")
+        detail = (
+            (f"missing layer(s) {missing}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"unexpected layer(s) {extra}" if extra else "")
+        )
         raise ModelLoadError(
             f"{info.path}: config.json says num_hidden_layers={n} but the weights disagree ({detail}): "
             "the checkpoint is incomplete or its config was not rewritten after pruning"
@@ -160,7 +175,7 @@ def check_layers_complete(info: CheckpointInfo) -> None:
     per_layer: dict[int, set[str]] = {}
     for name in info.tensors:
         if m := _LAYER.search(name):
-            per_layer.setdefault(int(m.group(1)), set()).add(name[m.end():])
+            per_layer.setdefault(int(m.group(1)), set()).add(name[m.end() :])
     reference = per_layer[0]
     for idx, names in per_layer.items():
         if names != reference:  # legitimate in mixed dense/MoE stacks, a truncated save otherwise

@@ -106,11 +106,11 @@ def _explain(exc: Exception, *, endpoint: str, repo_id: str, token: str) -> Expo
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         msg = f"the Hub at {endpoint} refused the push ({first})"
     elif "xet-write-token" in str(exc) or "xet-read-token" in str(exc):
-        msg = (f"the Hub at {endpoint} does not offer Xet storage: set HF_HUB_DISABLE_XET=1 to upload over "
-               "plain HTTP/LFS; no commit was made")
+        msg = (
+            f"the Hub at {endpoint} does not offer Xet storage: set HF_HUB_DISABLE_XET=1 to upload over plain HTTP/LFS; no commit was made"
+        )
     elif _is_network_error(exc):
-        msg = (f"cannot reach the Hub at {endpoint} ({type(exc).__name__}): check the network, HF_ENDPOINT or "
-               "--endpoint; no commit was made")
+        msg = f"cannot reach the Hub at {endpoint} ({type(exc).__name__}): check the network, HF_ENDPOINT or --endpoint; no commit was made"
     else:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         msg = f"push to {repo_id} failed: {first}"
@@ -146,10 +146,10 @@ def push_to_hub(
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
+    from gradprune_deploy.loading import check_weights_cover_model
+
     from .checkpoint import inspect_checkpoint
     from .model_card import build_card_text
-
-    from gradprune_deploy.loading import check_weights_cover_model
 
     validate_repo_id(repo_id)
     info = inspect_checkpoint(checkpoint_dir)
@@ -171,10 +171,14 @@ def push_to_hub(
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        logger.info("pushing %d files (%.1f MB) to %s/%s", len(operations),
-                    sum((info.path / f).stat().st_size for f in files) / 1e6, endpoint, repo_id)
-        commit = api.create_commit(repo_id, operations=operations, commit_message=message,
-                                   revision=revision, repo_type="model")
+        logger.info(
+            "pushing %d files (%.1f MB) to %s/%s",
+            len(operations),
+            sum((info.path / f).stat().st_size for f in files) / 1e6,
+            endpoint,
+            repo_id,
+        )
+        commit = api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision, repo_type="model")
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line naming the fix
         raise _explain(exc, endpoint=endpoint, repo_id=repo_id, token=token) from None
     logger.info("pushed %s: %s", repo_id, commit.commit_url)
@@ -183,5 +187,12 @@ def push_to_hub(
 
 def export_hub_from_config(config: HubExportConfig) -> str:
     """`gradprune export hub`: push and print the commit URL."""
-    return push_to_hub(config.checkpoint, repo_id=config.repo_id, token=config.token, private=config.private,
-                       revision=config.revision, commit_message=config.commit_message, endpoint=config.endpoint)
+    return push_to_hub(
+        config.checkpoint,
+        repo_id=config.repo_id,
+        token=config.token,
+        private=config.private,
+        revision=config.revision,
+        commit_message=config.commit_message,
+        endpoint=config.endpoint,
+    )

@@ -20,11 +20,14 @@ from .checkpoint import CheckpointInfo, find_reports
 
 # Data sources the compression stage bundles → the name a reader knows them by.
 BUNDLED_DATA = {"bundled:gsm8k": "GSM8K (Cobbe et al. 2021; the 1,000-problem sample bundled with gradprune-deploy)"}
-STAGES = {"dense": "the base model, before pruning", "pruned": "after dropping (and merging) layers, before fine-tuning",
-          "recovered": "after the recovery fine-tune", "dense-reference": "the base model fine-tuned the same way"}
+STAGES = {
+    "dense": "the base model, before pruning",
+    "pruned": "after dropping (and merging) layers, before fine-tuning",
+    "recovered": "after the recovery fine-tune",
+    "dense-reference": "the base model fine-tuned the same way",
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_SECRET_PATTERNS = [(re.compile(r"hf_[A-Za-z0-9]{8,}"), "hf_***"),
-                    (re.compile(r"(--token[= ]|HF_TOKEN=)(\S+)"), r"\1***")]
+_SECRET_PATTERNS = [(re.compile(r"hf_[A-Za-z0-9]{8,}"), "hf_***"), (re.compile(r"(--token[= ]|HF_TOKEN=)(\S+)"), r"\1***")]
 
 
 def redact(text: str, *secrets: str | None) -> str:
@@ -44,8 +47,12 @@ def _unhome(text: str) -> str:
 
 
 def _is_hub_id(text: Any) -> bool:
-    return isinstance(text, str) and bool(_HUB_ID.match(text)) and not Path(text).exists() \
+    return (
+        isinstance(text, str)
+        and bool(_HUB_ID.match(text))
+        and not Path(text).exists()
         and not text.endswith((".json", ".jsonl", ".csv", ".gguf", ".parquet", ".txt"))
+    )
 
 
 def hub_base_model(manifest: Manifest | None) -> str | None:
@@ -112,18 +119,36 @@ def _eval_results(info: CheckpointInfo):
         name = data_name(m.data.source)
         dataset_type = m.data.source if _is_hub_id(m.data.source) else name
         rows = f"{point.rows} held-out rows"
-        for metric, value, label in (("loss", point.loss, f"validation loss, completion tokens ({rows})"),
-                                     ("accuracy", point.accuracy, f"validation accuracy ({rows})")):
+        for metric, value, label in (
+            ("loss", point.loss, f"validation loss, completion tokens ({rows})"),
+            ("accuracy", point.accuracy, f"validation accuracy ({rows})"),
+        ):
             if value is not None:
-                results.append(EvalResult(task_type="text-generation", dataset_type=dataset_type, dataset_name=name,
-                                          metric_type=metric, metric_value=float(value), metric_name=label))
+                results.append(
+                    EvalResult(
+                        task_type="text-generation",
+                        dataset_type=dataset_type,
+                        dataset_name=name,
+                        metric_type=metric,
+                        metric_value=float(value),
+                        metric_name=label,
+                    )
+                )
     for ev in info.evals:
         metric, value = ev.get("metric"), ev.get("value")
         if not isinstance(metric, str) or not isinstance(value, (int, float)):
             continue
         name = data_name(ev["data"]) if isinstance(ev.get("data"), str) else str(ev.get("task") or "custom")
-        results.append(EvalResult(task_type="text-generation", dataset_type=name, dataset_name=name,
-                                  metric_type=metric, metric_value=float(value), metric_name=metric))
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=name,
+                dataset_name=name,
+                metric_type=metric,
+                metric_value=float(value),
+                metric_name=metric,
+            )
+        )
     return results
 
 
@@ -143,9 +168,14 @@ def build_card_data(info: CheckpointInfo, *, repo_id: str):
     if m and m.finetune.objective == "distill" and m.finetune.mode != "none":
         tags.append("distillation")
     return ModelCardData(
-        base_model=hub_base_model(m), library_name="transformers", pipeline_tag="text-generation",
-        tags=tags, datasets=datasets, metrics=sorted({r.metric_type for r in evals}) or None,
-        eval_results=evals or None, model_name=model_name if evals else None,
+        base_model=hub_base_model(m),
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+        datasets=datasets,
+        metrics=sorted({r.metric_type for r in evals}) or None,
+        eval_results=evals or None,
+        model_name=model_name if evals else None,
     )
 
 
@@ -154,17 +184,24 @@ def _summary(info: CheckpointInfo, repo_id: str) -> str:
     m = info.manifest
     lines = [f"# {repo_id.split('/')[-1]}", ""]
     if m is None:
-        lines.append(f"A {info.architecture or 'causal LM'} checkpoint with {info.num_layers} decoder layers, exported with "
-                     "gradprune-deploy. It has no `gradprune.json`, so how it was compressed is not recorded.")
+        lines.append(
+            f"A {info.architecture or 'causal LM'} checkpoint with {info.num_layers} decoder layers, exported with "
+            "gradprune-deploy. It has no `gradprune.json`, so how it was compressed is not recorded."
+        )
         return "\n".join(lines)
     if m.quality and m.quality.warning:
-        lines += [f"> **WARNING: {m.quality.verdict or 'the recovered model is far worse than its reference'}** "
-                  "See [Held-out quality](#held-out-quality) before using it.", ""]
+        lines += [
+            f"> **WARNING: {m.quality.verdict or 'the recovered model is far worse than its reference'}** "
+            "See [Held-out quality](#held-out-quality) before using it.",
+            "",
+        ]
     before, after = m.num_layers_before, m.num_layers_after or info.num_layers
     count = f"{len(m.layers_dropped)} of {before}" if before else f"{len(m.layers_dropped)}"
-    lines.append(f"{_model_phrase(m)} with {count} decoder layers removed by {m.method or 'GradPruner'} "
-                 f"layer pruning ({after} layers left), saved as a standard `{info.architecture}` checkpoint: "
-                 "it loads with plain transformers and serves with vLLM, no custom code.")
+    lines.append(
+        f"{_model_phrase(m)} with {count} decoder layers removed by {m.method or 'GradPruner'} "
+        f"layer pruning ({after} layers left), saved as a standard `{info.architecture}` checkpoint: "
+        "it loads with plain transformers and serves with vLLM, no custom code."
+    )
     return "\n".join(lines)
 
 
@@ -172,13 +209,17 @@ def _merge_lines(m: Manifest) -> list[str]:
     merge = m.merge
     top = f"top {merge.keep_top_p:.0%} " if merge.keep_top_p is not None else ""
     how = f"{top}by {merge.criterion.upper()}, same sign"
-    out = [f"- Layer {src} was merged into kept layer {dst} ({how}) before it was removed"
-           for src, dst in sorted(merge.targets.items(), key=lambda kv: int(kv[0]))]
+    out = [
+        f"- Layer {src} was merged into kept layer {dst} ({how}) before it was removed"
+        for src, dst in sorted(merge.targets.items(), key=lambda kv: int(kv[0]))
+    ]
     unmerged = [d for d in m.layers_dropped if str(d) not in merge.targets]
     if unmerged and m.layers_dropped:
         which = "Layers {} were" if len(unmerged) > 1 else "Layer {} was"
-        out.append(f"- {which.format(', '.join(map(str, unmerged)))} removed outright, without a merge"
-                   + (f" (`--merge-layers {merge.layers_requested}`)" if merge.layers_requested else ""))
+        out.append(
+            f"- {which.format(', '.join(map(str, unmerged)))} removed outright, without a merge"
+            + (f" (`--merge-layers {merge.layers_requested}`)" if merge.layers_requested else "")
+        )
     if merge.enabled and merge.merged_entries_total:
         out.append(f"- The merge added {merge.merged_entries_total:,} weights to the kept layers in all")
     return out
@@ -209,9 +250,14 @@ def _size_section(info: CheckpointInfo) -> str:
     after = (m.params_after if m else None) or info.num_parameters
     lb = (m.num_layers_before if m else None) or None
     la = (m.num_layers_after if m else None) or info.num_layers
-    out = ["## Size", "", "| | before | after |", "|---|---:|---:|",
-           f"| decoder layers | {lb if lb is not None else '?'} | {la} |",
-           f"| parameters | {_fmt_params(before)} | {_fmt_params(after)} |"]
+    out = [
+        "## Size",
+        "",
+        "| | before | after |",
+        "|---|---:|---:|",
+        f"| decoder layers | {lb if lb is not None else '?'} | {la} |",
+        f"| parameters | {_fmt_params(before)} | {_fmt_params(after)} |",
+    ]
     if before and after:
         out += ["", f"Parameters removed: {100 * (1 - after / before):.1f}% ({before:,} → {after:,})."]
     dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(info.weights_dtype, info.weights_dtype)
@@ -251,11 +297,15 @@ def _quality_section(ledger: QualityLedger | None, m: Manifest | None) -> str:
         return ""
     has_acc = any(p.accuracy is not None for p in ledger.points)
     where = f" ({_scrub(ledger.validation, m)})" if ledger.validation else ""
-    out = ["## Held-out quality", "",
-           f"Measured by `gradprune compress` on {ledger.rows:,} validation rows{where} that no stage trained on; "
-           "loss is the mean negative log-likelihood of the completion tokens.", "",
-           "| stage | model | loss | perplexity |" + (" accuracy |" if has_acc else "") + " rows |",
-           "|---|---|---:|---:|" + ("---:|" if has_acc else "") + "---:|"]
+    out = [
+        "## Held-out quality",
+        "",
+        f"Measured by `gradprune compress` on {ledger.rows:,} validation rows{where} that no stage trained on; "
+        "loss is the mean negative log-likelihood of the completion tokens.",
+        "",
+        "| stage | model | loss | perplexity |" + (" accuracy |" if has_acc else "") + " rows |",
+        "|---|---|---:|---:|" + ("---:|" if has_acc else "") + "---:|",
+    ]
     final = final_point(m) if m else None
     for p in ledger.points:
         stage = f"**{p.stage}** (this checkpoint)" if p is final else p.stage
@@ -310,11 +360,17 @@ def _bench_section(reports: dict[str, list[Path]]) -> str:
 
 def _usage_section(info: CheckpointInfo, repo_id: str) -> str:
     chat = (info.path / "chat_template.jinja").is_file() or "chat_template" in _tokenizer_config(info.path)
-    prompt = ('messages = [{"role": "user", "content": "What is layer pruning?"}]\n'
-              "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)"
-              if chat else 'inputs = tokenizer("Layer pruning is", return_tensors="pt")')
-    request = (f'{{"model": "{repo_id}", "messages": [{{"role": "user", "content": "What is layer pruning?"}}], "max_tokens": 64}}'
-               if chat else f'{{"model": "{repo_id}", "prompt": "Layer pruning is", "max_tokens": 64}}')
+    prompt = (
+        'messages = [{"role": "user", "content": "What is layer pruning?"}]\n'
+        'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)'
+        if chat
+        else 'inputs = tokenizer("Layer pruning is", return_tensors="pt")'
+    )
+    request = (
+        f'{{"model": "{repo_id}", "messages": [{{"role": "user", "content": "What is layer pruning?"}}], "max_tokens": 64}}'
+        if chat
+        else f'{{"model": "{repo_id}", "prompt": "Layer pruning is", "max_tokens": 64}}'
+    )
     route = "chat/completions" if chat else "completions"
     return f"""## How to use
 
@@ -339,7 +395,7 @@ curl http://127.0.0.1:8000/v1/{route} -H 'Content-Type: application/json' \\
   -d '{request}'
 ```
 
-Or from a local copy with gradprune-deploy: `gradprune serve ./{repo_id.split('/')[-1]}`."""
+Or from a local copy with gradprune-deploy: `gradprune serve ./{repo_id.split("/")[-1]}`."""
 
 
 def _tokenizer_config(path: Path) -> dict:
@@ -392,8 +448,17 @@ def build_card_text(info: CheckpointInfo, *, repo_id: str, secrets: tuple[str | 
     card_data = build_card_data(info, repo_id=repo_id)
     reports = find_reports(info.path)
     m = info.manifest
-    sections = [_summary(info, repo_id), _layers_section(info), _plots_section(info, reports), _size_section(info),
-                _data_section(m), _quality_section(m.quality if m else None, m), _evals_section(info),
-                _bench_section(reports), _usage_section(info, repo_id), _provenance_section(info)]
+    sections = [
+        _summary(info, repo_id),
+        _layers_section(info),
+        _plots_section(info, reports),
+        _size_section(info),
+        _data_section(m),
+        _quality_section(m.quality if m else None, m),
+        _evals_section(info),
+        _bench_section(reports),
+        _usage_section(info, repo_id),
+        _provenance_section(info),
+    ]
     body = "\n\n".join(s for s in sections if s)
     return _unhome(redact(f"---\n{card_data.to_yaml()}\n---\n\n{body}\n", *secrets))

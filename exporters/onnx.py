@@ -75,8 +75,12 @@ def _check_exportable(info) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     config = info.config
-    if config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or config.get("is_encoder_decoder") \
-            or "vision_config" in config or "audio_config" in config:
+    if (
+        config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        or config.get("is_encoder_decoder")
+        or "vision_config" in config
+        or "audio_config" in config
+    ):
         raise ArchitectureError(
             f"architecture {info.architecture or '?'} (model_type {config.get('model_type')!r}) is not exportable to "
             "ONNX here: gradprune exports text-only decoder LMs with full attention (Llama, Qwen2/3, Phi3, Mistral)"
@@ -101,8 +105,13 @@ def _sample_inputs(model) -> dict:
             "serve it with vLLM (`gradprune serve`) instead"
         )
     step = torch.tensor([[11, 13], [12, 14]]) % vocab
-    return {"input_ids": step, "attention_mask": torch.cat([mask, torch.ones(2, 2, dtype=mask.dtype)], 1),
-            "position_ids": positions[:, -1:] + torch.tensor([[1, 2]]), "past_key_values": past, "use_cache": True}
+    return {
+        "input_ids": step,
+        "attention_mask": torch.cat([mask, torch.ones(2, 2, dtype=mask.dtype)], 1),
+        "position_ids": positions[:, -1:] + torch.tensor([[1, 2]]),
+        "past_key_values": past,
+        "use_cache": True,
+    }
 
 
 def _dynamic_shapes(inputs: dict) -> dict:
@@ -112,8 +121,12 @@ def _dynamic_shapes(inputs: dict) -> dict:
 
     dyn = torch.export.Dim.DYNAMIC
     cache_leaves = get_auto_dynamic_shapes(inputs["past_key_values"])
-    return {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}, "position_ids": {0: dyn, 1: dyn},
-            "past_key_values": [{0: dyn, 2: dyn} for _ in cache_leaves]}
+    return {
+        "input_ids": {0: dyn, 1: dyn},
+        "attention_mask": {0: dyn, 1: dyn},
+        "position_ids": {0: dyn, 1: dyn},
+        "past_key_values": [{0: dyn, 2: dyn} for _ in cache_leaves],
+    }
 
 
 @contextlib.contextmanager
@@ -136,8 +149,9 @@ def _trace_to_onnx(model, path: Path, *, opset: int | None) -> None:
     captured = io.StringIO()
     try:
         inputs = _sample_inputs(model)
-        config = OnnxConfig(dynamic=True, dynamic_shapes=_dynamic_shapes(inputs), output_path=str(path),
-                            opset_version=opset, external_data=True)
+        config = OnnxConfig(
+            dynamic=True, dynamic_shapes=_dynamic_shapes(inputs), output_path=str(path), opset_version=opset, external_data=True
+        )
         # torch.onnx prints its progress, and the CLI's stdout is the result: keep it for -v instead
         with contextlib.redirect_stdout(captured), _quiet_loggers("onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
             OnnxExporter().export(model, copy.copy(inputs), config=config)
@@ -150,8 +164,9 @@ def _trace_to_onnx(model, path: Path, *, opset: int | None) -> None:
     logger.debug("exporter output:\n%s", captured.getvalue())
 
 
-def validate_export(export_dir: str | os.PathLike, model, tokenizer, *, atol: float, new_tokens: int = 8,
-                    prompts: tuple[str, ...] = VALIDATION_PROMPTS) -> dict:
+def validate_export(
+    export_dir: str | os.PathLike, model, tokenizer, *, atol: float, new_tokens: int = 8, prompts: tuple[str, ...] = VALIDATION_PROMPTS
+) -> dict:
     """Compare the export in `export_dir` with `model`; return the numbers, raise ExportError on mismatch."""
     import numpy as np
     import torch
@@ -165,13 +180,20 @@ def validate_export(export_dir: str | os.PathLike, model, tokenizer, *, atol: fl
     real = mask.numpy().astype(bool)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=torch.from_numpy(positions_from_mask(mask.numpy()))).logits
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, pad_token_id=lm.pad_token_id,
-                             eos_token_id=lm.eos_token_id)
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=lm.pad_token_id,
+            eos_token_id=lm.eos_token_id,
+        )
     prefill_diff = float(np.abs(lm.logits(ids.numpy(), mask.numpy()) - ref.float().numpy())[real].max())
 
     # Decode steps, teacher-forced with PyTorch's tokens, so every step compares the same inputs.
-    torch_tokens = gen.sequences[:, ids.shape[1]:].numpy()
+    torch_tokens = gen.sequences[:, ids.shape[1] :].numpy()
     logits, state = lm.prefill(ids.numpy(), mask.numpy())
     decode_diff = 0.0
     for step in range(1, torch_tokens.shape[1]):  # finished rows get the pad token in both, so all rows compare
@@ -179,28 +201,49 @@ def validate_export(export_dir: str | os.PathLike, model, tokenizer, *, atol: fl
         decode_diff = max(decode_diff, float(np.abs(logits - gen.logits[step].float().numpy()).max()))
     onnx_tokens = lm.generate(ids.numpy(), mask.numpy(), max_new_tokens=new_tokens)
     same = onnx_tokens.shape == torch_tokens.shape and bool((onnx_tokens == torch_tokens).all())
-    report = {"prompts": len(prompts), "atol": atol, "max_abs_diff_prefill_logits": prefill_diff,
-              "max_abs_diff_decode_logits": decode_diff, "greedy_new_tokens": int(torch_tokens.shape[1]),
-              "greedy_tokens_identical": same}
-    logger.info("ONNX validation: max |Δ logits| prefill %.3g, decode %.3g (atol %g); greedy tokens identical: %s",
-                prefill_diff, decode_diff, atol, same)
+    report = {
+        "prompts": len(prompts),
+        "atol": atol,
+        "max_abs_diff_prefill_logits": prefill_diff,
+        "max_abs_diff_decode_logits": decode_diff,
+        "greedy_new_tokens": int(torch_tokens.shape[1]),
+        "greedy_tokens_identical": same,
+    }
+    logger.info(
+        "ONNX validation: max |Δ logits| prefill %.3g, decode %.3g (atol %g); greedy tokens identical: %s",
+        prefill_diff,
+        decode_diff,
+        atol,
+        same,
+    )
     problems = []
     if max(prefill_diff, decode_diff) > atol:
         problems.append(f"max |Δ logits| prefill {prefill_diff:.3g}, decode {decode_diff:.3g} > atol {atol:g}")
     if not same:
-        row = next(r for r in range(len(prompts)) if onnx_tokens.shape != torch_tokens.shape
-                   or (onnx_tokens[r] != torch_tokens[r]).any())
-        problems.append(f"greedy tokens differ for prompt {prompts[row]!r}: onnx {onnx_tokens[row].tolist()} "
-                        f"vs torch {torch_tokens[row].tolist()}")
+        row = next(r for r in range(len(prompts)) if onnx_tokens.shape != torch_tokens.shape or (onnx_tokens[r] != torch_tokens[r]).any())
+        problems.append(
+            f"greedy tokens differ for prompt {prompts[row]!r}: onnx {onnx_tokens[row].tolist()} vs torch {torch_tokens[row].tolist()}"
+        )
     if problems:
-        raise ExportError("ONNX export does not match PyTorch: " + "; ".join(problems)
-                          + " (raise --atol only if you accept the difference; nothing was written)")
+        raise ExportError(
+            "ONNX export does not match PyTorch: "
+            + "; ".join(problems)
+            + " (raise --atol only if you accept the difference; nothing was written)"
+        )
     return report
 
 
-def export_onnx(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
-                opset: int | None = None, validate: bool = True, overwrite: bool = False,
-                atol: float | None = None, new_tokens: int = 8) -> dict:
+def export_onnx(
+    checkpoint_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    opset: int | None = None,
+    validate: bool = True,
+    overwrite: bool = False,
+    atol: float | None = None,
+    new_tokens: int = 8,
+) -> dict:
     """Export `checkpoint_dir` to `out_dir` (atomically) and validate it; return a summary with the numbers."""
     for module in ("onnx", "onnxscript", "onnxruntime"):
         require(module, "onnx")
@@ -241,8 +284,10 @@ def export_onnx(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *
             except Exception as exc:  # noqa: BLE001 - onnxruntime could not run the graph: still an export failure
                 logger.debug("validation failure", exc_info=True)
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ExportError(f"the ONNX graph of {type(model).__name__} does not run in onnxruntime: {first} "
-                                  "(nothing was written; run with -v for the trace)") from None
+                raise ExportError(
+                    f"the ONNX graph of {type(model).__name__} does not run in onnxruntime: {first} "
+                    "(nothing was written; run with -v for the trace)"
+                ) from None
             _update_metadata(tmp, validation=summary["validation"])
     summary["out"] = str(Path(out_dir).expanduser().resolve())
     return summary
@@ -259,14 +304,23 @@ def _write_metadata(out: Path, info, model, tokenizer, *, dtype: str, opset: int
     eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
     pad = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
     summary = {
-        "format": "gradprune-onnx/1", "graph": "model.onnx", "source": str(info.path), "architecture": info.architecture,
-        "num_layers": model.config.num_hidden_layers, "dtype": dtype,
+        "format": "gradprune-onnx/1",
+        "graph": "model.onnx",
+        "source": str(info.path),
+        "architecture": info.architecture,
+        "num_layers": model.config.num_hidden_layers,
+        "dtype": dtype,
         "opset": next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), opset),
-        "inputs": [i.name for i in graph.graph.input], "outputs": [o.name for o in graph.graph.output],
+        "inputs": [i.name for i in graph.graph.input],
+        "outputs": [o.name for o in graph.graph.output],
         "generation": {"eos_token_id": eos[0] if isinstance(eos, list) and len(eos) == 1 else eos, "pad_token_id": pad},
         "export_seconds": round(export_s, 1),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
-                     "onnxruntime": onnxruntime.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        },
     }
     (out / "gradprune_onnx.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -281,9 +335,16 @@ def _update_metadata(out: Path, **values) -> None:
 
 def export_onnx_from_config(config: OnnxExportConfig) -> dict:
     """`gradprune export onnx`: export, validate, print the summary (with the validation numbers) as JSON."""
-    summary = export_onnx(config.checkpoint, config.out, dtype=config.dtype, opset=config.opset,
-                          validate=config.validate, overwrite=config.overwrite, atol=config.atol,
-                          new_tokens=config.new_tokens)
+    summary = export_onnx(
+        config.checkpoint,
+        config.out,
+        dtype=config.dtype,
+        opset=config.opset,
+        validate=config.validate,
+        overwrite=config.overwrite,
+        atol=config.atol,
+        new_tokens=config.new_tokens,
+    )
     summary.pop("inputs", None)
     summary.pop("outputs", None)
     return summary

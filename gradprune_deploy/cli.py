@@ -22,22 +22,42 @@ from .errors import GradPruneError, Interrupted
 
 # name → (config dataclass, function taking that config), as "module:attr" for lazy import.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "compress": ("gradprune_deploy.compress.config:CompressConfig", "gradprune_deploy.compress.pipeline:compress_from_config",
-                 "prune a model with GradPruner and write a smaller standard checkpoint"),
-    "inspect": ("gradprune_deploy.manifest:InspectConfig", "gradprune_deploy.manifest:inspect_from_config",
-                "show a compressed checkpoint's gradprune.json"),
-    "eval": ("gradprune_deploy.evaluation.evaluate:EvalConfig", "gradprune_deploy.evaluation.evaluate:evaluate_from_config",
-             "evaluate a checkpoint on prompt/completion data (choice, exact, loss)"),
-    "export hub": ("exporters.hub:HubExportConfig", "exporters.hub:export_hub_from_config",
-                   "push a checkpoint to the Hugging Face Hub with a generated model card"),
-    "export onnx": ("exporters.onnx:OnnxExportConfig", "exporters.onnx:export_onnx_from_config",
-                    "export a KV-cache ONNX graph (prefill + decode), validated against PyTorch"),
-    "export vllm": ("exporters.vllm:VllmExportConfig", "exporters.vllm:export_vllm_from_config",
-                    "check a checkpoint is servable by vLLM and print the serve command"),
-    "serve": ("serving.vllm_server:ServeConfig", "serving.vllm_server:serve_from_config",
-              "serve a checkpoint with vLLM's OpenAI-compatible server"),
-    "bench": ("serving.bench:BenchConfig", "serving.bench:bench_from_config",
-              "benchmark dense vs pruned latency, throughput and memory"),
+    "compress": (
+        "gradprune_deploy.compress.config:CompressConfig",
+        "gradprune_deploy.compress.pipeline:compress_from_config",
+        "prune a model with GradPruner and write a smaller standard checkpoint",
+    ),
+    "inspect": (
+        "gradprune_deploy.manifest:InspectConfig",
+        "gradprune_deploy.manifest:inspect_from_config",
+        "show a compressed checkpoint's gradprune.json",
+    ),
+    "eval": (
+        "gradprune_deploy.evaluation.evaluate:EvalConfig",
+        "gradprune_deploy.evaluation.evaluate:evaluate_from_config",
+        "evaluate a checkpoint on prompt/completion data (choice, exact, loss)",
+    ),
+    "export hub": (
+        "exporters.hub:HubExportConfig",
+        "exporters.hub:export_hub_from_config",
+        "push a checkpoint to the Hugging Face Hub with a generated model card",
+    ),
+    "export onnx": (
+        "exporters.onnx:OnnxExportConfig",
+        "exporters.onnx:export_onnx_from_config",
+        "export a KV-cache ONNX graph (prefill + decode), validated against PyTorch",
+    ),
+    "export vllm": (
+        "exporters.vllm:VllmExportConfig",
+        "exporters.vllm:export_vllm_from_config",
+        "check a checkpoint is servable by vLLM and print the serve command",
+    ),
+    "serve": (
+        "serving.vllm_server:ServeConfig",
+        "serving.vllm_server:serve_from_config",
+        "serve a checkpoint with vLLM's OpenAI-compatible server",
+    ),
+    "bench": ("serving.bench:BenchConfig", "serving.bench:bench_from_config", "benchmark dense vs pruned latency, throughput and memory"),
 }
 
 
@@ -65,8 +85,11 @@ def build_parser(command: str) -> tuple[argparse.ArgumentParser, type]:
 
     config_ref, _, description = COMMANDS[command]
     config_cls = _load(config_ref)
-    parser = ArgumentParser(prog=f"gradprune {command}", description=description + "\n\n" + (config_cls.__doc__ or ""),
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog=f"gradprune {command}",
+        description=description + "\n\n" + (config_cls.__doc__ or ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_dataclass_arguments(parser, config_cls)
     parser.add_argument("--config", dest="_recipe", metavar="RECIPE.yaml", help="read options from a YAML file; flags win")
     parser.add_argument("-v", "--verbose", dest="_verbose", action="store_true", help="debug logging, and detail on errors")
@@ -75,8 +98,19 @@ def build_parser(command: str) -> tuple[argparse.ArgumentParser, type]:
 
 
 # OSErrors that mean "this path or this machine", which the user can fix: one line, not a traceback.
-_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
-                errno.ENAMETOOLONG, errno.ENOENT, errno.EEXIST, errno.EMFILE}
+_USER_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ENAMETOOLONG,
+    errno.ENOENT,
+    errno.EEXIST,
+    errno.EMFILE,
+}
 
 
 def _error(message: str) -> None:

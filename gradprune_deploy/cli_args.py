@@ -29,8 +29,8 @@ import yaml
 
 from .errors import ConfigError
 
-
 # -- the typed schema ---------------------------------------------------------------------------
+
 
 def flag_name(f: dataclasses.Field) -> str:
     """How the user spells a field: `--drop-layers`, or the positional's name (`checkpoint`)."""
@@ -148,8 +148,12 @@ def validate_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     """The same checks on a dict of field values, before the dataclass is built."""
     hints = _field_types(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    return {name: check_value(flag_name(fields[name]), hints[name], value, none_ok=fields[name].default is None)
-            if name in fields and name in hints else value for name, value in values.items()}
+    return {
+        name: check_value(flag_name(fields[name]), hints[name], value, none_ok=fields[name].default is None)
+        if name in fields and name in hints
+        else value
+        for name, value in values.items()
+    }
 
 
 def parse_text(flag: str, tp: Any, text: str) -> Any:
@@ -188,6 +192,7 @@ def parse_text(flag: str, tp: Any, text: str) -> Any:
 
 
 # -- argparse -----------------------------------------------------------------------------------
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are one ConfigError line (exit 2 via the CLI), not usage + message."""
@@ -230,6 +235,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 # -- YAML recipes -------------------------------------------------------------------------------
 
+
 class _RecipeLoader(yaml.SafeLoader):
     """YAML 1.2 core schema for scalars: only true/false are booleans (yes/no/on/off stay strings,
     and are then refused for a boolean option), and `2e-4` is a float."""
@@ -239,8 +245,7 @@ _RecipeLoader.yaml_implicit_resolvers = {
     key: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
     for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.copy().items()
 }
-_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                    list("tTfF"))
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
@@ -292,8 +297,11 @@ def build_config(cls: type, namespace: argparse.Namespace, recipe: str | None = 
             inner = (get_args(tp) or (str,))[0]
             value = [parse_text(flag_name(fields[name]), inner, v) if isinstance(v, str) else v for v in value]
         values[name] = value
-    missing = [flag_name(f) for f in fields.values() if f.name not in values
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        flag_name(f)
+        for f in fields.values()
+        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"{', '.join(missing)}: required (see --help)")
     values = validate_values(cls, values)  # also for configs whose __post_init__ does not call validate_fields yet

@@ -89,8 +89,10 @@ def _parse_file(path: Path) -> list[dict[str, Any]]:
             rows = list(reader)
             missing = [c for c in ("prompt", "completion") if c not in (reader.fieldnames or ())]
             if rows and missing:
-                raise DataError(f"{path}: no {' or '.join(missing)} column (columns: {', '.join(reader.fieldnames or [])}): "
-                                "the CSV needs prompt and completion columns")
+                raise DataError(
+                    f"{path}: no {' or '.join(missing)} column (columns: {', '.join(reader.fieldnames or [])}): "
+                    "the CSV needs prompt and completion columns"
+                )
             return rows
     if path.suffix not in (".jsonl", ".json"):
         raise DataError(f"{path}: unsupported data format {path.suffix!r}; use .jsonl or .csv")
@@ -141,9 +143,7 @@ def _bundled_gsm8k(split: str) -> list[dict[str, Any]]:
 def _to_example(record: dict[str, Any], where: str, index: int) -> Example:
     missing = [k for k in ("prompt", "completion") if record.get(k) in (None, "")]
     if missing:
-        raise DataError(
-            f"{where}: row {index + 1} has no {' or '.join(missing)}: every row needs a prompt and a completion (label)"
-        )
+        raise DataError(f"{where}: row {index + 1} has no {' or '.join(missing)}: every row needs a prompt and a completion (label)")
     prompt, completion = record["prompt"], record["completion"]
     if not isinstance(prompt, str) or not isinstance(completion, str):
         raise DataError(f"{where}: row {index + 1}: prompt and completion must be strings")
@@ -151,8 +151,10 @@ def _to_example(record: dict[str, Any], where: str, index: int) -> Example:
     if isinstance(choices, str):  # CSV: "a|b|c"
         choices = tuple(c for c in choices.split("|") if c)
     if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
-        raise DataError(f"{where}: row {index + 1}: `choices` must be a list of strings, got {json.dumps(choices, default=str)[:60]}: "
-                        "fix the data (or leave `choices` out for free-form completions)")
+        raise DataError(
+            f"{where}: row {index + 1}: `choices` must be a list of strings, got {json.dumps(choices, default=str)[:60]}: "
+            "fix the data (or leave `choices` out for free-form completions)"
+        )
     return Example(prompt=prompt, completion=completion, choices=tuple(choices), id=str(record.get("id", index)))
 
 

@@ -96,8 +96,7 @@ def resolve_source(source: str | os.PathLike, *, allow_pickle: bool = False) -> 
     if _HUB_ID.match(text):
         return ModelSource(_cached_hub_snapshot(text, allow_pickle=allow_pickle), label=text)
     raise ModelLoadError(
-        f"model {text!r} not found: give a checkpoint directory, a .gguf file, a Hub id in the local "
-        f"cache, or {DEFAULT_MODEL}"
+        f"model {text!r} not found: give a checkpoint directory, a .gguf file, a Hub id in the local cache, or {DEFAULT_MODEL}"
     )
 
 
@@ -209,11 +208,14 @@ def check_weights_cover_model(path: str | os.PathLike) -> None:
         return
     stored = safetensors_tensors(path)
     prefix = getattr(model, "base_model_prefix", "") or ""
-    strip = bool(prefix) and not any(k.startswith(prefix + ".") for k in stored) \
+    strip = (
+        bool(prefix)
+        and not any(k.startswith(prefix + ".") for k in stored)
         and any(n.startswith(prefix + ".") for names, _ in groups for n in names)
+    )
 
     def as_stored(name: str) -> str:  # a bare base-model checkpoint stores `layers.0...` for `model.layers.0...`
-        return name[len(prefix) + 1:] if strip and name.startswith(prefix + ".") else name
+        return name[len(prefix) + 1 :] if strip and name.startswith(prefix + ".") else name
 
     missing, mismatched, known = [], [], set()
     for names, shape in groups:
@@ -253,8 +255,14 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        return {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }[dtype]
     except KeyError:
         raise ModelLoadError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16") from None
 
@@ -284,11 +292,16 @@ def _load_gguf(directory: Path, gguf_file: str, *, dtype: torch.dtype):
 
 def _refuse_incomplete_load(path: Path, info: dict) -> None:
     """The loader's own account (pickled weights, custom code): anything it had to invent is refused."""
-    problems = [f"{len(info[k])} {k.replace('_keys', '')} ({', '.join(sorted(map(str, info[k]))[:_SHOW_KEYS])})"
-                for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
+    problems = [
+        f"{len(info[k])} {k.replace('_keys', '')} ({', '.join(sorted(map(str, info[k]))[:_SHOW_KEYS])})"
+        for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        if info.get(k)
+    ]
     if problems:
-        raise ModelLoadError(f"{path}: the weights do not match the model config.json describes: {'; '.join(problems)}: "
-                             "use a complete checkpoint (or fix config.json)")
+        raise ModelLoadError(
+            f"{path}: the weights do not match the model config.json describes: {'; '.join(problems)}: "
+            "use a complete checkpoint (or fix config.json)"
+        )
 
 
 def load_model_and_tokenizer(
@@ -312,8 +325,11 @@ def load_model_and_tokenizer(
             )
         try:
             model, info = AutoModelForCausalLM.from_pretrained(
-                resolved.path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                use_safetensors=not allow_pickle or None, output_loading_info=True,
+                resolved.path,
+                dtype=torch_dtype,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=not allow_pickle or None,
+                output_loading_info=True,
             )
             _refuse_incomplete_load(resolved.path, info)
             tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)

@@ -153,8 +153,10 @@ class Manifest:
     def from_dict(cls, record: dict[str, Any], *, where: str = MANIFEST_NAME) -> Manifest:
         version = record.get("schema_version", 1)
         if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise GradPruneError(f"{where}: schema_version {version!r} is newer than this gradprune-deploy reads "
-                                 f"({SCHEMA_VERSION}): upgrade gradprune-deploy")
+            raise GradPruneError(
+                f"{where}: schema_version {version!r} is newer than this gradprune-deploy reads "
+                f"({SCHEMA_VERSION}): upgrade gradprune-deploy"
+            )
         if version == 1:
             record = _upgrade_v1(record)
         try:
@@ -270,10 +272,16 @@ def _fmt(value, spec: str = ".3f") -> str:
 def quality_table(ledger: QualityLedger) -> list[str]:
     """The ledger as aligned text lines (inspect and the compress summary print them)."""
     has_acc = any(p.accuracy is not None for p in ledger.points)
-    lines = [f"held-out quality on {ledger.rows} validation rows ({ledger.validation}):",
-             f"  {'stage':<16} {'loss':>8} {'ppl':>9}" + (f" {'accuracy':>16}" if has_acc else "")]
+    lines = [
+        f"held-out quality on {ledger.rows} validation rows ({ledger.validation}):",
+        f"  {'stage':<16} {'loss':>8} {'ppl':>9}" + (f" {'accuracy':>16}" if has_acc else ""),
+    ]
     for p in ledger.points:
-        acc = (f" {100 * p.accuracy:>8.1f} ± {100 * (p.accuracy_se or 0):.1f}" if p.accuracy is not None else f" {'–':>16}") if has_acc else ""
+        acc = (
+            (f" {100 * p.accuracy:>8.1f} ± {100 * (p.accuracy_se or 0):.1f}" if p.accuracy is not None else f" {'–':>16}")
+            if has_acc
+            else ""
+        )
         lines.append(f"  {p.stage:<16} {_fmt(p.loss):>8} {_fmt(p.perplexity, '.2f'):>9}{acc}")
     if ledger.verdict:
         lines.append(("  WARNING: " if ledger.warning else "  ") + ledger.verdict)
@@ -292,16 +300,22 @@ def summarize(m: Manifest) -> str:
         f"parameters      {m.params_before:,} → {m.params_after:,}{ratio}",
     ]
     if m.scorer == "igia" and m.scoring.get("probe_steps") is not None:
-        lines.append(f"probe           {m.scoring.get('probe_steps')} informative steps (+{m.scoring.get('zero_gradient_steps')} "
-                     f"zero-gradient), {m.scoring.get('seconds', 0):.1f} s")
+        lines.append(
+            f"probe           {m.scoring.get('probe_steps')} informative steps (+{m.scoring.get('zero_gradient_steps')} "
+            f"zero-gradient), {m.scoring.get('seconds', 0):.1f} s"
+        )
     if m.merge.enabled:
         into = ", ".join(f"{src}→{dst}" for src, dst in m.merge.targets.items())
-        lines.append(f"merge           {into}: top {m.merge.keep_top_p:.0%} by {m.merge.criterion.upper()}, same sign; "
-                     f"{m.merge.merged_entries_total:,} entries added")
+        lines.append(
+            f"merge           {into}: top {m.merge.keep_top_p:.0%} by {m.merge.criterion.upper()}, same sign; "
+            f"{m.merge.merged_entries_total:,} entries added"
+        )
     ft = m.finetune
     if ft.mode != "none":
-        lines.append(f"fine-tune       {ft.mode} {ft.objective}, {ft.steps} steps, loss {_fmt(ft.first_logged_loss)} → "
-                     f"{_fmt(ft.last_logged_loss)}, {ft.seconds:.1f} s")
+        lines.append(
+            f"fine-tune       {ft.mode} {ft.objective}, {ft.steps} steps, loss {_fmt(ft.first_logged_loss)} → "
+            f"{_fmt(ft.last_logged_loss)}, {ft.seconds:.1f} s"
+        )
     if m.quality:
         lines += quality_table(m.quality)
     lines.append(f"total time      {m.timings.get('total_seconds', 0):.1f} s")

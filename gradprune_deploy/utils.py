@@ -8,8 +8,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import MissingDependencyError, OutputExistsError
 
@@ -36,9 +36,7 @@ def is_available(module: str) -> bool:
 def require(module: str, extra: str) -> None:
     """Raise a one-line error naming the extra that provides `module`."""
     if not is_available(module):
-        raise MissingDependencyError(
-            f"`{module}` is not installed: pip install 'gradprune-deploy[{extra}]'"
-        )
+        raise MissingDependencyError(f"`{module}` is not installed: pip install 'gradprune-deploy[{extra}]'")
 
 
 def _first_existing(path: Path) -> Path:

@@ -61,7 +61,10 @@ class BenchConfig:
     pruned: str = field(default=None, metadata={"help": "the pruned checkpoint directory (the report goes to PRUNED/bench unless --out)"})
     backend: Literal["hf", "onnx", "vllm", "all"] = field(default="all", metadata={"help": "runtime(s) to measure"})
     device: Literal["cpu", "cuda"] = field(default="cpu", metadata={"help": "where the models run"})
-    prompts: str = field(default=DEFAULT_PROMPTS, metadata={"help": "prompt text source: .jsonl/.csv with a prompt column, a folder of splits, or bundled:gsm8k"})
+    prompts: str = field(
+        default=DEFAULT_PROMPTS,
+        metadata={"help": "prompt text source: .jsonl/.csv with a prompt column, a folder of splits, or bundled:gsm8k"},
+    )
     input_len: int = field(default=128, metadata={"help": "prompt length in tokens (every prompt is cut to exactly this)"})
     output_len: int = field(default=64, metadata={"help": "tokens generated per request (greedy, EOS ignored)"})
     num_prompts: int = field(default=8, metadata={"help": "prompts per run at concurrency 1"})
@@ -69,29 +72,49 @@ class BenchConfig:
     warmup: int = field(default=1, metadata={"help": "unrecorded warm-up runs per model before the measured ones"})
     concurrency: int = field(default=16, metadata={"help": "concurrent clients for the vLLM throughput run"})
     num_requests: int = field(default=200, metadata={"help": "requests per vLLM run at --concurrency"})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weights dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16"})
-    out: str | None = field(default=None, metadata={"help": "report directory (default: PRUNED/bench, where the Hub model card picks it up)"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "weights dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16"}
+    )
+    out: str | None = field(
+        default=None, metadata={"help": "report directory (default: PRUNED/bench, where the Hub model card picks it up)"}
+    )
     tolerance: float = field(default=0.05, metadata={"help": "allowed |measured − ideal| for the time-per-output-token ratio check"})
     max_model_len: int = field(default=2048, metadata={"help": "vLLM --max-model-len"})
-    kv_cache_gib: int = field(default=2, metadata={"help": "vLLM KV-cache size in whole GiB, the same for both models (CPU: VLLM_CPU_KVCACHE_SPACE; CUDA: --kv-cache-memory-bytes)"})
+    kv_cache_gib: int = field(
+        default=2,
+        metadata={
+            "help": "vLLM KV-cache size in whole GiB, the same for both models (CPU: VLLM_CPU_KVCACHE_SPACE; CUDA: --kv-cache-memory-bytes)"
+        },
+    )
     onnx_dense: str | None = field(default=None, metadata={"help": "an existing ONNX export of --dense (default: export into the cache)"})
     onnx_pruned: str | None = field(default=None, metadata={"help": "an existing ONNX export of --pruned (default: export into the cache)"})
     threads: int = field(default=0, metadata={"help": "CPU threads per model (0: all cores); on a shared machine 1 is steadier"})
     startup_timeout_s: int = field(default=900, metadata={"help": "how long a model server or worker may take to start"})
     plot: bool = field(default=True, metadata={"help": "write benchmark.png"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a report in --out that is for another pair, or that "
-                                                             "already holds results for the backends measured now"})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "replace a report in --out that is for another pair, or that already holds results for the backends measured now"
+        },
+    )
 
     def __post_init__(self):
         validate_fields(self)
         for flag, value in (("--dense", self.dense), ("--pruned", self.pruned)):
             if not value:
                 raise ConfigError(f"{flag} is required: give a checkpoint directory")
-        for flag, value, low in (("--input-len", self.input_len, 1), ("--output-len", self.output_len, 2),
-                                 ("--num-prompts", self.num_prompts, 1), ("--runs", self.runs, 1),
-                                 ("--warmup", self.warmup, 0), ("--threads", self.threads, 0), ("--concurrency", self.concurrency, 1),
-                                 ("--num-requests", self.num_requests, 1), ("--kv-cache-gib", self.kv_cache_gib, 1),
-                                 ("--startup-timeout-s", self.startup_timeout_s, 1)):
+        for flag, value, low in (
+            ("--input-len", self.input_len, 1),
+            ("--output-len", self.output_len, 2),
+            ("--num-prompts", self.num_prompts, 1),
+            ("--runs", self.runs, 1),
+            ("--warmup", self.warmup, 0),
+            ("--threads", self.threads, 0),
+            ("--concurrency", self.concurrency, 1),
+            ("--num-requests", self.num_requests, 1),
+            ("--kv-cache-gib", self.kv_cache_gib, 1),
+            ("--startup-timeout-s", self.startup_timeout_s, 1),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 why = " (time per output token needs a second token)" if flag == "--output-len" else ""
                 raise ConfigError(f"{flag} must be an integer ≥ {low}{why}, got {value!r}")
@@ -120,14 +143,17 @@ class BenchConfig:
 
 # -- checks before anything heavy starts ------------------------------------------------------
 
+
 def check_environment(config: BenchConfig) -> None:
     """Backends installed and the device present, or one error naming the fix."""
     if config.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False): "
-                              "use --device cpu, or install the GPU stack with GRADPRUNE_GPU=1 bash scripts/setup.sh")
+            raise ConfigError(
+                "--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False): "
+                "use --device cpu, or install the GPU stack with GRADPRUNE_GPU=1 bash scripts/setup.sh"
+            )
     for backend in config.backends:
         if backend == "onnx":
             if config.onnx_dtype == "bfloat16":
@@ -139,8 +165,10 @@ def check_environment(config: BenchConfig) -> None:
                 import onnxruntime
 
                 if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-                    raise ConfigError("--backend onnx --device cuda: onnxruntime has no CUDAExecutionProvider: "
-                                      "pip install 'gradprune-deploy[onnx-gpu]' (onnxruntime-gpu) in place of onnxruntime")
+                    raise ConfigError(
+                        "--backend onnx --device cuda: onnxruntime has no CUDAExecutionProvider: "
+                        "pip install 'gradprune-deploy[onnx-gpu]' (onnxruntime-gpu) in place of onnxruntime"
+                    )
         elif backend == "vllm":
             require("vllm", "vllm" if config.device == "cuda" else "vllm-cpu")
             if config.device == "cpu" and not is_available("psutil"):
@@ -155,8 +183,10 @@ def resolve_checkpoints(dense: str, pruned: str) -> tuple[Path, Path]:
     for flag, source in (("--dense", dense), ("--pruned", pruned)):
         resolved = resolve_source(source)
         if resolved.gguf_file:
-            raise ConfigError(f"{flag} {source}: bench needs a safetensors checkpoint directory, not a GGUF file "
-                              "(bundled:SmolLM2-135M-Instruct is converted automatically)")
+            raise ConfigError(
+                f"{flag} {source}: bench needs a safetensors checkpoint directory, not a GGUF file "
+                "(bundled:SmolLM2-135M-Instruct is converted automatically)"
+            )
         dirs.append(resolved.path)
     if same_model(*dirs):
         logger.warning("--dense and --pruned are the same model (%s): every ratio will be about 1", dirs[0])
@@ -177,10 +207,15 @@ def load_common_tokenizer(dense_dir: Path, pruned_dir: Path):
 
     dense_tok, pruned_tok = (AutoTokenizer.from_pretrained(d) for d in (dense_dir, pruned_dir))
     probe = "Benchmark probe: 12 apples, ünïcødé, <|im_start|> and\ttabs."
-    if (dense_tok.get_vocab() != pruned_tok.get_vocab() or dense_tok.all_special_ids != pruned_tok.all_special_ids
-            or dense_tok(probe)["input_ids"] != pruned_tok(probe)["input_ids"]):
-        raise ConfigError(f"--dense {dense_dir} and --pruned {pruned_dir} have different tokenizers: the same prompts would "
-                          "not be the same work, so the two are not comparable; benchmark a pruned model against its own original")
+    if (
+        dense_tok.get_vocab() != pruned_tok.get_vocab()
+        or dense_tok.all_special_ids != pruned_tok.all_special_ids
+        or dense_tok(probe)["input_ids"] != pruned_tok(probe)["input_ids"]
+    ):
+        raise ConfigError(
+            f"--dense {dense_dir} and --pruned {pruned_dir} have different tokenizers: the same prompts would "
+            "not be the same work, so the two are not comparable; benchmark a pruned model against its own original"
+        )
     return dense_tok
 
 
@@ -199,28 +234,36 @@ def check_report_out(out_dir: Path, dense_dir: Path, pruned_dir: Path, backends:
     try:
         old = json.loads(json_path.read_text())
     except (OSError, json.JSONDecodeError):
-        raise OutputExistsError(f"--out {out_dir} holds {ours[0]} but no readable report.json: choose another --out or "
-                                "pass --overwrite to replace it") from None
+        raise OutputExistsError(
+            f"--out {out_dir} holds {ours[0]} but no readable report.json: choose another --out or pass --overwrite to replace it"
+        ) from None
     if not isinstance(old, dict) or (old.get("dense"), old.get("pruned")) != (str(dense_dir), str(pruned_dir)):
-        raise OutputExistsError(f"--out {out_dir} holds the report of another pair (dense {old.get('dense') if isinstance(old, dict) else '?'}): "
-                                "choose another --out or pass --overwrite to replace it")
+        raise OutputExistsError(
+            f"--out {out_dir} holds the report of another pair (dense {old.get('dense') if isinstance(old, dict) else '?'}): "
+            "choose another --out or pass --overwrite to replace it"
+        )
     again = sorted(set(old.get("backends") or {}) & set(backends))
     if again:
-        raise OutputExistsError(f"--out {out_dir} already holds {', '.join(again)} results for this pair: pass --overwrite to "
-                                "measure them again, or choose another --out")
+        raise OutputExistsError(
+            f"--out {out_dir} already holds {', '.join(again)} results for this pair: pass --overwrite to "
+            "measure them again, or choose another --out"
+        )
 
 
 def check_lengths(config: BenchConfig, dense_dir: Path) -> None:
     limit = json.loads((dense_dir / "config.json").read_text()).get("max_position_embeddings")
     total = config.input_len + config.output_len
     if limit and total > limit:
-        raise ConfigError(f"--input-len {config.input_len} + --output-len {config.output_len} = {total} exceeds the model's "
-                          f"max_position_embeddings {limit}: shorten them")
+        raise ConfigError(
+            f"--input-len {config.input_len} + --output-len {config.output_len} = {total} exceeds the model's "
+            f"max_position_embeddings {limit}: shorten them"
+        )
     if "vllm" in config.backends and total > config.max_model_len:
         raise ConfigError(f"--input-len + --output-len = {total} exceeds --max-model-len {config.max_model_len}: raise it or shorten them")
 
 
 # -- prompts and schedule (pure) ----------------------------------------------------------------
+
 
 def build_prompts(token_lists: list[list[int]], *, num_prompts: int, input_len: int, separator: list[int] = ()) -> list[list[int]]:
     """`num_prompts` prompts of exactly `input_len` tokens: prompt i starts with text i and runs on
@@ -259,6 +302,7 @@ def read_prompt_tokens(source: str, tokenizer, *, num_prompts: int, input_len: i
 
 # -- orchestration ------------------------------------------------------------------------------
 
+
 def describe_machine(device: str) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -269,8 +313,13 @@ def describe_machine(device: str) -> dict[str, Any]:
         ram = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
     except OSError:
         ram = None
-    machine = {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(ram, 1) if ram else None,
-               "platform": platform.platform(), "load_average_at_start": list(os.getloadavg())}
+    machine = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(ram, 1) if ram else None,
+        "platform": platform.platform(),
+        "load_average_at_start": list(os.getloadavg()),
+    }
     if device == "cuda":
         import torch
 
@@ -308,9 +357,16 @@ def bench(config: BenchConfig) -> dict[str, Any]:
     machine = describe_machine(config.device)
     from gradprune_deploy.manifest import command_line
 
-    report: dict[str, Any] = {"schema": report_lib.REPORT_SCHEMA, "dense": str(dense_dir), "pruned": str(pruned_dir),
-                              "machine": machine, "ideal": ideal, "tolerance": config.tolerance,
-                              "command": command_line(), "backends": {}}
+    report: dict[str, Any] = {
+        "schema": report_lib.REPORT_SCHEMA,
+        "dense": str(dense_dir),
+        "pruned": str(pruned_dir),
+        "machine": machine,
+        "ideal": ideal,
+        "tolerance": config.tolerance,
+        "command": command_line(),
+        "backends": {},
+    }
     for backend in config.backends:
         logger.info("benchmarking %s on %s: dense %s vs pruned %s", backend, config.device, dense_dir.name, pruned_dir.name)
         start, load_before = time.perf_counter(), list(os.getloadavg())
@@ -344,8 +400,12 @@ def settings_of(config: BenchConfig, backend: str) -> dict[str, Any]:
     if backend != "vllm":  # vLLM binds its own CPU threads (VLLM_CPU_OMP_THREADS_BIND)
         settings["threads"] = config.threads or os.cpu_count()
     else:
-        settings.update(concurrency=config.concurrency, num_requests=config.num_requests,
-                        max_model_len=config.max_model_len, kv_cache_gib=config.kv_cache_gib)
+        settings.update(
+            concurrency=config.concurrency,
+            num_requests=config.num_requests,
+            max_model_len=config.max_model_len,
+            kv_cache_gib=config.kv_cache_gib,
+        )
     return settings
 
 

@@ -40,11 +40,21 @@ class Worker:
     def __init__(self, label: str, args: list[str], *, log_dir: Path):
         self.label = label
         self.log_path = log_dir / f"worker-{label}.log"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-                   TOKENIZERS_PARALLELISM="false")
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+            TOKENIZERS_PARALLELISM="false",
+        )
         self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "serving.bench_worker", *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._log, text=True, env=env, cwd=PROJECT_ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "serving.bench_worker", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env=env,
+            cwd=PROJECT_ROOT,
+        )
         self.ready: dict[str, Any] = {}
 
     def wait_ready(self, timeout: float) -> dict[str, Any]:
@@ -59,8 +69,10 @@ class Worker:
     def _read(self, timeout: float) -> dict[str, Any]:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
-            raise ServingError(f"the {self.label} benchmark worker did not answer within {timeout:.0f} s "
-                               f"(raise --startup-timeout-s if the machine is slow); its log ends: {self._tail(1)}")
+            raise ServingError(
+                f"the {self.label} benchmark worker did not answer within {timeout:.0f} s "
+                f"(raise --startup-timeout-s if the machine is slow); its log ends: {self._tail(1)}"
+            )
         line = self.proc.stdout.readline()
         if not line:
             raise ServingError(f"the {self.label} benchmark worker exited with status {self.proc.wait()}: {self._tail()}")
@@ -97,8 +109,9 @@ def per_run_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def run_worker_backend(backend: str, checkpoints: dict[str, Path], prompts: list[list[int]], config: "BenchConfig",
-                       *, onnx_dirs: dict[str, Path] | None = None) -> dict[str, Any]:
+def run_worker_backend(
+    backend: str, checkpoints: dict[str, Path], prompts: list[list[int]], config: BenchConfig, *, onnx_dirs: dict[str, Path] | None = None
+) -> dict[str, Any]:
     """hf or onnx: start both workers, run the interleaved schedule, collect per-run samples."""
     from .bench import interleaved_schedule, settings_of
 
@@ -106,8 +119,18 @@ def run_worker_backend(backend: str, checkpoints: dict[str, Path], prompts: list
     workers: dict[str, Worker] = {}
     try:
         for label, directory in checkpoints.items():
-            args = ["--backend", backend, "--model", str(directory), "--device", config.device, "--dtype", config.torch_dtype,
-                    "--threads", str(config.threads)]
+            args = [
+                "--backend",
+                backend,
+                "--model",
+                str(directory),
+                "--device",
+                config.device,
+                "--dtype",
+                config.torch_dtype,
+                "--threads",
+                str(config.threads),
+            ]
             if onnx_dirs:
                 args += ["--onnx-dir", str(onnx_dirs[label])]
             workers[label] = Worker(label, args, log_dir=log_dir)
@@ -151,11 +174,14 @@ def run_worker_backend(backend: str, checkpoints: dict[str, Path], prompts: list
         "samples": samples,
         "load_s": {label: round(r["load_s"], 2) for label, r in ready.items()},
         "memory": stats,
-        "notes": ["memory: each model in its own worker process; peak RSS is the process's high-water mark VmHWM (loading included); "
-                  "'above the runtime' subtracts the RSS after importing the runtime, before loading the model; "
-                  "'steady' is the RSS after the runs, above that same baseline"
-                  if config.device == "cpu" else "memory: per-model worker process",
-                  f"greedy outputs identical for {same}/{len(outputs['dense'])} prompts (pruning changes the model; expected to differ)"],
+        "notes": [
+            "memory: each model in its own worker process; peak RSS is the process's high-water mark VmHWM (loading included); "
+            "'above the runtime' subtracts the RSS after importing the runtime, before loading the model; "
+            "'steady' is the RSS after the runs, above that same baseline"
+            if config.device == "cpu"
+            else "memory: per-model worker process",
+            f"greedy outputs identical for {same}/{len(outputs['dense'])} prompts (pruning changes the model; expected to differ)",
+        ],
     }
 
 
@@ -169,12 +195,15 @@ def _device_name(device: str) -> str | None:
 
 # -- onnx ---------------------------------------------------------------------------------------
 
+
 def onnx_cache_dir(checkpoint: Path, dtype: str) -> Path:
     """Where an automatic export of this checkpoint lives: keyed by path, weights' size and mtime."""
     from gradprune_deploy.loading import cache_dir
 
-    stamp = [str(checkpoint.resolve()), dtype] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                                                   for p in sorted(checkpoint.glob("*.safetensors")) + [checkpoint / "config.json"]]
+    stamp = [str(checkpoint.resolve()), dtype] + [
+        f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+        for p in sorted(checkpoint.glob("*.safetensors")) + [checkpoint / "config.json"]
+    ]
     key = hashlib.sha1("\n".join(stamp).encode()).hexdigest()[:16]
     return cache_dir() / "bench-onnx" / f"{checkpoint.name}-{key}"
 
@@ -184,7 +213,9 @@ def ensure_onnx_export(checkpoint: Path, given: str | None, *, dtype: str = "flo
     if given:
         path = Path(given).expanduser().resolve()
         if not path.is_dir():
-            raise ServingError(f"ONNX export {path} not found: check --onnx-dense / --onnx-pruned, or leave them out to export automatically")
+            raise ServingError(
+                f"ONNX export {path} not found: check --onnx-dense / --onnx-pruned, or leave them out to export automatically"
+            )
         return path, "given"
     out = onnx_cache_dir(checkpoint, dtype)
     if (out / "gradprune_onnx.json").is_file() and (out / "model.onnx").is_file():
@@ -196,7 +227,7 @@ def ensure_onnx_export(checkpoint: Path, given: str | None, *, dtype: str = "flo
     return out, "exported"
 
 
-def run_onnx(checkpoints: dict[str, Path], prompts: list[list[int]], config: "BenchConfig") -> dict[str, Any]:
+def run_onnx(checkpoints: dict[str, Path], prompts: list[list[int]], config: BenchConfig) -> dict[str, Any]:
     given = {"dense": config.onnx_dense, "pruned": config.onnx_pruned}
     exports = {label: ensure_onnx_export(directory, given[label], dtype=config.onnx_dtype) for label, directory in checkpoints.items()}
     result = run_worker_backend("onnx", checkpoints, prompts, config, onnx_dirs={k: v[0] for k, v in exports.items()})

@@ -129,13 +129,30 @@ def run_bench_serve(server, prompts: list[list[int]], *, output_len: int, concur
 
     requests = [SampleRequest(prompt=ids, prompt_len=len(ids), expected_output_len=output_len) for ids in prompts]
     kwargs = dict(
-        task_type=getattr(getattr(vllm_serve, "TaskType", None), "GENERATION", None), endpoint_type="vllm",
-        backend="vllm", api_url=f"{server.base_url}/v1/completions", base_url=server.base_url, model_id=server.model,
-        model_name=server.model, tokenizer=tokenizer, input_requests=requests, logprobs=None,
-        request_rate=float("inf"), burstiness=1.0, disable_tqdm=True, num_warmups=0, profile=False,
-        selected_percentile_metrics=["ttft", "tpot", "itl", "e2el"], selected_percentiles=[50.0, 99.0],
-        ignore_eos=True, goodput_config_dict={}, max_concurrency=concurrency, lora_modules=None,
-        extra_headers=None, extra_body={"temperature": 0.0}, ready_check_timeout_sec=0,
+        task_type=getattr(getattr(vllm_serve, "TaskType", None), "GENERATION", None),
+        endpoint_type="vllm",
+        backend="vllm",
+        api_url=f"{server.base_url}/v1/completions",
+        base_url=server.base_url,
+        model_id=server.model,
+        model_name=server.model,
+        tokenizer=tokenizer,
+        input_requests=requests,
+        logprobs=None,
+        request_rate=float("inf"),
+        burstiness=1.0,
+        disable_tqdm=True,
+        num_warmups=0,
+        profile=False,
+        selected_percentile_metrics=["ttft", "tpot", "itl", "e2el"],
+        selected_percentiles=[50.0, 99.0],
+        ignore_eos=True,
+        goodput_config_dict={},
+        max_concurrency=concurrency,
+        lora_modules=None,
+        extra_headers=None,
+        extra_body={"temperature": 0.0},
+        ready_check_timeout_sec=0,
     )
     accepted = inspect.signature(vllm_serve.benchmark).parameters
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
@@ -177,7 +194,7 @@ class _ServerThread(threading.Thread):
 
 
 @contextlib.contextmanager
-def _running_servers(checkpoints: dict[str, Path], config: "BenchConfig", log_dir: Path):
+def _running_servers(checkpoints: dict[str, Path], config: BenchConfig, log_dir: Path):
     """Both servers started at once (start-up is mostly compilation; they overlap well), both stopped on exit."""
     from .vllm_server import start_server
 
@@ -185,9 +202,18 @@ def _running_servers(checkpoints: dict[str, Path], config: "BenchConfig", log_di
     if config.device == "cuda":  # the same KV cache for both, so weight memory is all that differs
         extra = ["--kv-cache-memory-bytes", str(int(config.kv_cache_gib * 2**30))]
     threads = [
-        _ServerThread(label, start_server(directory, dtype=config.torch_dtype, max_model_len=config.max_model_len,
-                                          kv_cache_gib=config.kv_cache_gib, extra_args=tuple(extra),
-                                          startup_timeout_s=config.startup_timeout_s, log_path=log_dir / f"vllm-{label}.log"))
+        _ServerThread(
+            label,
+            start_server(
+                directory,
+                dtype=config.torch_dtype,
+                max_model_len=config.max_model_len,
+                kv_cache_gib=config.kv_cache_gib,
+                extra_args=tuple(extra),
+                startup_timeout_s=config.startup_timeout_s,
+                log_path=log_dir / f"vllm-{label}.log",
+            ),
+        )
         for label, directory in checkpoints.items()
     ]
     try:
@@ -213,12 +239,12 @@ def _weights_gib(log_path: Path) -> float | None:
     return float(found[-1]) if found else None
 
 
-def run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, config: "BenchConfig") -> dict[str, Any]:
+def run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, config: BenchConfig) -> dict[str, Any]:
     with scratch_dir("gradprune-bench-vllm-") as log_dir:  # server logs: read for the weights line, then removed
         return _run_vllm(checkpoints, prompts, tokenizer, config, log_dir)
 
 
-def _run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, config: "BenchConfig", log_dir: Path) -> dict[str, Any]:
+def _run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, config: BenchConfig, log_dir: Path) -> dict[str, Any]:
     from .bench import settings_of
 
     single = prompts[: config.num_prompts]
@@ -240,21 +266,35 @@ def _run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer,
                 for label, server in servers.items():  # concurrency 1, A B
                     r = run_bench_serve(server, single, output_len=config.output_len, concurrency=1, tokenizer=tokenizer)
                     if measured:
-                        _add(samples[label], ttft_s=r["median_ttft_ms"] / 1e3, tpot_s=r["median_tpot_ms"] / 1e3,
-                             e2e_s=r["median_e2el_ms"] / 1e3, output_tok_s=r["output_throughput"])
+                        _add(
+                            samples[label],
+                            ttft_s=r["median_ttft_ms"] / 1e3,
+                            tpot_s=r["median_tpot_ms"] / 1e3,
+                            e2e_s=r["median_e2el_ms"] / 1e3,
+                            output_tok_s=r["output_throughput"],
+                        )
                         failed[label] += r["failed"]
                         completed[label] += r["completed"]
                 for label, server in servers.items():  # concurrency N, A B
-                    r = run_bench_serve(server, many if measured else warm, output_len=config.output_len,
-                                        concurrency=config.concurrency, tokenizer=tokenizer)
+                    r = run_bench_serve(
+                        server,
+                        many if measured else warm,
+                        output_len=config.output_len,
+                        concurrency=config.concurrency,
+                        tokenizer=tokenizer,
+                    )
                     if measured:
-                        _add(samples[label], output_tok_s_concurrent=r["output_throughput"],
-                             tpot_s_concurrent=r["median_tpot_ms"] / 1e3)
+                        _add(samples[label], output_tok_s_concurrent=r["output_throughput"], tpot_s_concurrent=r["median_tpot_ms"] / 1e3)
                         failed[label] += r["failed"]
                         completed[label] += r["completed"]
-        server_info = {label: {"pid": s.pid, "base_url": s.base_url, "startup_s": round(getattr(s, "started_s", 0.0), 1),
-                               }
-                       for label, s in servers.items()}
+        server_info = {
+            label: {
+                "pid": s.pid,
+                "base_url": s.base_url,
+                "startup_s": round(getattr(s, "started_s", 0.0), 1),
+            }
+            for label, s in servers.items()
+        }
     for label in checkpoints:
         if config.device == "cpu":
             samples[label]["peak_rss_bytes"] = [samplers[label].peak]
@@ -263,9 +303,14 @@ def _run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer,
             samples[label]["model_weights_bytes"] = [weights * 2**30]
     if any(failed.values()):
         logger.warning("vLLM failed requests: %s", failed)
-    memory = {label: {"peak_tree_rss_bytes": sampler.peak, "peak_rss_bytes_by_process": sampler.peak_by_process,
-                      "weights_gib_logged": _weights_gib(log_dir / f"vllm-{label}.log")}
-              for label, sampler in samplers.items()}
+    memory = {
+        label: {
+            "peak_tree_rss_bytes": sampler.peak,
+            "peak_rss_bytes_by_process": sampler.peak_by_process,
+            "weights_gib_logged": _weights_gib(log_dir / f"vllm-{label}.log"),
+        }
+        for label, sampler in samplers.items()
+    }
     return {
         "device": config.device,
         "settings": settings_of(config, "vllm"),
@@ -274,10 +319,12 @@ def _run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer,
         "completed_requests": completed,
         "servers": server_info,
         "memory": memory,
-        "notes": ["requests sent by vllm.benchmarks.serve.benchmark (the `vllm bench serve` engine) with token-id prompts, "
-                  "ignore_eos, temperature 0; both servers alive together, passes interleaved A B A B",
-                  "memory: peak summed RSS of the server process tree, sampled every 0.2 s while serving; "
-                  f"the KV cache is {config.kv_cache_gib:g} GiB in both"],
+        "notes": [
+            "requests sent by vllm.benchmarks.serve.benchmark (the `vllm bench serve` engine) with token-id prompts, "
+            "ignore_eos, temperature 0; both servers alive together, passes interleaved A B A B",
+            "memory: peak summed RSS of the server process tree, sampled every 0.2 s while serving; "
+            f"the KV cache is {config.kv_cache_gib:g} GiB in both",
+        ],
     }
 
 

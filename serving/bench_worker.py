@@ -63,8 +63,13 @@ def gpu_memory_of_pid(pid: int) -> int | None:
     import subprocess
 
     try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
     except Exception:  # noqa: BLE001
         return None
     for line in out.splitlines():
@@ -153,8 +158,13 @@ class OnnxRunner:
 
 def _timing(start: float, first: float, end: float, tokens: list[int]) -> dict:
     n = len(tokens)
-    return {"ttft_s": first - start, "tpot_s": (end - first) / (n - 1) if n > 1 else 0.0, "e2e_s": end - start,
-            "output_tokens": n, "token_ids": tokens}
+    return {
+        "ttft_s": first - start,
+        "tpot_s": (end - first) / (n - 1) if n > 1 else 0.0,
+        "e2e_s": end - start,
+        "output_tokens": n,
+        "token_ids": tokens,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
                 torch.set_num_threads(args.threads)
         baseline = current_rss_bytes()
         start = time.perf_counter()
-        runner = OnnxRunner(args.onnx_dir, device=args.device, threads=args.threads) if args.backend == "onnx" else \
-            HfRunner(args.model, device=args.device, dtype=args.dtype)
+        runner = (
+            OnnxRunner(args.onnx_dir, device=args.device, threads=args.threads)
+            if args.backend == "onnx"
+            else HfRunner(args.model, device=args.device, dtype=args.dtype)
+        )
         send({"event": "ready", "pid": os.getpid(), "baseline_rss_bytes": baseline, "load_s": time.perf_counter() - start})
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises a ServingError
         send({"error": f"{type(exc).__name__}: {exc}"})
@@ -202,8 +215,14 @@ def main(argv: list[str] | None = None) -> int:
             if request["op"] == "generate":
                 send(runner.generate(request["prompt_ids"], request["output_len"]))
             elif request["op"] == "stats":
-                send({"peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": baseline,
-                      "current_rss_bytes": current_rss_bytes(), **runner.stats()})
+                send(
+                    {
+                        "peak_rss_bytes": peak_rss_bytes(),
+                        "baseline_rss_bytes": baseline,
+                        "current_rss_bytes": current_rss_bytes(),
+                        **runner.stats(),
+                    }
+                )
             elif request["op"] == "exit":
                 send({"event": "bye"})
                 break

@@ -26,13 +26,26 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
@@ -90,8 +103,7 @@ def _attention_context(config: Mapping[str, Any], context_len: float) -> list[fl
     return [min(context_len, window) if window and kind == "sliding_attention" else context_len for kind in types]
 
 
-def model_costs(tensors: Mapping[str, TensorInfo], config: Mapping[str, Any], *,
-                input_len: int, output_len: int) -> dict[str, Any]:
+def model_costs(tensors: Mapping[str, TensorInfo], config: Mapping[str, Any], *, input_len: int, output_len: int) -> dict[str, Any]:
     """Parameter counts and per-token costs of one checkpoint under the module's cost model.
 
     Decode FLOPs use the mean context of the decoded tokens: input_len + (output_len - 1) / 2.
@@ -108,8 +120,12 @@ def model_costs(tensors: Mapping[str, TensorInfo], config: Mapping[str, Any], *,
     layer_params = sum(t.numel for t in groups["layer"])
     layer_matmul = sum(t.numel for t in groups["layer"] if len(t.shape) == 2)
     lm_head_params = sum(t.numel for t in lm_head)
-    decode_bytes = (sum(t.nbytes for t in groups["layer"]) + sum(t.nbytes for t in groups["other"])
-                    + sum(t.nbytes for t in lm_head) + (hidden * itemsize if embedding else 0))
+    decode_bytes = (
+        sum(t.nbytes for t in groups["layer"])
+        + sum(t.nbytes for t in groups["other"])
+        + sum(t.nbytes for t in lm_head)
+        + (hidden * itemsize if embedding else 0)
+    )
 
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or hidden // heads
@@ -121,8 +137,7 @@ def model_costs(tensors: Mapping[str, TensorInfo], config: Mapping[str, Any], *,
 
     decode_context = input_len + (output_len - 1) / 2
     # Prefill: position p (1-based) attends to p positions; lm_head only for the last position.
-    prefill_flops = (2 * layer_matmul * input_len + 2 * lm_head_params
-                     + sum(attention_flops(p) for p in range(1, input_len + 1)))
+    prefill_flops = 2 * layer_matmul * input_len + 2 * lm_head_params + sum(attention_flops(p) for p in range(1, input_len + 1))
     kv_bytes = sum(2 * kv_heads * head_dim * c * itemsize for c in _attention_context(config, decode_context))
     return {
         "num_layers": cfg["num_hidden_layers"],
@@ -143,6 +158,7 @@ def model_costs(tensors: Mapping[str, TensorInfo], config: Mapping[str, Any], *,
 
 def ideal_ratios(dense: Mapping[str, Any], pruned: Mapping[str, Any]) -> dict[str, float]:
     """pruned/dense for each cost: what a perfectly proportional runtime would measure."""
+
     def ratio(key: str) -> float:
         return pruned[key] / dense[key]
 

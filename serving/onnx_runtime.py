@@ -21,9 +21,9 @@ import logging
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -126,8 +126,9 @@ class OnnxCausalLM:
         return int(m.group(1)), 0 if m.group(2) == "keys" else 1
 
     # ── graph runs ────────────────────────────────────────────────────────
-    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _run(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         feed.update(zip(self._past_names, cache))
         logits, *present = self.session.run(self._output_names, feed)
@@ -148,8 +149,8 @@ class OnnxCausalLM:
         ids = np.full((len(input_ids), width), pad_token_id, dtype=np.int64)
         mask = np.zeros_like(ids)
         for row, seq in enumerate(input_ids):
-            ids[row, width - len(seq):] = seq
-            mask[row, width - len(seq):] = 1 if attention_mask is None else attention_mask[row]
+            ids[row, width - len(seq) :] = seq
+            mask[row, width - len(seq) :] = 1 if attention_mask is None else attention_mask[row]
         return ids, mask
 
     def logits(self, input_ids, attention_mask=None) -> np.ndarray:
@@ -172,8 +173,15 @@ class OnnxCausalLM:
         logits, state.cache = self._run(tokens, state.attention_mask, positions, state.cache)
         return logits[:, -1].astype(np.float32)
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, *,
-                 eos_token_id: int | Sequence[int] | None = -1, pad_token_id: int | None = None) -> np.ndarray:
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        max_new_tokens: int = 32,
+        *,
+        eos_token_id: int | Sequence[int] | None = -1,
+        pad_token_id: int | None = None,
+    ) -> np.ndarray:
         """Greedy decoding; returns only the new tokens, batch × (≤ max_new_tokens), int64.
 
         `eos_token_id=-1` (default) uses the export's generation config; None never stops early.

@@ -24,8 +24,9 @@ import json
 import logging
 import os
 import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from gradprune_deploy.utils import atomic_write_text
 
@@ -66,8 +67,14 @@ def metric_entry(metric: str, dense: Sequence[float], pruned: Sequence[float], r
     d, p = summarize(dense), summarize(pruned)
     ratio = p["median"] / d["median"] if d["median"] and p["median"] is not None else None
     ideal = ideal_for_metric(metric, ratios)
-    entry = {"unit": METRICS.get(metric, ("", ""))[0], "dense": d, "pruned": p, "ratio": ratio,
-             "ideal_name": ideal[0] if ideal else None, "ideal": ideal[1] if ideal else None}
+    entry = {
+        "unit": METRICS.get(metric, ("", ""))[0],
+        "dense": d,
+        "pruned": p,
+        "ratio": ratio,
+        "ideal_name": ideal[0] if ideal else None,
+        "ideal": ideal[1] if ideal else None,
+    }
     entry["delta"] = ratio - entry["ideal"] if ratio is not None and entry["ideal"] is not None else None
     return entry
 
@@ -86,8 +93,12 @@ def tpot_check(report: Mapping[str, Any]) -> dict[str, Any]:
     for name, backend in report.get("backends", {}).items():
         entry = backend.get("metrics", {}).get("tpot_s")
         if entry and entry.get("delta") is not None:
-            out[name] = {"ratio": entry["ratio"], "ideal": entry["ideal"], "delta": entry["delta"],
-                         "within_tolerance": abs(entry["delta"]) <= tolerance}
+            out[name] = {
+                "ratio": entry["ratio"],
+                "ideal": entry["ideal"],
+                "delta": entry["delta"],
+                "within_tolerance": abs(entry["delta"]) <= tolerance,
+            }
     return out
 
 
@@ -106,8 +117,12 @@ def tpot_decomposition(entry: Mapping[str, Any], dense: Mapping[str, Any], prune
         return None
     per_layer = (td - tp) / (dl - pl)
     fixed = td - dl * per_layer
-    return {"per_layer_s": per_layer, "fixed_s": fixed, "fixed_share_measured": fixed / td,
-            "fixed_share_ideal": 1 - dense["layer_bytes"] / dense["decode_bytes_per_token"]}
+    return {
+        "per_layer_s": per_layer,
+        "fixed_s": fixed,
+        "fixed_share_measured": fixed / td,
+        "fixed_share_ideal": 1 - dense["layer_bytes"] / dense["decode_bytes_per_token"],
+    }
 
 
 def merge_reports(old: Mapping[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
@@ -121,6 +136,7 @@ def merge_reports(old: Mapping[str, Any] | None, new: dict[str, Any]) -> dict[st
 
 
 # -- rendering -----------------------------------------------------------------------------------
+
 
 def _fmt(value: float | None, unit: str) -> str:
     if value is None:
@@ -160,13 +176,17 @@ def to_markdown(report: Mapping[str, Any], *, plot: str | None = None) -> str:
     ]
     for name, backend in report["backends"].items():
         s = backend.get("settings", {})
-        lines += ["", f"### {name} ({backend.get('device', '?')}{', ' + backend['device_name'] if backend.get('device_name') else ''})", "",
-                  f"input {s.get('input_len')} tokens, output {s.get('output_len')} tokens, {s.get('num_prompts')} prompts × "
-                  f"{s.get('runs')} runs (+{s.get('warmup')} warm-up), dense and pruned interleaved"
-                  + (f"; concurrency {s['concurrency']} with {s['num_requests']} requests" if s.get("concurrency") and name == "vllm" else ""),
-                  "",
-                  "| metric | dense | pruned | ratio | ideal | ratio − ideal |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"### {name} ({backend.get('device', '?')}{', ' + backend['device_name'] if backend.get('device_name') else ''})",
+            "",
+            f"input {s.get('input_len')} tokens, output {s.get('output_len')} tokens, {s.get('num_prompts')} prompts × "
+            f"{s.get('runs')} runs (+{s.get('warmup')} warm-up), dense and pruned interleaved"
+            + (f"; concurrency {s['concurrency']} with {s['num_requests']} requests" if s.get("concurrency") and name == "vllm" else ""),
+            "",
+            "| metric | dense | pruned | ratio | ideal | ratio − ideal |",
+            "|---|---|---|---|---|---|",
+        ]
         for metric, e in backend["metrics"].items():
             unit, label = e["unit"], METRICS.get(metric, ("", metric))[1]
             ratio = f"{e['ratio']:.3f}" if e["ratio"] is not None else "–"
@@ -175,9 +195,12 @@ def to_markdown(report: Mapping[str, Any], *, plot: str | None = None) -> str:
             lines.append(f"| {label} | {_span(e['dense'], unit)} | {_span(e['pruned'], unit)} | {ratio} | {ideal} | {delta} |")
         split = backend.get("tpot_decomposition")
         if split:
-            lines += ["", f"Time per output token = {split['fixed_s'] * 1000:.2f} ms fixed + {split['per_layer_s'] * 1000:.3f} ms × layers "
-                      f"(from the two models); the fixed part is {split['fixed_share_measured']:.0%} of the dense time, against "
-                      f"{split['fixed_share_ideal']:.0%} of the bytes read (embedding row, final norm, lm_head)."]
+            lines += [
+                "",
+                f"Time per output token = {split['fixed_s'] * 1000:.2f} ms fixed + {split['per_layer_s'] * 1000:.3f} ms × layers "
+                f"(from the two models); the fixed part is {split['fixed_share_measured']:.0%} of the dense time, against "
+                f"{split['fixed_share_ideal']:.0%} of the bytes read (embedding row, final norm, lm_head).",
+            ]
         failed = backend.get("failed_requests")
         if failed is not None:
             lines += ["", f"Failed requests: dense {failed.get('dense', 0)}, pruned {failed.get('pruned', 0)}."]
@@ -185,12 +208,22 @@ def to_markdown(report: Mapping[str, Any], *, plot: str | None = None) -> str:
             lines.append(f"- {note}")
     checks = tpot_check(report)
     if checks:
-        lines += ["", f"Time per output token vs ideal (tolerance ±{report.get('tolerance', 0.05)}): "
-                  + "; ".join(f"{k} {v['ratio']:.3f} vs {v['ideal']:.3f} ({'ok' if v['within_tolerance'] else 'MISS'})" for k, v in checks.items())]
+        lines += [
+            "",
+            f"Time per output token vs ideal (tolerance ±{report.get('tolerance', 0.05)}): "
+            + "; ".join(
+                f"{k} {v['ratio']:.3f} vs {v['ideal']:.3f} ({'ok' if v['within_tolerance'] else 'MISS'})" for k, v in checks.items()
+            ),
+        ]
     m = report.get("machine", {})
-    lines += ["", f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('ram_gib', '?')} GiB RAM"
-              + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"; {m.get('platform', '')}.",
-              f"Command: `{report.get('command', '')}`", ""]
+    lines += [
+        "",
+        f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('ram_gib', '?')} GiB RAM"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else "")
+        + f"; {m.get('platform', '')}.",
+        f"Command: `{report.get('command', '')}`",
+        "",
+    ]
     if plot:
         lines += [f"![pruned/dense ratios, measured and ideal]({plot})", ""]
     return "\n".join(lines)
@@ -203,8 +236,12 @@ def save_plot(report: Mapping[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(f"{b}\n{METRICS.get(m, ('', m))[1]}", e["ratio"], e["ideal"])
-            for b, backend in report["backends"].items() for m, e in backend["metrics"].items() if e["ratio"] is not None]
+    rows = [
+        (f"{b}\n{METRICS.get(m, ('', m))[1]}", e["ratio"], e["ideal"])
+        for b, backend in report["backends"].items()
+        for m, e in backend["metrics"].items()
+        if e["ratio"] is not None
+    ]
     fig, ax = plt.subplots(figsize=(7, 0.42 * max(len(rows), 3) + 1.2), dpi=120)
     palette = {"hf": "#1f77b4", "onnx": "#2ca02c", "vllm": "#ff7f0e"}
     for i, (label, ratio, ideal) in enumerate(rows):
@@ -219,8 +256,11 @@ def save_plot(report: Mapping[str, Any], path: str | Path) -> Path:
     ax.set_xlim(0, 1.12 * max([1.0] + [r[1] for r in rows] + [r[2] for r in rows if r[2] is not None]))
     ax.set_xlabel("pruned / dense — bar: measured; black tick: ideal", fontsize=8)
     ratios = report["ideal"]["ratios"]
-    ax.set_title(f"Dense vs pruned ({report['ideal']['dense']['num_layers']} → {report['ideal']['pruned']['num_layers']} layers; "
-                 f"ideal decode {ratios['decode_bytes']:.3f})", fontsize=9)
+    ax.set_title(
+        f"Dense vs pruned ({report['ideal']['dense']['num_layers']} → {report['ideal']['pruned']['num_layers']} layers; "
+        f"ideal decode {ratios['decode_bytes']:.3f})",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -28,9 +28,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
 from gradprune_deploy.cli_args import validate_fields
 from gradprune_deploy.errors import ConfigError, MissingDependencyError, ServingError
@@ -109,11 +110,15 @@ def _die_with_parent_preexec():
 
 def _server_env(kv_cache_gib: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),  # CPU build: KV cache size in whole GiB (vLLM parses an int)
-        "HF_HUB_OFFLINE": "1",  # the model is a local directory: never contact a Hub
-        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
-    })
+    env.update(
+        {
+            "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),  # CPU build: KV cache size in whole GiB (vLLM parses an int)
+            "HF_HUB_OFFLINE": "1",  # the model is a local directory: never contact a Hub
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     return env
 
 
@@ -162,8 +167,11 @@ def _wait_healthy(server: VllmServer, timeout_s: float) -> None:
             server.started_s = time.monotonic() - start
             return
         if time.monotonic() - start > timeout_s:
-            raise _startup_failure(server, f"the vLLM server was not healthy after {timeout_s:g} s: raise "
-                                           "--startup-timeout-s (the first start-up on CPU takes minutes); last log line")
+            raise _startup_failure(
+                server,
+                f"the vLLM server was not healthy after {timeout_s:g} s: raise "
+                "--startup-timeout-s (the first start-up on CPU takes minutes); last log line",
+            )
         time.sleep(1.0)
 
 
@@ -199,12 +207,28 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def server_command(model_dir: Path, *, served_model_name: str, host: str, port: int, dtype: str, max_model_len: int,
-                   extra_args: Sequence[str] = ()) -> list[str]:
+def server_command(
+    model_dir: Path, *, served_model_name: str, host: str, port: int, dtype: str, max_model_len: int, extra_args: Sequence[str] = ()
+) -> list[str]:
     """The vLLM OpenAI server command line (the CPU build's `vllm` console script is broken)."""
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-            "--served-model-name", served_model_name, "--host", host, "--port", str(port), "--dtype", dtype,
-            "--max-model-len", str(max_model_len), *extra_args]
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        served_model_name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--dtype",
+        dtype,
+        "--max-model-len",
+        str(max_model_len),
+        *extra_args,
+    ]
 
 
 def check_max_model_len(model_dir: str | os.PathLike, max_model_len: int) -> None:
@@ -216,8 +240,10 @@ def check_max_model_len(model_dir: str | os.PathLike, max_model_len: int) -> Non
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     limit = text.get("max_position_embeddings")
     if isinstance(limit, int) and max_model_len > limit:
-        raise ConfigError(f"--max-model-len {max_model_len} exceeds the model's max_position_embeddings {limit} "
-                          f"(config.json): pass --max-model-len {limit} or less")
+        raise ConfigError(
+            f"--max-model-len {max_model_len} exceeds the model's max_position_embeddings {limit} "
+            f"(config.json): pass --max-model-len {limit} or less"
+        )
 
 
 @contextlib.contextmanager
@@ -262,13 +288,20 @@ def start_server(
         fd, log_path = tempfile.mkstemp(prefix=f"gradprune-vllm-{port}-", suffix=".log")
         os.close(fd)
     log_path = Path(log_path)
-    cmd = server_command(model_dir, served_model_name=name, host=host, port=port, dtype=dtype,
-                         max_model_len=max_model_len, extra_args=extra_args)
+    cmd = server_command(
+        model_dir, served_model_name=name, host=host, port=port, dtype=dtype, max_model_len=max_model_len, extra_args=extra_args
+    )
     logger.info("starting vLLM: %s (log: %s)", " ".join(cmd), log_path)
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   env=_server_env(int(kv_cache_gib)), start_new_session=True,
-                                   preexec_fn=_die_with_parent_preexec())
+        process = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_server_env(int(kv_cache_gib)),
+            start_new_session=True,
+            preexec_fn=_die_with_parent_preexec(),
+        )
     url_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     server = VllmServer(process, f"http://{url_host}:{port}", name, log_path)
     try:
@@ -312,15 +345,19 @@ def usage_examples(base_url: str, model: str, *, chat: bool) -> str:
     """A ready-to-paste curl command and OpenAI-client snippet for a running server."""
     if chat:
         body = {"model": model, "messages": [{"role": "user", "content": "What is layer pruning?"}], "max_tokens": 64, "temperature": 0}
-        call = (f'client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "What is layer pruning?"}}], '
-                "max_tokens=64).choices[0].message.content")
+        call = (
+            f'client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "What is layer pruning?"}}], '
+            "max_tokens=64).choices[0].message.content"
+        )
     else:
         body = {"model": model, "prompt": "Layer pruning is", "max_tokens": 64, "temperature": 0}
         call = f'client.completions.create(model="{model}", prompt="Layer pruning is", max_tokens=64).choices[0].text'
     route = "chat/completions" if chat else "completions"
-    return (f"curl {base_url}/v1/{route} -H 'Content-Type: application/json' -d '{json.dumps(body)}'\n\n"
-            f"python -c 'from openai import OpenAI; client = OpenAI(base_url=\"{base_url}/v1\", api_key=\"none\"); "
-            f"print({call})'")
+    return (
+        f"curl {base_url}/v1/{route} -H 'Content-Type: application/json' -d '{json.dumps(body)}'\n\n"
+        f'python -c \'from openai import OpenAI; client = OpenAI(base_url="{base_url}/v1", api_key="none"); '
+        f"print({call})'"
+    )
 
 
 def _has_chat_template(model_dir: Path) -> bool:
@@ -354,13 +391,24 @@ def serve_from_config(config: ServeConfig) -> str:
 
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        with start_server(config.checkpoint, host=config.host, port=config.port, dtype=config.dtype,
-                          max_model_len=config.max_model_len, kv_cache_gib=config.kv_cache_gib,
-                          startup_timeout_s=config.startup_timeout_s, log_path=config.log_file,
-                          served_model_name=config.served_model_name, check=False) as server:
+        with start_server(
+            config.checkpoint,
+            host=config.host,
+            port=config.port,
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            kv_cache_gib=config.kv_cache_gib,
+            startup_timeout_s=config.startup_timeout_s,
+            log_path=config.log_file,
+            served_model_name=config.served_model_name,
+            check=False,
+        ) as server:
             examples = usage_examples(server.base_url, server.model, chat=_has_chat_template(Path(config.checkpoint)))
-            print(f"vLLM is serving {server.model} at {server.base_url}/v1 (ready after {server.started_s:.0f} s; "
-                  f"log: {server.log_path})\n\n{examples}\n\nCtrl-C or SIGTERM stops it.", flush=True)
+            print(
+                f"vLLM is serving {server.model} at {server.base_url}/v1 (ready after {server.started_s:.0f} s; "
+                f"log: {server.log_path})\n\n{examples}\n\nCtrl-C or SIGTERM stops it.",
+                flush=True,
+            )
             while server.process.poll() is None:
                 time.sleep(1.0)
             raise _startup_failure(server, f"the vLLM server exited with status {server.process.returncode} while serving")

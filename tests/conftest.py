@@ -24,9 +24,19 @@ def tiny_config(arch: str = "llama", *, num_hidden_layers: int = 6, vocab_size: 
     """A tiny random config of a supported architecture (hidden 64, 4 heads, 2 KV heads)."""
     import transformers as tf
 
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=num_hidden_layers, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512, pad_token_id=2,
-                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    common = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=512,
+        pad_token_id=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+    )
     if arch == "llama":
         return tf.LlamaConfig(**common)
     if arch == "mistral":

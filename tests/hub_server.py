@@ -111,7 +111,7 @@ class HubStore:
 
 
 class HubRequestHandler(BaseHTTPRequestHandler):
-    server: "LocalHubServer"
+    server: LocalHubServer
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format, *args):  # keep pytest output clean
@@ -229,8 +229,10 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         for obj in json.loads(body)["objects"]:
             entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
             if not self.server.store.blob_path(obj["oid"]).exists():
-                entry["actions"] = {"upload": {"href": f"{self.base}/lfs-upload/{obj['oid']}", "header": {}},
-                                    "verify": {"href": f"{self.base}/lfs-verify", "header": {}}}
+                entry["actions"] = {
+                    "upload": {"href": f"{self.base}/lfs-upload/{obj['oid']}", "header": {}},
+                    "verify": {"href": f"{self.base}/lfs-verify", "header": {}},
+                }
             objects.append(entry)
         self._send(200, {"transfer": "basic", "objects": objects})
 
@@ -284,8 +286,12 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                     if not blob.exists():
                         raise HubError(422, f"LFS file {value['path']} was not uploaded")
                     pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{value['oid']}\nsize {blob.stat().st_size}\n"
-                    files[value["path"]] = {"oid": git_blob_sha1(pointer.encode()), "size": blob.stat().st_size,
-                                            "sha256": value["oid"], "pointer_size": len(pointer)}
+                    files[value["path"]] = {
+                        "oid": git_blob_sha1(pointer.encode()),
+                        "size": blob.stat().st_size,
+                        "sha256": value["oid"],
+                        "pointer_size": len(pointer),
+                    }
                 elif key == "deletedFile":
                     files.pop(value["path"], None)
                 elif key == "deletedFolder":
@@ -312,9 +318,20 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def h_repo_info(self, body: bytes, ns: str, name: str, rev: str | None = None):
         repo = f"{ns}/{name}"
         meta, sha, files = self._files_at(repo, rev or "main")
-        self._send(200, {"id": repo, "author": ns, "sha": sha, "private": meta["private"], "tags": [],
-                         "siblings": [{"rfilename": p} for p in sorted(files)], "downloads": 0, "likes": 0,
-                         "lastModified": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(meta["commits"][sha]["date"]))})
+        self._send(
+            200,
+            {
+                "id": repo,
+                "author": ns,
+                "sha": sha,
+                "private": meta["private"],
+                "tags": [],
+                "siblings": [{"rfilename": p} for p in sorted(files)],
+                "downloads": 0,
+                "likes": 0,
+                "lastModified": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(meta["commits"][sha]["date"])),
+            },
+        )
 
     def h_tree(self, body: bytes, ns: str, name: str, rev: str, path: str | None = None):
         _, _, files = self._files_at(f"{ns}/{name}", rev)
@@ -324,7 +341,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         for p in sorted(files):
             if not p.startswith(prefix):
                 continue
-            rest = p[len(prefix):]
+            rest = p[len(prefix) :]
             if "/" in rest and not recursive:
                 folders.add(prefix + rest.split("/")[0])
                 continue
@@ -356,7 +373,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         data = self.server.store.blob_path(key).read_bytes()
         match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
         if match:
-            data = data[int(match.group(1)):]
+            data = data[int(match.group(1)) :]
             return self._send(206, raw=data, headers=headers)
         self._send(200, raw=data, headers=headers)
 
@@ -374,7 +391,7 @@ class LocalHubServer(ThreadingHTTPServer):
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "LocalHubServer":
+    def start(self) -> LocalHubServer:
         self._thread = threading.Thread(target=self.serve_forever, name="local-hub", daemon=True)
         self._thread.start()
         return self
@@ -385,7 +402,7 @@ class LocalHubServer(ThreadingHTTPServer):
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> "LocalHubServer":
+    def __enter__(self) -> LocalHubServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

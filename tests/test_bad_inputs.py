@@ -32,13 +32,29 @@ from gradprune_deploy.cli import main
 from tests.conftest import free_port, tiny_model
 
 PROJECT = Path(__file__).resolve().parents[1]
-FAST = ["--max-examples", "24", "--max-steps", "2", "--probe-steps", "2", "--batch-size", "4", "--max-length", "64",
-        "--no-ledger", "--no-plot", "-q"]
-ROWS = "".join(json.dumps({"id": i, "prompt": f"Is {i} even?", "completion": "yes" if i % 2 == 0 else "no",
-                           "choices": ["yes", "no"]}) + "\n" for i in range(32))
+FAST = [
+    "--max-examples",
+    "24",
+    "--max-steps",
+    "2",
+    "--probe-steps",
+    "2",
+    "--batch-size",
+    "4",
+    "--max-length",
+    "64",
+    "--no-ledger",
+    "--no-plot",
+    "-q",
+]
+ROWS = "".join(
+    json.dumps({"id": i, "prompt": f"Is {i} even?", "completion": "yes" if i % 2 == 0 else "no", "choices": ["yes", "no"]}) + "\n"
+    for i in range(32)
+)
 
 
 # -- inputs -------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer) -> Path:
@@ -130,8 +146,17 @@ class Ctx:
             config.update(model_type="acme-lm", auto_map={"AutoConfig": "acme.Config"})
             (d / "config.json").write_text(json.dumps(config))
         elif kind == "encoder_decoder":
-            (d / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"],
-                                                       "is_encoder_decoder": True, "d_model": 64, "num_layers": 2}))
+            (d / "config.json").write_text(
+                json.dumps(
+                    {
+                        "model_type": "t5",
+                        "architectures": ["T5ForConditionalGeneration"],
+                        "is_encoder_decoder": True,
+                        "d_model": 64,
+                        "num_layers": 2,
+                    }
+                )
+            )
         elif kind == "unknown_arch":
             config["architectures"] = ["AcmeForCausalLM"]
             (d / "config.json").write_text(json.dumps(config))
@@ -143,8 +168,11 @@ class Ctx:
 
     def report(self, *, dense: str, pruned: str, backends=("hf",)) -> str:
         self.out.mkdir()
-        (self.out / "report.json").write_text(json.dumps({"schema": "gradprune-bench/1", "dense": dense, "pruned": pruned,
-                                                          "backends": {b: {"measured": True} for b in backends}}))
+        (self.out / "report.json").write_text(
+            json.dumps(
+                {"schema": "gradprune-bench/1", "dense": dense, "pruned": pruned, "backends": {b: {"measured": True} for b in backends}}
+            )
+        )
         (self.out / "report.md").write_text("## an earlier report\n")
         return str(self.out)
 
@@ -155,6 +183,7 @@ def _resolved(path: str) -> str:
 
 # -- the matrix ---------------------------------------------------------------------------------
 # name → (build(ctx) → argv, text the error line must contain: the option or the file to fix)
+
 
 def _compress(c: Ctx, *extra: str, model: str | None = None, data: str | None = None, out: str | None = None) -> list[str]:
     return ["compress", "--model", model or c.tiny, "--data", data or c.data(), "--out", out or str(c.out), *FAST, *extra]
@@ -178,16 +207,19 @@ CASES: dict[str, tuple] = {
     "compress/two-budgets": (lambda c: _compress(c, "--drop-ratio", "0.3", "--drop-layers", "2"), "--drop-layers"),
     "compress/drop-every-layer": (lambda c: _compress(c, "--drop-layers", "6"), "--drop-layers"),
     "compress/zero-layer-model": (lambda c: _compress(c, "--drop-ratio", "0.5", model=c.broken("zero_layers")), "layer"),
-    "compress/over-protected": (lambda c: _compress(c, "--drop-layers", "3", "--protect-first", "2", "--protect-last", "2"),
-                                "--protect"),
+    "compress/over-protected": (lambda c: _compress(c, "--drop-layers", "3", "--protect-first", "2", "--protect-last", "2"), "--protect"),
     "compress/distill-without-finetune": (lambda c: _compress(c, "--distill", "--finetune", "none"), "--distill"),
     "compress/teacher-without-distill": (lambda c: _compress(c, "--teacher", c.tiny), "--teacher"),
     "compress/merge-with-other-scorer": (lambda c: _compress(c, "--scorer", "random", "--merge-layers", "2"), "--merge-layers"),
     "compress/max-length-zero": (lambda c: _compress(c, "--max-length", "0"), "--max-length"),
-    "compress/yaml-quoted-false-keeps-output": (lambda c: _compress(c, *_yaml(c, 'overwrite: "false"\n'), out=c.existing_out()),
-                                                "--overwrite: expected true or false"),
-    "compress/yaml-yes-is-not-a-boolean": (lambda c: _compress(c, *_yaml(c, "gradient_checkpointing: yes\n")),
-                                            "--gradient-checkpointing: expected true or false"),
+    "compress/yaml-quoted-false-keeps-output": (
+        lambda c: _compress(c, *_yaml(c, 'overwrite: "false"\n'), out=c.existing_out()),
+        "--overwrite: expected true or false",
+    ),
+    "compress/yaml-yes-is-not-a-boolean": (
+        lambda c: _compress(c, *_yaml(c, "gradient_checkpointing: yes\n")),
+        "--gradient-checkpointing: expected true or false",
+    ),
     "compress/yaml-drop-layers-word": (lambda c: _compress(c, *_yaml(c, "drop_layers: two\n")), "--drop-layers: expected an integer"),
     "compress/yaml-float-for-int": (lambda c: _compress(c, *_yaml(c, "lora_r: 2.5\n")), "--lora-r: expected an integer"),
     "compress/yaml-string-for-number": (lambda c: _compress(c, *_yaml(c, 'learning_rate: "fast"\n')), "--learning-rate"),
@@ -212,14 +244,15 @@ CASES: dict[str, tuple] = {
     # compress: the data (read before the model loads)
     "compress/data-missing": (lambda c: _compress(c, data=str(c.work / "nope.jsonl")), "nope.jsonl"),
     "compress/data-empty": (lambda c: _compress(c, data=c.data("")), "train.jsonl"),
-    "compress/data-malformed": (lambda c: _compress(c, data=c.data('{"prompt": "a", "completion": "b"}\n{not json\n')),
-                                "train.jsonl:2"),
+    "compress/data-malformed": (lambda c: _compress(c, data=c.data('{"prompt": "a", "completion": "b"}\n{not json\n')), "train.jsonl:2"),
     "compress/data-no-label": (lambda c: _compress(c, data=c.data('{"prompt": "a"}\n')), "completion"),
     "compress/data-not-utf8": (lambda c: _compress(c, data=c.data(raw=b'{"prompt": "\xff\xfe"}\n')), "train.jsonl"),
     "compress/data-csv-columns": (lambda c: _compress(c, data=c.data("question,answer\nq,a\n", name="train.csv")), "train.csv"),
     "compress/data-format": (lambda c: _compress(c, data=c.data("prompt: a\n", name="train.txt")), "train.txt"),
-    "compress/data-choices-not-list": (lambda c: _compress(c, data=c.data('{"prompt": "a", "completion": "b", "choices": 5}\n')),
-                                       "choices"),
+    "compress/data-choices-not-list": (
+        lambda c: _compress(c, data=c.data('{"prompt": "a", "completion": "b", "choices": 5}\n')),
+        "choices",
+    ),
     # inspect
     "inspect/missing-dir": (lambda c: ["inspect", str(c.work / "nope")], "nope"),
     "inspect/no-manifest": (lambda c: ["inspect", c.tiny], "gradprune.json"),
@@ -232,20 +265,25 @@ CASES: dict[str, tuple] = {
     "eval/metric-unknown": (lambda c: ["eval", c.tiny, "--data", c.data(), "--metric", "bleu", "-q"], "--metric"),
     "eval/vllm-backend-for-choice": (lambda c: ["eval", c.tiny, "--data", c.data(), "--backend", "vllm", "-q"], "--backend"),
     "eval/limit-zero": (lambda c: ["eval", c.tiny, "--data", c.data(), "--limit", "0", "-q"], "--limit"),
-    "eval/choices-not-a-list": (lambda c: ["eval", c.tiny, "--data", c.data('{"prompt": "a", "completion": "b", "choices": 5}\n'),
-                                           "-q"], "choices"),
-    "eval/choice-metric-without-choices": (lambda c: ["eval", c.tiny, "--data", c.data('{"prompt": "a", "completion": "b"}\n'),
-                                                      "-q"], "choices"),
+    "eval/choices-not-a-list": (
+        lambda c: ["eval", c.tiny, "--data", c.data('{"prompt": "a", "completion": "b", "choices": 5}\n'), "-q"],
+        "choices",
+    ),
+    "eval/choice-metric-without-choices": (
+        lambda c: ["eval", c.tiny, "--data", c.data('{"prompt": "a", "completion": "b"}\n'), "-q"],
+        "choices",
+    ),
     # export onnx
     "export-onnx/no-out": (lambda c: ["export", "onnx", c.tiny, "-q"], "--out"),
     "export-onnx/existing-output": (lambda c: ["export", "onnx", c.tiny, "--out", c.existing_out(), "-q"], "--overwrite"),
     "export-onnx/dtype-bfloat16": (lambda c: ["export", "onnx", c.tiny, "--out", str(c.out), "--dtype", "bfloat16", "-q"], "--dtype"),
-    "export-onnx/new-tokens-zero": (lambda c: ["export", "onnx", c.tiny, "--out", str(c.out), "--new-tokens", "0", "-q"],
-                                    "--new-tokens"),
+    "export-onnx/new-tokens-zero": (lambda c: ["export", "onnx", c.tiny, "--out", str(c.out), "--new-tokens", "0", "-q"], "--new-tokens"),
     "export-onnx/atol-negative": (lambda c: ["export", "onnx", c.tiny, "--out", str(c.out), "--atol", "-1", "-q"], "--atol"),
     "export-onnx/checkpoint-missing": (lambda c: ["export", "onnx", str(c.work / "nope"), "--out", str(c.out), "-q"], "nope"),
-    "export-onnx/checkpoint-missing-layer": (lambda c: ["export", "onnx", c.broken("missing_layer"), "--out", str(c.out), "-q"],
-                                             "ckpt-missing_layer"),
+    "export-onnx/checkpoint-missing-layer": (
+        lambda c: ["export", "onnx", c.broken("missing_layer"), "--out", str(c.out), "-q"],
+        "ckpt-missing_layer",
+    ),
     "export-onnx/encoder-decoder": (lambda c: ["export", "onnx", c.broken("encoder_decoder"), "--out", str(c.out), "-q"], "ONNX"),
     "export-onnx/sliding-window": (lambda c: ["export", "onnx", c.mistral, "--out", str(c.out), "-q"], "sliding-window"),
     # export vllm
@@ -257,12 +295,18 @@ CASES: dict[str, tuple] = {
     # export hub (nothing may be uploaded: every check is local)
     "export-hub/no-repo-id": (lambda c: ["export", "hub", c.tiny, "-q"], "--repo-id"),
     "export-hub/bad-repo-id": (lambda c: ["export", "hub", c.tiny, "--repo-id", "not a repo", "-q"], "repo id"),
-    "export-hub/no-token": (lambda c: ["export", "hub", c.tiny, "--repo-id", "me/tiny", "--endpoint", "http://127.0.0.1:9", "-q"],
-                            "HF_TOKEN"),
-    "export-hub/checkpoint-missing-layer": (lambda c: ["export", "hub", c.broken("missing_layer"), "--repo-id", "me/tiny", "-q"],
-                                            "ckpt-missing_layer"),
-    "export-hub/private-not-boolean": (lambda c: ["export", "hub", c.tiny, "--repo-id", "me/tiny",
-                                                  *_yaml(c, "private: 'no'\n"), "-q"], "--private"),
+    "export-hub/no-token": (
+        lambda c: ["export", "hub", c.tiny, "--repo-id", "me/tiny", "--endpoint", "http://127.0.0.1:9", "-q"],
+        "HF_TOKEN",
+    ),
+    "export-hub/checkpoint-missing-layer": (
+        lambda c: ["export", "hub", c.broken("missing_layer"), "--repo-id", "me/tiny", "-q"],
+        "ckpt-missing_layer",
+    ),
+    "export-hub/private-not-boolean": (
+        lambda c: ["export", "hub", c.tiny, "--repo-id", "me/tiny", *_yaml(c, "private: 'no'\n"), "-q"],
+        "--private",
+    ),
     # serve (refused before vLLM starts)
     "serve/port-text": (lambda c: ["serve", c.tiny, "--port", "http"], "--port: expected an integer"),
     "serve/port-range": (lambda c: ["serve", c.tiny, "--port", "70000"], "--port"),
@@ -277,18 +321,76 @@ CASES: dict[str, tuple] = {
     "bench/runs-zero": (lambda c: ["bench", "--dense", c.tiny, "--pruned", c.tiny, "--runs", "0", "-q"], "--runs"),
     "bench/output-len-one": (lambda c: ["bench", "--dense", c.tiny, "--pruned", c.tiny, "--output-len", "1", "-q"], "--output-len"),
     "bench/backend-unknown": (lambda c: ["bench", "--dense", c.tiny, "--pruned", c.tiny, "--backend", "tensorrt", "-q"], "--backend"),
-    "bench/pruned-missing-layer": (lambda c: ["bench", "--dense", c.tiny, "--pruned", c.broken("missing_layer"), "--backend", "hf",
-                                              "--out", str(c.out), "-q"], "model.layers.1."),
-    "bench/lengths-beyond-positions": (lambda c: ["bench", "--dense", c.tiny, "--pruned", c.tiny, "--backend", "hf",
-                                                  "--input-len", "600", "--out", str(c.out), "-q"], "max_position_embeddings"),
-    "bench/prompts-missing": (lambda c: ["bench", "--dense", c.tiny, "--pruned", c.tiny, "--backend", "hf",
-                                         "--prompts", str(c.work / "nope.jsonl"), "--out", str(c.out), "-q"], "nope.jsonl"),
-    "bench/report-of-another-pair": (lambda c: ["bench", "--dense", c.tiny, "--pruned", c.tiny, "--backend", "hf",
-                                                "--out", c.report(dense="/elsewhere/a", pruned="/elsewhere/b"), "-q"], "--overwrite"),
-    "bench/report-already-measured": (lambda c: ["bench", "--dense", c.tiny, "--pruned", c.tiny, "--backend", "hf", "--out",
-                                                 c.report(dense=_resolved(c.tiny), pruned=_resolved(c.tiny)), "-q"], "--overwrite"),
-    "bench/out-under-a-file": (lambda c: ["bench", "--dense", c.tiny, "--pruned", c.tiny, "--backend", "hf",
-                                          "--out", str(Path(c.file("plain.txt", "x")) / "sub"), "-q"], "--out"),
+    "bench/pruned-missing-layer": (
+        lambda c: ["bench", "--dense", c.tiny, "--pruned", c.broken("missing_layer"), "--backend", "hf", "--out", str(c.out), "-q"],
+        "model.layers.1.",
+    ),
+    "bench/lengths-beyond-positions": (
+        lambda c: ["bench", "--dense", c.tiny, "--pruned", c.tiny, "--backend", "hf", "--input-len", "600", "--out", str(c.out), "-q"],
+        "max_position_embeddings",
+    ),
+    "bench/prompts-missing": (
+        lambda c: [
+            "bench",
+            "--dense",
+            c.tiny,
+            "--pruned",
+            c.tiny,
+            "--backend",
+            "hf",
+            "--prompts",
+            str(c.work / "nope.jsonl"),
+            "--out",
+            str(c.out),
+            "-q",
+        ],
+        "nope.jsonl",
+    ),
+    "bench/report-of-another-pair": (
+        lambda c: [
+            "bench",
+            "--dense",
+            c.tiny,
+            "--pruned",
+            c.tiny,
+            "--backend",
+            "hf",
+            "--out",
+            c.report(dense="/elsewhere/a", pruned="/elsewhere/b"),
+            "-q",
+        ],
+        "--overwrite",
+    ),
+    "bench/report-already-measured": (
+        lambda c: [
+            "bench",
+            "--dense",
+            c.tiny,
+            "--pruned",
+            c.tiny,
+            "--backend",
+            "hf",
+            "--out",
+            c.report(dense=_resolved(c.tiny), pruned=_resolved(c.tiny)),
+            "-q",
+        ],
+        "--overwrite",
+    ),
+    "bench/out-under-a-file": (
+        lambda c: [
+            "bench",
+            "--dense",
+            c.tiny,
+            "--pruned",
+            c.tiny,
+            "--backend",
+            "hf",
+            "--out",
+            str(Path(c.file("plain.txt", "x")) / "sub"),
+            "-q",
+        ],
+        "--out",
+    ),
 }
 
 
@@ -320,8 +422,7 @@ def assert_one_error_line(err: str, must_name: str) -> str:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_is_refused_in_one_line_and_nothing_is_written(name, tiny, tiny_mistral, tmp_path, isolated_tmp,
-                                                                 monkeypatch, capsys):
+def test_bad_input_is_refused_in_one_line_and_nothing_is_written(name, tiny, tiny_mistral, tmp_path, isolated_tmp, monkeypatch, capsys):
     build, must_name = CASES[name]
     work = tmp_path / "work"
     work.mkdir()
@@ -376,8 +477,9 @@ def test_serve_start_up_failure_is_one_line_with_the_log(tiny, tmp_path, isolate
     monkeypatch.setattr(exporters.vllm, "supported_architectures", lambda: {"LlamaForCausalLM"})
     monkeypatch.setattr(vllm_server, "server_command", lambda *a, **k: [sys.executable, "-c", FAKE_VLLM])
     log = tmp_path / "server.log"
-    code = main(["serve", str(tiny), "--port", str(free_port()), "--log-file", str(log), "--startup-timeout-s", "60",
-                 "--max-model-len", "256"])
+    code = main(
+        ["serve", str(tiny), "--port", str(free_port()), "--log-file", str(log), "--startup-timeout-s", "60", "--max-model-len", "256"]
+    )
     err = capsys.readouterr().err
     assert code == 2
     line = assert_one_error_line(err, str(log))
@@ -389,10 +491,17 @@ def test_serve_start_up_failure_is_one_line_with_the_log(tiny, tmp_path, isolate
 
 # -- signals: SIGINT / SIGTERM in the middle of the work ---------------------------------------
 
+
 def _spawn(args: list[str], tmp: Path) -> subprocess.Popen:
     env = dict(os.environ, TMPDIR=str(tmp), GRADPRUNE_DISABLE_PROGRESS_BARS="1", PYTHONPATH=str(PROJECT))
-    return subprocess.Popen([sys.executable, "-m", "gradprune_deploy.cli", *args], cwd=PROJECT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gradprune_deploy.cli", *args],
+        cwd=PROJECT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float) -> bool:
@@ -423,8 +532,27 @@ def test_signal_mid_run_cleans_up_and_exits_128_plus_signal(name, tiny, tmp_path
     if what == "compress":
         data = tmp_path / "train.jsonl"
         data.write_text(ROWS * 8)
-        args = ["compress", "--model", str(tiny), "--data", str(data), "--out", str(out), "--drop-layers", "2",
-                "--probe-steps", "400", "--max-steps", "400", "--batch-size", "2", "--max-length", "64", "--no-ledger", "-q"]
+        args = [
+            "compress",
+            "--model",
+            str(tiny),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--drop-layers",
+            "2",
+            "--probe-steps",
+            "400",
+            "--max-steps",
+            "400",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "64",
+            "--no-ledger",
+            "-q",
+        ]
         # the probe's own temp folder exists: the signal lands in the middle of training
         started = lambda: any(p.name.startswith("gradprune-probe-") for p in tmp.iterdir())  # noqa: E731
     else:
@@ -450,6 +578,7 @@ def test_signal_mid_run_cleans_up_and_exits_128_plus_signal(name, tiny, tmp_path
 
 # -- bench: no temp folder left, success or failure; the --overwrite rule for reports -----------
 
+
 def test_bench_leaves_no_temp_folder_and_keeps_reports_unless_overwrite(tiny, tmp_path, isolated_tmp, monkeypatch, capsys):
     from gradprune_deploy.errors import ServingError
     from serving import bench_backends
@@ -461,8 +590,29 @@ def test_bench_leaves_no_temp_folder_and_keeps_reports_unless_overwrite(tiny, tm
 
     monkeypatch.setattr(bench_backends, "SETTLE_S", 0)
     out = tmp_path / "report"
-    args = ["bench", "--dense", str(tiny), "--pruned", str(tiny), "--backend", "hf", "--input-len", "8", "--output-len", "4",
-            "--num-prompts", "2", "--runs", "1", "--warmup", "1", "--out", str(out), "--no-plot", "-q"]
+    args = [
+        "bench",
+        "--dense",
+        str(tiny),
+        "--pruned",
+        str(tiny),
+        "--backend",
+        "hf",
+        "--input-len",
+        "8",
+        "--output-len",
+        "4",
+        "--num-prompts",
+        "2",
+        "--runs",
+        "1",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+        "--no-plot",
+        "-q",
+    ]
 
     monkeypatch.setattr(bench_backends, "Worker", FailingWorker)
     assert main(args) == 2

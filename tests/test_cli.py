@@ -1,7 +1,6 @@
 """The CLI end to end on a tiny random Llama, and every bad input: one `error:` line, exit 2, nothing written."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +17,24 @@ FAST = ["--max-examples", "48", "--max-steps", "3", "--probe-steps", "2", "--bat
 def test_compress_end_to_end_via_console_script(tiny_llama_dir, tmp_path):
     out = tmp_path / "pruned"
     bin_dir = Path(sys.executable).parent
-    proc = subprocess.run([str(bin_dir / "gradprune"), "compress", "--model", str(tiny_llama_dir), "--data", SST2,
-                           "--out", str(out), "--drop-layers", "2", *FAST], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            str(bin_dir / "gradprune"),
+            "compress",
+            "--model",
+            str(tiny_llama_dir),
+            "--data",
+            SST2,
+            "--out",
+            str(out),
+            "--drop-layers",
+            "2",
+            *FAST,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["num_layers"] == [6, 4]
@@ -43,8 +58,10 @@ def test_compress_end_to_end_via_console_script(tiny_llama_dir, tmp_path):
 
 def test_yaml_recipe_and_flag_precedence(tiny_llama_dir, tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model: {tiny_llama_dir}\ndata: {SST2}\ndrop_layers: 1\nfinetune: none\nmax_examples: 32\n"
-                      "probe_steps: 2\nbatch_size: 4\nmax_length: 96\n")
+    recipe.write_text(
+        f"model: {tiny_llama_dir}\ndata: {SST2}\ndrop_layers: 1\nfinetune: none\nmax_examples: 32\n"
+        "probe_steps: 2\nbatch_size: 4\nmax_length: 96\n"
+    )
     out = tmp_path / "o"
     assert main(["compress", "--config", str(recipe), "--out", str(out), "--drop-layers", "3", "-q"]) == 0
     manifest = json.loads((out / "gradprune.json").read_text())
@@ -62,7 +79,9 @@ def _bad_pickle_dir(tmp_path, tiny_llama_dir):
 def _remote_code_dir(tmp_path):
     d = tmp_path / "remote"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "my-custom-lm", "auto_map": {"AutoConfig": "x.Config"}, "num_hidden_layers": 2}))
+    (d / "config.json").write_text(
+        json.dumps({"model_type": "my-custom-lm", "auto_map": {"AutoConfig": "x.Config"}, "num_hidden_layers": 2})
+    )
     (d / "model.safetensors").write_bytes(b"\0" * 16)
     return d
 
@@ -81,10 +100,24 @@ def _data(tmp_path, name, text):
     return str(p)
 
 
-@pytest.mark.parametrize("case", [
-    "missing_model", "corrupt_model", "pickled", "remote_code", "ratio_zero", "ratio_one", "drop_all",
-    "over_protected", "empty_data", "malformed_data", "label_less", "too_long", "bad_recipe_key",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_model",
+        "corrupt_model",
+        "pickled",
+        "remote_code",
+        "ratio_zero",
+        "ratio_one",
+        "drop_all",
+        "over_protected",
+        "empty_data",
+        "malformed_data",
+        "label_less",
+        "too_long",
+        "bad_recipe_key",
+    ],
+)
 def test_bad_input_one_line_error_nothing_written(case, tiny_llama_dir, tmp_path, capsys):
     model, data, extra = str(tiny_llama_dir), SST2, []
     if case == "missing_model":
@@ -127,7 +160,20 @@ def test_existing_output_is_refused_then_overwritten(tiny_llama_dir, tmp_path, c
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    args = ["compress", "--model", str(tiny_llama_dir), "--data", SST2, "--out", str(out), "--finetune", "none", "--drop-layers", "1", *FAST]
+    args = [
+        "compress",
+        "--model",
+        str(tiny_llama_dir),
+        "--data",
+        SST2,
+        "--out",
+        str(out),
+        "--finetune",
+        "none",
+        "--drop-layers",
+        "1",
+        *FAST,
+    ]
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "precious"

@@ -2,13 +2,14 @@ import json
 
 import pytest
 
-from gradprune_deploy.data import (IGNORE_INDEX, CompletionCollator, Example, encode_prompt, read_examples,
-                                   tokenize_examples)
+from gradprune_deploy.data import IGNORE_INDEX, CompletionCollator, Example, encode_prompt, read_examples, tokenize_examples
 from gradprune_deploy.errors import DataError
 from tests.conftest import SHARED_DATA
 
-ROWS = [{"id": "a", "prompt": "Is water wet?", "completion": "yes", "choices": ["yes", "no"]},
-        {"id": "b", "prompt": "Is fire cold?", "completion": "no", "choices": ["yes", "no"]}]
+ROWS = [
+    {"id": "a", "prompt": "Is water wet?", "completion": "yes", "choices": ["yes", "no"]},
+    {"id": "b", "prompt": "Is fire cold?", "completion": "no", "choices": ["yes", "no"]},
+]
 
 
 def test_jsonl_csv_split_folder_and_datasets_dir_agree(tmp_path):
@@ -59,15 +60,15 @@ def test_long_prompts_dropped_and_completions_truncated(tokenizer):
 
 
 def test_collator_pads_and_masks():
-    batch = CompletionCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
-                                                {"input_ids": [8], "labels": [8]}])
+    batch = CompletionCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
-@pytest.mark.parametrize("text, message", [("", "no rows"), ('{"prompt": "x"}\n', "no completion"),
-                                           ("[1, 2]\n", "JSON object"), ("{oops\n", "not valid JSON")])
+@pytest.mark.parametrize(
+    "text, message", [("", "no rows"), ('{"prompt": "x"}\n', "no completion"), ("[1, 2]\n", "JSON object"), ("{oops\n", "not valid JSON")]
+)
 def test_bad_data(tmp_path, text, message):
     path = tmp_path / "d.jsonl"
     path.write_text(text)

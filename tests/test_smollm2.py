@@ -14,8 +14,26 @@ def test_compress_smollm2_drops_12_of_30_and_reloads(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "smollm2-pruned"
-    code = main(["compress", "--data", str(SHARED_DATA / "sst2"), "--max-examples", "256", "--out", str(out),
-                 "--drop-layers", "12", "--max-steps", "12", "--probe-steps", "4", "--batch-size", "8", "-q"])
+    code = main(
+        [
+            "compress",
+            "--data",
+            str(SHARED_DATA / "sst2"),
+            "--max-examples",
+            "256",
+            "--out",
+            str(out),
+            "--drop-layers",
+            "12",
+            "--max-steps",
+            "12",
+            "--probe-steps",
+            "4",
+            "--batch-size",
+            "8",
+            "-q",
+        ]
+    )
     assert code == 0
     manifest = json.loads((out / "gradprune.json").read_text())
     assert manifest["num_layers_before"] == 30 and manifest["num_layers_after"] == 18
@@ -31,10 +49,13 @@ def test_compress_smollm2_drops_12_of_30_and_reloads(tmp_path):
     assert model.config.num_hidden_layers == 18 and len(model.model.layers) == 18
     assert model.num_parameters() == manifest["params_after"]
     tokenizer = AutoTokenizer.from_pretrained(out)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Review: a gorgeous, witty, seductive movie.\n"
-                                             "Is the sentiment of this review positive or negative?"}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Review: a gorgeous, witty, seductive movie.\nIs the sentiment of this review positive or negative?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
-    text = tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tokenizer.decode(generated[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert text.strip(), "the pruned model generated nothing"

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -39,6 +39,7 @@ Batch = dict[str, torch.Tensor]
 
 
 # ---------------------------------------------------------------- pure math
+
 
 def block_influence_terms(h_in: torch.Tensor, h_out: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
     """(sum of 1 - cos(h_in, h_out) over tokens where mask is 1, number of such tokens).
@@ -76,6 +77,7 @@ def ranks_from_removal_order(removed: Sequence[int], survivor_scores: dict[int, 
 
 # ---------------------------------------------------------------- orchestration helpers
 
+
 @contextlib.contextmanager
 def _preserved(model: nn.Module) -> Iterator[None]:
     """Eval mode inside; every module's training flag and every parameter's requires_grad restored after."""
@@ -98,6 +100,7 @@ def _skipping(layers: nn.ModuleList, skip: Sequence[int]) -> Iterator[None]:
     A forward hook replaces the output, so indices, per-layer config (sliding windows) and the
     rest of the stack are untouched; the skipped layer's weights get no gradient.
     """
+
     def identity(module, args, kwargs, output):
         hidden = args[0] if args else kwargs["hidden_states"]
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
@@ -144,12 +147,13 @@ def layer_gradients(model: nn.Module, batches: Sequence[Batch], *, skip: Sequenc
                     total += g.float()
     out, start = [], 0
     for group in params:
-        out.append(totals[start:start + len(group)])
+        out.append(totals[start : start + len(group)])
         start += len(group)
     return out
 
 
 # ---------------------------------------------------------------- scorers
+
 
 @torch.no_grad()
 def block_influence(model: nn.Module, batches: Sequence[Batch], *, seed: int = 0) -> torch.Tensor:
@@ -172,6 +176,7 @@ def block_influence(model: nn.Module, batches: Sequence[Batch], *, seed: int = 0
             s, n = block_influence_terms(h_in, h_out, current_mask[0])
             sums[index] += s
             counts[index] += n
+
         return hook
 
     handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -218,12 +223,12 @@ def taylor(model: nn.Module, batches: Sequence[Batch], *, seed: int = 0) -> torc
     _check_batches(batches, need_labels=True)
     _, layers = find_layer_stack(model)
     grads = layer_gradients(model, batches)
-    return torch.tensor([taylor_terms([p.detach() for p in layer.parameters()], g) for layer, g in zip(layers, grads)],
-                        dtype=torch.float64)
+    return torch.tensor([taylor_terms([p.detach() for p in layer.parameters()], g) for layer, g in zip(layers, grads)], dtype=torch.float64)
 
 
-def gradmap(model: nn.Module, batches: Sequence[Batch], *, seed: int = 0, iterative: bool = True,
-            max_decisions: int | None = None) -> torch.Tensor:
+def gradmap(
+    model: nn.Module, batches: Sequence[Batch], *, seed: int = 0, iterative: bool = True, max_decisions: int | None = None
+) -> torch.Tensor:
     """GradMAP stage 1 (arXiv 2602.14649): layer importance from gradient magnitudes, one
     backward pass (over `batches`) per pruning decision.
 

@@ -8,7 +8,7 @@ one place that turns it into the fine-tune settings (each default lives once, in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from ..cli_args import validate_fields
 from ..errors import ConfigError
@@ -45,51 +45,65 @@ class CompressConfig:
     model: str = _f("bundled:SmolLM2-135M-Instruct", "checkpoint dir, .gguf file, cached Hub id, or bundled:SmolLM2-135M-Instruct")
     data: str = _f("bundled:gsm8k", "prompt/completion .jsonl/.csv, a folder with train.jsonl, a datasets dir, or bundled:gsm8k")
     split: str = _f("train", "split to read when --data is a folder")
-    max_examples: Optional[int] = _f(None, "use only the first N training rows")
+    max_examples: int | None = _f(None, "use only the first N training rows")
     max_length: int = _f(512, "maximum tokens per example (prompt + completion)")
     # held-out quality ledger
     ledger: bool = _f(True, "measure held-out quality (dense, pruned, recovered) and record it in gradprune.json")
-    validation_split: Optional[str] = _f(None, "split to measure quality on (default: the data's validation or test split, "
-                                         "else a seeded slice of the training rows)")
+    validation_split: str | None = _f(
+        None, "split to measure quality on (default: the data's validation or test split, else a seeded slice of the training rows)"
+    )
     validation_fraction: float = _f(0.1, "fraction of the training rows held out when the data has no validation split")
     validation_rows: int = _f(128, "at most this many validation rows")
-    dense_reference: Optional[str] = _f(None, "a dense fine-tuned checkpoint to compare against in the ledger")
+    dense_reference: str | None = _f(None, "a dense fine-tuned checkpoint to compare against in the ledger")
     # what to drop
-    scorer: Literal[SCORER_NAMES] = _f("igia", "layer-importance metric; igia is GradPruner's; ppl removes each layer alone "
-                                       "and measures the validation loss; auto tries several and keeps the best")
-    drop_ratio: Optional[float] = _f(None, f"fraction of layers to drop (default {DEFAULT_DROP_RATIO} if no budget is given)")
-    drop_layers: Optional[str] = _f(None, "number of layers to drop, or auto (the largest cut within --max-quality-drop)")
-    target_params: Optional[int] = _f(None, "drop layers until the model has at most this many parameters")
-    max_quality_drop: Optional[float] = _f(None, "with --drop-layers auto: allowed drop vs the dense model (--quality-metric loss: "
-                                           "relative loss increase, e.g. 0.15; accuracy: points, e.g. 2)")
+    scorer: Literal[SCORER_NAMES] = _f(
+        "igia",
+        "layer-importance metric; igia is GradPruner's; ppl removes each layer alone "
+        "and measures the validation loss; auto tries several and keeps the best",
+    )
+    drop_ratio: float | None = _f(None, f"fraction of layers to drop (default {DEFAULT_DROP_RATIO} if no budget is given)")
+    drop_layers: str | None = _f(None, "number of layers to drop, or auto (the largest cut within --max-quality-drop)")
+    target_params: int | None = _f(None, "drop layers until the model has at most this many parameters")
+    max_quality_drop: float | None = _f(
+        None,
+        "with --drop-layers auto: allowed drop vs the dense model (--quality-metric loss: "
+        "relative loss increase, e.g. 0.15; accuracy: points, e.g. 2)",
+    )
     quality_metric: Literal["loss", "accuracy"] = _f("loss", "what --max-quality-drop and --scorer auto judge by")
-    heal_steps: int = _f(10, "--scorer auto / --drop-layers auto: short LoRA heal of each candidate cut before judging it "
-                         "(0: judge the raw cut, which mispredicts post-recovery quality)")
+    heal_steps: int = _f(
+        10,
+        "--scorer auto / --drop-layers auto: short LoRA heal of each candidate cut before judging it "
+        "(0: judge the raw cut, which mispredicts post-recovery quality)",
+    )
     protect_first: int = _f(0, "never drop the first K layers")
     protect_last: int = _f(0, "never drop the last K layers")
     # probe
-    probe_steps: Optional[int] = _f(None, "informative LoRA steps to collect IGIA over (default: probe_fraction of the "
-                                    "fine-tune, at least probe_min_steps)")
+    probe_steps: int | None = _f(
+        None, "informative LoRA steps to collect IGIA over (default: probe_fraction of the fine-tune, at least probe_min_steps)"
+    )
     probe_fraction: float = _f(0.01, "probe length as a fraction of the planned fine-tune steps (the paper's ~1 percent)")
     probe_min_steps: int = _f(8, "floor on the probe length")
     scorer_batches: int = _f(8, "batches of data for the non-igia scorers")
     # merge
-    merge_layers: Optional[str] = _f(None, "how many dropped layers to merge into their preceding kept layer: K, all or "
-                                     "none (the highest-scoring dropped layers; the paper merges 1-3; default "
-                                     f"{DEFAULT_MERGE_LAYERS} with --scorer igia, none otherwise)")
+    merge_layers: str | None = _f(
+        None,
+        "how many dropped layers to merge into their preceding kept layer: K, all or "
+        "none (the highest-scoring dropped layers; the paper merges 1-3; default "
+        f"{DEFAULT_MERGE_LAYERS} with --scorer igia, none otherwise)",
+    )
     keep_top_p: float = _f(0.2, "fraction of each merged linear's entries (top by IGIA) considered for the merge")
     # fine-tune
     finetune: Literal["lora", "full", "none"] = _f("lora", "recovery fine-tune of the pruned model (LoRA is merged at the end)")
     distill: bool = _f(False, "recover by logit distillation from the dense model (KL at --distill-temperature mixed with CE)")
-    teacher: Optional[str] = _f(None, "distillation teacher checkpoint (default: the dense model before pruning)")
+    teacher: str | None = _f(None, "distillation teacher checkpoint (default: the dense model before pruning)")
     distill_alpha: float = _f(0.5, "weight of the KL term (1 - alpha on cross-entropy)")
     distill_temperature: float = _f(1.0, "softmax temperature of the KL term")
-    distill_top_k: Optional[int] = _f(None, "KL over the teacher's top-k tokens only (less memory)")
+    distill_top_k: int | None = _f(None, "KL over the teacher's top-k tokens only (less memory)")
     epochs: float = _f(1.0, "fine-tune epochs (also sets the probe length through --probe-fraction)")
-    max_steps: Optional[int] = _f(None, "fine-tune optimizer steps (overrides --epochs)")
+    max_steps: int | None = _f(None, "fine-tune optimizer steps (overrides --epochs)")
     batch_size: int = _f(8, "per-device batch size")
     grad_accum: int = _f(1, "gradient accumulation steps")
-    learning_rate: Optional[float] = _f(None, "learning rate (default 2e-4 for LoRA, 2e-5 for full)")
+    learning_rate: float | None = _f(None, "learning rate (default 2e-4 for LoRA, 2e-5 for full)")
     lora_r: int = _f(8, "LoRA rank (probe and LoRA fine-tune)")
     lora_alpha: int = _f(16, "LoRA alpha")
     lora_dropout: float = _f(0.05, "LoRA dropout")
@@ -118,8 +132,10 @@ class CompressConfig:
         if self.target_params is not None and self.target_params < 1:
             raise ConfigError("--target-params must be positive")
         if (self.drop_layers == "auto") != (self.max_quality_drop is not None):
-            raise ConfigError("--drop-layers auto and --max-quality-drop go together: give both (e.g. --drop-layers auto "
-                              "--max-quality-drop 0.15) or neither")
+            raise ConfigError(
+                "--drop-layers auto and --max-quality-drop go together: give both (e.g. --drop-layers auto "
+                "--max-quality-drop 0.15) or neither"
+            )
         if self.max_quality_drop is not None and self.max_quality_drop <= 0:
             raise ConfigError(f"--max-quality-drop must be positive, got {self.max_quality_drop}")
         if not 0 < self.keep_top_p <= 1:
@@ -137,8 +153,9 @@ class CompressConfig:
         if self.merge_layers == "0":
             self.merge_layers = "none"
         if self.merge_layers != "none" and not merges_by_igia:
-            raise ConfigError(f"--merge-layers {self.merge_layers} needs --scorer igia (IGIA picks the entries to merge): "
-                              "pass --merge-layers none")
+            raise ConfigError(
+                f"--merge-layers {self.merge_layers} needs --scorer igia (IGIA picks the entries to merge): pass --merge-layers none"
+            )
         for name in ("batch_size", "grad_accum", "max_length", "lora_r", "scorer_batches", "validation_rows", "probe_min_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -165,14 +182,21 @@ class CompressConfig:
         if self.distill and self.finetune == "none":
             raise ConfigError("--distill needs a recovery fine-tune: use --finetune lora or --finetune full")
         if self.scorer == "auto" and self.drop_layers == "auto":
-            raise ConfigError("--scorer auto picks among cuts of one size: give --drop-layers N with it, or a scorer with "
-                              "--drop-layers auto")
+            raise ConfigError(
+                "--scorer auto picks among cuts of one size: give --drop-layers N with it, or a scorer with --drop-layers auto"
+            )
         if (self.scorer == "auto" or self.drop_layers == "auto") and not self.ledger:
             raise ConfigError("--scorer auto and --drop-layers auto judge cuts on the validation rows: drop --no-ledger")
-        if self.quality_metric == "accuracy" and self.drop_layers == "auto" and self.max_quality_drop is not None \
-                and self.max_quality_drop < 0.5:
-            raise ConfigError(f"--max-quality-drop {self.max_quality_drop} with --quality-metric accuracy is in points "
-                              "(e.g. 2 for two points), not a fraction")
+        if (
+            self.quality_metric == "accuracy"
+            and self.drop_layers == "auto"
+            and self.max_quality_drop is not None
+            and self.max_quality_drop < 0.5
+        ):
+            raise ConfigError(
+                f"--max-quality-drop {self.max_quality_drop} with --quality-metric accuracy is in points "
+                "(e.g. 2 for two points), not a fraction"
+            )
 
     @property
     def merge_count(self) -> int | None:
@@ -184,7 +208,16 @@ def train_settings(config: CompressConfig):
     """The fine-tune settings (probe and recovery) a CompressConfig asks for."""
     from .finetune import TrainSettings
 
-    return TrainSettings(batch_size=config.batch_size, grad_accum=config.grad_accum, learning_rate=config.learning_rate,
-                         epochs=config.epochs, max_steps=config.max_steps, warmup_ratio=config.warmup_ratio,
-                         lora_r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                         seed=config.seed, gradient_checkpointing=config.gradient_checkpointing)
+    return TrainSettings(
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        learning_rate=config.learning_rate,
+        epochs=config.epochs,
+        max_steps=config.max_steps,
+        warmup_ratio=config.warmup_ratio,
+        lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        seed=config.seed,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )

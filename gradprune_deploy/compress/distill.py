@@ -34,8 +34,9 @@ def completion_positions(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != IGNORE_INDEX
 
 
-def kl_on_completion(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
-                     temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+def kl_on_completion(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None
+) -> torch.Tensor:
     """Mean over completion tokens of KL(teacher ‖ student) at `temperature` (not yet × T²)."""
     mask = completion_positions(labels)
     s = student_logits[:, :-1][mask].float() / temperature  # [tokens, vocab]
@@ -52,11 +53,12 @@ def kl_on_completion(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      ce_loss: torch.Tensor, settings: DistillSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, ce_loss: torch.Tensor, settings: DistillSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(total loss, KL term) — see the module docstring."""
     kl = kl_on_completion(student_logits, teacher_logits, labels, temperature=settings.temperature, top_k=settings.top_k)
-    total = settings.alpha * settings.temperature ** 2 * kl + (1 - settings.alpha) * ce_loss
+    total = settings.alpha * settings.temperature**2 * kl + (1 - settings.alpha) * ce_loss
     return total, kl
 
 
@@ -73,7 +75,6 @@ class DistillTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                          use_cache=False).logits
+            teacher_logits = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
         loss, _ = distillation_loss(outputs.logits, teacher_logits, inputs["labels"], outputs.loss, self.distill)
         return (loss, outputs) if return_outputs else loss

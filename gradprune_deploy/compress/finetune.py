@@ -17,9 +17,9 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..data import CompletionCollator
+from ..utils import progress_disabled
 from .probe import IGIAProbe, ProbeRecord, lora_pairs
 from .surgery import find_layer_stack
-from ..utils import progress_disabled
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,9 @@ def planned_steps(num_examples: int, s: TrainSettings) -> int:
     return max(1, math.ceil(s.epochs * per_epoch))
 
 
-def _training_args(output_dir: str, s: TrainSettings, *, max_steps: int, max_grad_norm: float, learning_rate: float,
-                   disable_tqdm: bool | None = None):
+def _training_args(
+    output_dir: str, s: TrainSettings, *, max_steps: int, max_grad_norm: float, learning_rate: float, disable_tqdm: bool | None = None
+):
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -92,8 +93,9 @@ def attach_lora(model, s: TrainSettings):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(s.seed)  # LoRA A init: same on every process
-    config = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
-                        target_modules="all-linear", task_type="CAUSAL_LM", bias="none")
+    config = LoraConfig(
+        r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules="all-linear", task_type="CAUSAL_LM", bias="none"
+    )
     return get_peft_model(model, config)
 
 
@@ -102,8 +104,9 @@ class _LogToLogger(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
-            logger.info("step %d: %s", state.global_step,
-                        ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()))
+            logger.info(
+                "step %d: %s", state.global_step, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
+            )
 
 
 class _BarOnly(ProgressCallback):
@@ -116,8 +119,9 @@ class _BarOnly(ProgressCallback):
 def _trainer(model, features, tokenizer, args, callbacks=(), *, teacher=None, distill=None):
     from transformers import Trainer
 
-    kwargs = dict(model=model, args=args, train_dataset=features, data_collator=CompletionCollator(tokenizer.pad_token_id),
-                  callbacks=list(callbacks))
+    kwargs = dict(
+        model=model, args=args, train_dataset=features, data_collator=CompletionCollator(tokenizer.pad_token_id), callbacks=list(callbacks)
+    )
     if teacher is not None:
         from .distill import DistillTrainer
 
@@ -148,8 +152,9 @@ def run_probe(model, features, tokenizer, s: TrainSettings, *, probe_steps: int,
     # at the start (B = 0; linear warm-up also makes the first learning rate 0): leave room.
     max_steps = max(planned_steps(len(features), s), probe_steps + 4)
     with tempfile.TemporaryDirectory(prefix="gradprune-probe-") as tmp:
-        args = _training_args(tmp, s, max_steps=max_steps, max_grad_norm=0.0,
-                              learning_rate=s.learning_rate or DEFAULT_LEARNING_RATE["lora"])
+        args = _training_args(
+            tmp, s, max_steps=max_steps, max_grad_norm=0.0, learning_rate=s.learning_rate or DEFAULT_LEARNING_RATE["lora"]
+        )
         trainer = _trainer(peft_model, features, tokenizer, args, callbacks=[probe])
         start = time.perf_counter()
         trainer.train()
@@ -174,8 +179,9 @@ def run_probe(model, features, tokenizer, s: TrainSettings, *, probe_steps: int,
     return probe.record, stats
 
 
-def recovery_finetune(model, features, tokenizer, s: TrainSettings, *, mode: str, steps: int | None = None,
-                      teacher=None, distill=None, quiet: bool = False):
+def recovery_finetune(
+    model, features, tokenizer, s: TrainSettings, *, mode: str, steps: int | None = None, teacher=None, distill=None, quiet: bool = False
+):
     """Fine-tune the pruned model. mode: 'lora' (merged into the weights at the end) or 'full'.
 
     With `teacher` (a frozen dense model) and `distill` (DistillSettings) the loss is logit
@@ -193,8 +199,7 @@ def recovery_finetune(model, features, tokenizer, s: TrainSettings, *, mode: str
         train_model = model
     steps = steps or planned_steps(len(features), s)
     with tempfile.TemporaryDirectory(prefix="gradprune-finetune-") as tmp:
-        args = _training_args(tmp, s, max_steps=steps, max_grad_norm=s.max_grad_norm, learning_rate=lr,
-                              disable_tqdm=quiet or None)
+        args = _training_args(tmp, s, max_steps=steps, max_grad_norm=s.max_grad_norm, learning_rate=lr, disable_tqdm=quiet or None)
         trainer = _trainer(train_model, features, tokenizer, args, teacher=teacher, distill=distill)
         start = time.perf_counter()
         result = trainer.train()
@@ -208,8 +213,13 @@ def recovery_finetune(model, features, tokenizer, s: TrainSettings, *, mode: str
     model.config.use_cache = True
     model.eval()
     stats = {
-        "mode": mode, "objective": "distill" if teacher is not None else "ce", "steps": steps, "learning_rate": lr,
-        "seconds": seconds, "train_loss": result.training_loss, "first_logged_loss": losses[0] if losses else None,
+        "mode": mode,
+        "objective": "distill" if teacher is not None else "ce",
+        "steps": steps,
+        "learning_rate": lr,
+        "seconds": seconds,
+        "train_loss": result.training_loss,
+        "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
     }
     return model, stats

@@ -13,7 +13,7 @@ top-p entries to merge), from the per-step factors (t·r·(out+in) numbers per l
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 

@@ -13,9 +13,9 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from ..data import Example, read_examples
 from ..errors import DataError
@@ -36,8 +36,9 @@ class HeldOut:
     description: str
 
 
-def hold_out(train: list[Example], *, data: str, split: str, validation_split: str | None, fraction: float,
-             max_rows: int, seed: int) -> HeldOut:
+def hold_out(
+    train: list[Example], *, data: str, split: str, validation_split: str | None, fraction: float, max_rows: int, seed: int
+) -> HeldOut:
     """Validation rows never trained on: the data's own split when it has one, else a seeded slice."""
     single_file = Path(data).expanduser().is_file()  # a file has no other splits: slice it
     candidates = [validation_split] if validation_split else [] if single_file else [s for s in VALIDATION_SPLITS if s != split]
@@ -54,10 +55,12 @@ def hold_out(train: list[Example], *, data: str, split: str, validation_split: s
             return HeldOut(train, rows, f"{data} split {name!r}, first {len(rows)} rows")
     rows, held = split_slice(len(train), fraction=fraction, max_rows=max_rows, seed=seed)
     if not held:
-        raise DataError(f"{data}: {len(train)} training rows are too few to hold out validation rows; "
-                        "give more rows or --no-ledger")
-    return HeldOut([train[i] for i in rows], [train[i] for i in held],
-                   f"seeded slice (seed {seed}) of {len(held)} of the {len(train)} training rows, removed from training")
+        raise DataError(f"{data}: {len(train)} training rows are too few to hold out validation rows; give more rows or --no-ledger")
+    return HeldOut(
+        [train[i] for i in rows],
+        [train[i] for i in held],
+        f"seeded slice (seed {seed}) of {len(held)} of the {len(train)} training rows, removed from training",
+    )
 
 
 def split_slice(n: int, *, fraction: float, max_rows: int, seed: int) -> tuple[list[int], list[int]]:
@@ -85,15 +88,17 @@ def measure(model, tokenizer, rows: Sequence[Example], *, stage: str, batch_size
     was_training = model.training
     model.eval()
     loss, rows_loss = evaluate_model(model, tokenizer, rows, metric="loss", batch_size=batch_size)
-    point = QualityPoint(stage=stage, loss=loss["value"], perplexity=loss.get("perplexity"), rows=len(rows),
-                         tokens=sum(r["tokens"] for r in rows_loss))
+    point = QualityPoint(
+        stage=stage, loss=loss["value"], perplexity=loss.get("perplexity"), rows=len(rows), tokens=sum(r["tokens"] for r in rows_loss)
+    )
     if all(ex.choices and ex.completion in ex.choices for ex in rows):
         acc, _ = evaluate_model(model, tokenizer, rows, metric="choice", batch_size=batch_size)
         point.accuracy, point.accuracy_se = acc["value"], binomial_se(acc["value"], len(rows))
     point.seconds = round(time.perf_counter() - start, 3)
     model.train(was_training)
-    logger.info("quality %s: loss %.4f%s", stage, point.loss,
-                f", accuracy {100 * point.accuracy:.1f}%" if point.accuracy is not None else "")
+    logger.info(
+        "quality %s: loss %.4f%s", stage, point.loss, f", accuracy {100 * point.accuracy:.1f}%" if point.accuracy is not None else ""
+    )
     return point
 
 
@@ -113,8 +118,10 @@ def verdict(points: Sequence[QualityPoint]) -> tuple[str, bool]:
         warn = warn or drop > WARN_ACCURACY_DROP_POINTS
     text = ", ".join(parts)
     if warn:
-        text += (f" — far worse than its reference (more than {WARN_RELATIVE_LOSS_INCREASE:.0%} loss or "
-                 f"{WARN_ACCURACY_DROP_POINTS:g} points): cut fewer layers, merge, recover longer or distill")
+        text += (
+            f" — far worse than its reference (more than {WARN_RELATIVE_LOSS_INCREASE:.0%} loss or "
+            f"{WARN_ACCURACY_DROP_POINTS:g} points): cut fewer layers, merge, recover longer or distill"
+        )
     return text, warn
 
 

@@ -8,8 +8,8 @@ kept layer are unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -75,7 +75,9 @@ def same_sign_merge(
 ) -> tuple[torch.Tensor, MergeStats]:
     """Return kept_weight + removed_weight on (top-p by importance) ∧ (same sign); the input is not modified."""
     if not (kept_weight.shape == removed_weight.shape == importance.shape):
-        raise ValueError(f"shape mismatch: kept {tuple(kept_weight.shape)}, removed {tuple(removed_weight.shape)}, F {tuple(importance.shape)}")
+        raise ValueError(
+            f"shape mismatch: kept {tuple(kept_weight.shape)}, removed {tuple(removed_weight.shape)}, F {tuple(importance.shape)}"
+        )
     top = top_p_mask(importance, keep_fraction)
     same_sign = (kept_weight * removed_weight) > 0
     add = top & same_sign
@@ -92,8 +94,9 @@ def same_sign_merge(
 
 
 # ── orchestration: apply the merge to a live model ──────────────────────────────────────────────
-def merge_dropped_layers(layers: torch.nn.ModuleList, igia_for_layer, dropped: Sequence[int], merged: Sequence[int],
-                         keep_top_p: float) -> dict:
+def merge_dropped_layers(
+    layers: torch.nn.ModuleList, igia_for_layer, dropped: Sequence[int], merged: Sequence[int], keep_top_p: float
+) -> dict:
     """Same-sign merge of each layer in `merged` (a subset of `dropped`) into its nearest preceding
     kept layer, in place. `igia_for_layer(i)` returns {linear name: F} for dropped layer i."""
     from .surgery import linear_weights_by_layer
@@ -119,5 +122,10 @@ def merge_dropped_layers(layers: torch.nn.ModuleList, igia_for_layer, dropped: S
             "entries": sum(st["entries"] for st in linear_stats.values()),
             "linears": linear_stats,
         }
-    return {"enabled": bool(targets), "keep_top_p": keep_top_p, "targets": {str(k): v for k, v in targets.items()},
-            "merged_entries_total": total_merged, "per_layer": per_layer}
+    return {
+        "enabled": bool(targets),
+        "keep_top_p": keep_top_p,
+        "targets": {str(k): v for k, v in targets.items()},
+        "merged_entries_total": total_merged,
+        "per_layer": per_layer,
+    }

@@ -43,8 +43,15 @@ def _read_data(config: CompressConfig) -> HeldOut:
     train = read_examples(config.data, split=config.split, limit=config.max_examples)
     if not config.ledger:
         return HeldOut(train, [], "none (--no-ledger)")
-    return hold_out(train, data=config.data, split=config.split, validation_split=config.validation_split,
-                    fraction=config.validation_fraction, max_rows=config.validation_rows, seed=config.seed)
+    return hold_out(
+        train,
+        data=config.data,
+        split=config.split,
+        validation_split=config.validation_split,
+        fraction=config.validation_fraction,
+        max_rows=config.validation_rows,
+        seed=config.seed,
+    )
 
 
 def _teacher(config: CompressConfig, model):
@@ -52,19 +59,22 @@ def _teacher(config: CompressConfig, model):
     if not config.distill:
         return None
     if config.teacher:
-        teacher, _ = load_model_and_tokenizer(config.teacher, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
-                                              allow_pickle=config.allow_pickle)
+        teacher, _ = load_model_and_tokenizer(
+            config.teacher, dtype=config.dtype, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle
+        )
     else:
         teacher = copy.deepcopy(model)
     return teacher.eval().requires_grad_(False)
 
 
-def _choose_cut(model, features, held: HeldOut, tokenizer, config: CompressConfig, settings, budget: dict,
-                dense_point, timings: dict):
+def _choose_cut(model, features, held: HeldOut, tokenizer, config: CompressConfig, settings, budget: dict, dense_point, timings: dict):
     """(Scores, dropped layers, proposals): the configured scorer's cut, or the best of `auto`."""
     validation_features = tokenize_examples(held.validation, tokenizer, max_length=config.max_length) if held.validation else []
-    planned_drop = None if config.target_params or config.drop_layers == "auto" else \
-        len(select_layers_to_drop(torch.zeros(len(budget["layer_params"])), **budget))
+    planned_drop = (
+        None
+        if config.target_params or config.drop_layers == "auto"
+        else len(select_layers_to_drop(torch.zeros(len(budget["layer_params"])), **budget))
+    )
     judge = dict(config=config, settings=settings, features=features, validation=held.validation, tokenizer=tokenizer)
     names = AUTO_CANDIDATES if config.scorer == "auto" else (config.scorer,)
     proposals, best = [], None
@@ -85,8 +95,7 @@ def _choose_cut(model, features, held: HeldOut, tokenizer, config: CompressConfi
                 continue
         best = (scores, dropped, None)
     if config.scorer == "auto":
-        logger.info("auto: %s's cut %s is the best by %s", best[0].scorer, best[1],
-                    "healed" if config.heal_steps else "raw")
+        logger.info("auto: %s's cut %s is the best by %s", best[0].scorer, best[1], "healed" if config.heal_steps else "raw")
     return best[0], best[1], proposals
 
 
@@ -97,8 +106,9 @@ def _largest_cut_within_budget(model, scores, budget, dense_point, config, judge
     for n in range(1, len(order)):
         dropped = sorted(order[:n])
         judgement = judge_cut(model, scores, dropped, **judge)
-        judgement["within_budget"] = within_budget(judged_point(judgement), dense_point, metric=config.quality_metric,
-                                                   max_drop=config.max_quality_drop)
+        judgement["within_budget"] = within_budget(
+            judged_point(judgement), dense_point, metric=config.quality_metric, max_drop=config.max_quality_drop
+        )
         judgements.append(judgement)
         if not judgement["within_budget"]:
             break
@@ -106,8 +116,10 @@ def _largest_cut_within_budget(model, scores, budget, dense_point, config, judge
     if not chosen:
         from ..errors import ConfigError
 
-        raise ConfigError(f"no cut stays within --max-quality-drop {config.max_quality_drop} ({config.quality_metric}): "
-                          "even one layer costs more; raise it, raise --heal-steps, or give --drop-layers N")
+        raise ConfigError(
+            f"no cut stays within --max-quality-drop {config.max_quality_drop} ({config.quality_metric}): "
+            "even one layer costs more; raise it, raise --heal-steps, or give --drop-layers N"
+        )
     return chosen, judgements
 
 
@@ -136,17 +148,23 @@ def compress(config: CompressConfig) -> dict:
                 resolve_source(source, allow_pickle=config.allow_pickle)  # missing or incomplete: fail now
 
         with _timed(timings, "load"):
-            model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.dtype,
-                                                        trust_remote_code=config.trust_remote_code,
-                                                        allow_pickle=config.allow_pickle)
+            model, tokenizer = load_model_and_tokenizer(
+                config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle
+            )
             features = tokenize_examples(held.train, tokenizer, max_length=config.max_length)
         _, layers = find_layer_stack(model)
         num_layers, params_before = len(layers), count_parameters(model)
         layer_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
         settings = train_settings(config)
-        budget = dict(drop_count=None if config.drop_layers == "auto" else config.drop_layers, drop_ratio=config.drop_ratio,
-                      target_params=config.target_params, layer_params=layer_params, total_params=params_before,
-                      protect_first=config.protect_first, protect_last=config.protect_last)
+        budget = dict(
+            drop_count=None if config.drop_layers == "auto" else config.drop_layers,
+            drop_ratio=config.drop_ratio,
+            target_params=config.target_params,
+            layer_params=layer_params,
+            total_params=params_before,
+            protect_first=config.protect_first,
+            protect_last=config.protect_last,
+        )
         if config.drop_layers == "auto":
             budget["drop_count"] = 1  # checked below per candidate; here only protections are validated
         select_layers_to_drop(torch.zeros(num_layers), **budget)  # an impossible budget fails now
@@ -158,16 +176,15 @@ def compress(config: CompressConfig) -> dict:
             if config.ledger:
                 points.append(measure(model, tokenizer, held.validation, stage="dense", batch_size=config.batch_size))
                 if config.dense_reference:
-                    reference, _ = load_model_and_tokenizer(config.dense_reference, dtype=config.dtype,
-                                                            allow_pickle=config.allow_pickle)
-                    points.append(measure(reference, tokenizer, held.validation, stage="dense-reference",
-                                          batch_size=config.batch_size))
+                    reference, _ = load_model_and_tokenizer(config.dense_reference, dtype=config.dtype, allow_pickle=config.allow_pickle)
+                    points.append(measure(reference, tokenizer, held.validation, stage="dense-reference", batch_size=config.batch_size))
                     del reference
         teacher = _teacher(config, model)
 
         with _timed(timings, "score"):
-            scores, dropped, proposals = _choose_cut(model, features, held, tokenizer, config, settings, budget,
-                                                     points[-1] if points else None, timings)
+            scores, dropped, proposals = _choose_cut(
+                model, features, held, tokenizer, config, settings, budget, points[-1] if points else None, timings
+            )
         kept = [i for i in range(num_layers) if i not in dropped]
         logger.info("dropping %d of %d layers: %s", len(dropped), num_layers, dropped)
 
@@ -183,14 +200,18 @@ def compress(config: CompressConfig) -> dict:
         if config.finetune != "none":
             from .distill import DistillSettings
 
-            distill = DistillSettings(config.distill_alpha, config.distill_temperature, config.distill_top_k) \
-                if teacher is not None else None
+            distill = (
+                DistillSettings(config.distill_alpha, config.distill_temperature, config.distill_top_k) if teacher is not None else None
+            )
             with _timed(timings, "finetune"):
-                model, stats = recovery_finetune(model, features, tokenizer, settings, mode=config.finetune,
-                                                 teacher=teacher, distill=distill)
-            finetune = FinetuneRecord(**stats, settings=finetune.settings,
-                                      distill={"teacher": config.teacher or "the dense model before pruning",
-                                               **dataclasses.asdict(distill)} if distill else None)
+                model, stats = recovery_finetune(
+                    model, features, tokenizer, settings, mode=config.finetune, teacher=teacher, distill=distill
+                )
+            finetune = FinetuneRecord(
+                **stats,
+                settings=finetune.settings,
+                distill={"teacher": config.teacher or "the dense model before pruning", **dataclasses.asdict(distill)} if distill else None,
+            )
             del teacher
             if config.ledger:
                 with _timed(timings, "ledger_recovered"):
@@ -199,25 +220,56 @@ def compress(config: CompressConfig) -> dict:
         manifest = Manifest(
             method="GradPruner (ICLR 2026)" if scores.scorer == "igia" else f"layer pruning by {scores.scorer}",
             base_model=config.model,
-            base_model_id=KNOWN_HUB_IDS.get(config.model, config.model if "/" in config.model and not Path(config.model).exists() else None),
-            architecture=type(model).__name__, model_type=model.config.model_type,
-            data=DataRecord(source=config.data, split=config.split, examples=len(held.train), tokenized=len(features),
-                            max_length=config.max_length, chat_template=has_chat_template(tokenizer),
-                            validation=held.description if config.ledger else None, validation_rows=len(held.validation)),
+            base_model_id=KNOWN_HUB_IDS.get(
+                config.model, config.model if "/" in config.model and not Path(config.model).exists() else None
+            ),
+            architecture=type(model).__name__,
+            model_type=model.config.model_type,
+            data=DataRecord(
+                source=config.data,
+                split=config.split,
+                examples=len(held.train),
+                tokenized=len(features),
+                max_length=config.max_length,
+                chat_template=has_chat_template(tokenizer),
+                validation=held.description if config.ledger else None,
+                validation_rows=len(held.validation),
+            ),
             scorer=scores.scorer if config.scorer != "auto" else f"auto → {scores.scorer}",
-            layer_scores=[float(s) for s in scores.values], removal_order=rank_for_removal(scores.values, range(num_layers)),
-            budget={"drop_ratio": config.drop_ratio, "drop_layers": config.drop_layers, "target_params": config.target_params,
-                    "max_quality_drop": config.max_quality_drop, "quality_metric": config.quality_metric,
-                    "protect_first": config.protect_first, "protect_last": config.protect_last},
-            num_layers_before=num_layers, num_layers_after=len(kept), layers_dropped=dropped, layers_kept=kept,
-            params_before=params_before, params_after=params_after, params_per_layer=layer_params,
-            scoring=scores.stats, proposals=proposals,
-            merge=MergeRecord(enabled=merge["enabled"], layers_requested=config.merge_layers, keep_top_p=config.keep_top_p
-                              if merge["enabled"] else None, targets=merge["targets"],
-                              merged_entries_total=merge.get("merged_entries_total", 0), per_layer=merge.get("per_layer", {})),
+            layer_scores=[float(s) for s in scores.values],
+            removal_order=rank_for_removal(scores.values, range(num_layers)),
+            budget={
+                "drop_ratio": config.drop_ratio,
+                "drop_layers": config.drop_layers,
+                "target_params": config.target_params,
+                "max_quality_drop": config.max_quality_drop,
+                "quality_metric": config.quality_metric,
+                "protect_first": config.protect_first,
+                "protect_last": config.protect_last,
+            },
+            num_layers_before=num_layers,
+            num_layers_after=len(kept),
+            layers_dropped=dropped,
+            layers_kept=kept,
+            params_before=params_before,
+            params_after=params_after,
+            params_per_layer=layer_params,
+            scoring=scores.stats,
+            proposals=proposals,
+            merge=MergeRecord(
+                enabled=merge["enabled"],
+                layers_requested=config.merge_layers,
+                keep_top_p=config.keep_top_p if merge["enabled"] else None,
+                targets=merge["targets"],
+                merged_entries_total=merge.get("merged_entries_total", 0),
+                per_layer=merge.get("per_layer", {}),
+            ),
             finetune=finetune,
             quality=build_ledger(points, held) if config.ledger else None,
-            seed=config.seed, world_size=state.num_processes, command=command_line(), config=dataclasses.asdict(config),
+            seed=config.seed,
+            world_size=state.num_processes,
+            command=command_line(),
+            config=dataclasses.asdict(config),
         )
         if manifest.quality and manifest.quality.warning:
             logger.warning("quality: %s", manifest.quality.verdict)
@@ -232,10 +284,15 @@ def compress(config: CompressConfig) -> dict:
                 manifest.timings = {**timings, "total_seconds": round(time.perf_counter() - start, 3)}
                 manifest.write(tmp)
     state.wait_for_everyone()
-    return {"out": str(out), "layers_dropped": dropped, "num_layers": [num_layers, len(kept)],
-            "params": [params_before, params_after], "seconds": round(time.perf_counter() - start, 1),
-            "quality": {p.stage: {"loss": p.loss, "accuracy": p.accuracy} for p in points},
-            "manifest": manifest}
+    return {
+        "out": str(out),
+        "layers_dropped": dropped,
+        "num_layers": [num_layers, len(kept)],
+        "params": [params_before, params_after],
+        "seconds": round(time.perf_counter() - start, 1),
+        "quality": {p.stage: {"loss": p.loss, "accuracy": p.accuracy} for p in points},
+        "manifest": manifest,
+    }
 
 
 def compress_from_config(config: CompressConfig) -> str:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def plot_layer_scores(scores: Sequence[float], dropped: Sequence[int], path: str | Path, *, title: str = "", scorer: str = "igia") -> Path:
@@ -25,8 +25,9 @@ def plot_layer_scores(scores: Sequence[float], dropped: Sequence[int], path: str
     ax.tick_params(axis="x", labelsize=7)
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color="#1f77b4", label="kept"), Patch(color="#d62728", label=f"dropped ({len(dropped)})")],
-              fontsize=8, loc="best")
+    ax.legend(
+        handles=[Patch(color="#1f77b4", label="kept"), Patch(color="#d62728", label=f"dropped ({len(dropped)})")], fontsize=8, loc="best"
+    )
     ax.set_title(title or f"Layer importance ({scorer}); {len(dropped)} of {len(scores)} layers dropped", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)

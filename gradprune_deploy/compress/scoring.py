@@ -13,8 +13,8 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -45,19 +45,29 @@ def probe_length(config: CompressConfig, num_examples: int, settings: TrainSetti
 
 def batches_of(features: Sequence[dict], tokenizer, batch_size: int, limit: int | None = None) -> list[dict]:
     collate = CompletionCollator(tokenizer.pad_token_id)
-    batches = [collate(list(features[i:i + batch_size])) for i in range(0, len(features), batch_size)]
+    batches = [collate(list(features[i : i + batch_size])) for i in range(0, len(features), batch_size)]
     return batches[:limit] if limit else batches
 
 
-def score_layers(scorer: str, model, features, validation_features, tokenizer, config: CompressConfig,
-                 settings: TrainSettings, *, drop_count: int | None = None) -> Scores:
+def score_layers(
+    scorer: str,
+    model,
+    features,
+    validation_features,
+    tokenizer,
+    config: CompressConfig,
+    settings: TrainSettings,
+    *,
+    drop_count: int | None = None,
+) -> Scores:
     """Layer scores of one scorer. `drop_count`, when known, lets GradMAP stop after that many
     greedy decisions (one backward pass each) instead of ranking every layer; the dropped set is the same."""
     if scorer == "igia":
         steps, planned = probe_length(config, len(features), settings)
         record, stats = run_probe(model, features, tokenizer, settings, probe_steps=steps)
-        return Scores("igia", record.scores(), {**stats, "planned_finetune_steps": planned,
-                                                 "probe_fraction": config.probe_fraction}, record)
+        return Scores(
+            "igia", record.scores(), {**stats, "planned_finetune_steps": planned, "probe_fraction": config.probe_fraction}, record
+        )
     from .baselines import SCORERS
 
     start = time.perf_counter()
@@ -87,8 +97,17 @@ def apply_cut(model, scores: Scores, dropped: Sequence[int], merge_count: int | 
     return merge_record
 
 
-def judge_cut(model, scores: Scores, dropped: Sequence[int], *, config: CompressConfig, settings: TrainSettings,
-              features, validation: list[Example], tokenizer) -> dict:
+def judge_cut(
+    model,
+    scores: Scores,
+    dropped: Sequence[int],
+    *,
+    config: CompressConfig,
+    settings: TrainSettings,
+    features,
+    validation: list[Example],
+    tokenizer,
+) -> dict:
     """A candidate cut measured on a copy: raw (drop + merge) and, with heal steps, after a short LoRA heal."""
     start = time.perf_counter()
     candidate = copy.deepcopy(model)
@@ -96,12 +115,16 @@ def judge_cut(model, scores: Scores, dropped: Sequence[int], *, config: Compress
     raw = measure(candidate, tokenizer, validation, stage="cut", batch_size=config.batch_size)
     healed = None
     if config.heal_steps:
-        candidate, _ = recovery_finetune(candidate, features, tokenizer, settings, mode="lora",
-                                         steps=config.heal_steps, quiet=True)
+        candidate, _ = recovery_finetune(candidate, features, tokenizer, settings, mode="lora", steps=config.heal_steps, quiet=True)
         healed = measure(candidate, tokenizer, validation, stage="healed", batch_size=config.batch_size)
     del candidate
-    return {"scorer": scores.scorer, "dropped": list(dropped), "raw": raw, "healed": healed,
-            "seconds": round(time.perf_counter() - start, 3)}
+    return {
+        "scorer": scores.scorer,
+        "dropped": list(dropped),
+        "raw": raw,
+        "healed": healed,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
 
 
 def judged_point(judgement: dict) -> QualityPoint:

@@ -7,7 +7,7 @@ redundant ones in the layer-pruning literature; any fixed rule would do).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -8,7 +8,8 @@ checkpoint: modules renumbered 0..K-1, every `layer_idx` (the KV-cache slot) ren
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch.nn as nn
 
@@ -28,9 +29,12 @@ def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder-layer ModuleList (`model.layers` for Llama-style models) and its path."""
     n_layers = getattr(model.config, "num_hidden_layers", None)
     if not isinstance(n_layers, int):
-        raise ArchitectureError(f"{type(model).__name__}: config has no num_hidden_layers; GradPruner needs a decoder-only model with a layer stack")
+        raise ArchitectureError(
+            f"{type(model).__name__}: config has no num_hidden_layers; GradPruner needs a decoder-only model with a layer stack"
+        )
     candidates = [
-        (name, module) for name, module in model.named_modules()
+        (name, module)
+        for name, module in model.named_modules()
         if isinstance(module, nn.ModuleList) and len(module) == n_layers and name.split(".")[-1] in ("layers", "h", "blocks", "layer")
     ]
     if not candidates:
@@ -103,7 +107,4 @@ def count_parameters(model: nn.Module) -> int:
 
 def linear_weights_by_layer(layers: nn.ModuleList) -> dict[int, dict[str, nn.Linear]]:
     """{layer index: {name within the layer: nn.Linear}} for every linear inside the layer stack."""
-    return {
-        i: {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
-        for i, layer in enumerate(layers)
-    }
+    return {i: {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)} for i, layer in enumerate(layers)}

@@ -22,12 +22,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 from ..errors import ConfigError, DataError
 
@@ -41,21 +41,34 @@ _SPLIT_LIKE_STEMS = ("train", "test", "dev", "validation", "valid", "eval")
 class EvalConfig:
     """Evaluate a checkpoint by choice log-likelihood, exact match of greedy generations, or loss."""
 
-    checkpoint: str = field(metadata={"help": "checkpoint directory, .gguf file, cached Hub id or bundled:SmolLM2-135M-Instruct",
-                                      "positional": True})
-    data: str | None = field(default=None, metadata={"help": "prompt/completion data: a .jsonl/.csv file, a folder of splits, or bundled:gsm8k"})
+    checkpoint: str = field(
+        metadata={"help": "checkpoint directory, .gguf file, cached Hub id or bundled:SmolLM2-135M-Instruct", "positional": True}
+    )
+    data: str | None = field(
+        default=None, metadata={"help": "prompt/completion data: a .jsonl/.csv file, a folder of splits, or bundled:gsm8k"}
+    )
     split: str = field(default="test", metadata={"help": "split to read when --data is a folder or a dataset"})
-    metric: Literal["choice", "exact", "loss"] = field(default="choice", metadata={
-        "help": "choice: argmax log-likelihood over each row's choices; exact: greedy generation + exact match; loss: completion loss and perplexity"})
+    metric: Literal["choice", "exact", "loss"] = field(
+        default="choice",
+        metadata={
+            "help": "choice: argmax log-likelihood over each row's choices; exact: greedy generation + exact match; "
+            "loss: completion loss and perplexity"
+        },
+    )
     batch_size: int = field(default=8, metadata={"help": "rows per forward pass / generation batch / vLLM request"})
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N rows"})
     length_normalize: bool = field(default=False, metadata={"help": "choice: mean log-prob per token instead of the sum"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "exact: tokens to generate (default: longest reference + 16)"})
-    backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf: transformers in-process; vllm: vLLM OpenAI server (--metric exact only)"})
+    backend: Literal["hf", "vllm"] = field(
+        default="hf", metadata={"help": "hf: transformers in-process; vllm: vLLM OpenAI server (--metric exact only)"}
+    )
     case_fold: bool = field(default=False, metadata={"help": "exact: compare case-insensitively"})
-    final_answer: Literal["auto", "always", "never"] = field(default="auto", metadata={
-        "help": "exact: compare only the answer after '####' (auto: when the reference has one)"})
-    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "weights dtype: float32, bfloat16 or float16"})
+    final_answer: Literal["auto", "always", "never"] = field(
+        default="auto", metadata={"help": "exact: compare only the answer after '####' (auto: when the reference has one)"}
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "weights dtype: float32, bfloat16 or float16"}
+    )
     out_dir: str | None = field(default=None, metadata={"help": "where to write the result JSON (default: the checkpoint directory)"})
     save: bool = field(default=True, metadata={"help": "write eval_<data>_<split>_<metric>.json"})
     server_url: str | None = field(default=None, metadata={"help": "vllm backend: use this running server instead of starting one"})
@@ -75,7 +88,9 @@ class EvalConfig:
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
         if self.backend == "vllm" and self.metric != "exact":
-            raise ConfigError(f"--backend vllm generates text, so it serves --metric exact only; use --backend hf for --metric {self.metric}")
+            raise ConfigError(
+                f"--backend vllm generates text, so it serves --metric exact only; use --backend hf for --metric {self.metric}"
+            )
         if self.server_url and self.backend != "vllm":
             raise ConfigError("--server-url is for --backend vllm")
 
@@ -84,16 +99,46 @@ def evaluate_from_config(config: EvalConfig) -> dict[str, Any]:
     return evaluate(**dataclasses.asdict(config))
 
 
-def evaluate(checkpoint: str, *, data: str, split: str = "test", metric: str = "choice", batch_size: int = 8,
-             limit: int | None = None, length_normalize: bool = False, max_new_tokens: int | None = None,
-             backend: str = "hf", case_fold: bool = False, final_answer: str = "auto", dtype: str = "float32",
-             out_dir: str | None = None, save: bool = True, server_url: str | None = None,
-             trust_remote_code: bool = False, allow_pickle: bool = False) -> dict[str, Any]:
+def evaluate(
+    checkpoint: str,
+    *,
+    data: str,
+    split: str = "test",
+    metric: str = "choice",
+    batch_size: int = 8,
+    limit: int | None = None,
+    length_normalize: bool = False,
+    max_new_tokens: int | None = None,
+    backend: str = "hf",
+    case_fold: bool = False,
+    final_answer: str = "auto",
+    dtype: str = "float32",
+    out_dir: str | None = None,
+    save: bool = True,
+    server_url: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> dict[str, Any]:
     """Load `checkpoint`, evaluate it on `data` and return (and save) the summary dict."""
-    config = EvalConfig(checkpoint, data=data, split=split, metric=metric, batch_size=batch_size, limit=limit,  # validates
-                        length_normalize=length_normalize, max_new_tokens=max_new_tokens, backend=backend,
-                        case_fold=case_fold, final_answer=final_answer, dtype=dtype, out_dir=out_dir, save=save,
-                        server_url=server_url, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    config = EvalConfig(
+        checkpoint,
+        data=data,
+        split=split,
+        metric=metric,
+        batch_size=batch_size,
+        limit=limit,  # validates
+        length_normalize=length_normalize,
+        max_new_tokens=max_new_tokens,
+        backend=backend,
+        case_fold=case_fold,
+        final_answer=final_answer,
+        dtype=dtype,
+        out_dir=out_dir,
+        save=save,
+        server_url=server_url,
+        trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle,
+    )
     from ..data import read_examples
     from ..loading import resolve_source
     from ..utils import check_output_dir
@@ -111,12 +156,29 @@ def evaluate(checkpoint: str, *, data: str, split: str = "test", metric: str = "
         model, tokenizer = _load_hf(checkpoint, config)
         load_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        summary, _ = evaluate_model(model, tokenizer, examples, metric=metric, batch_size=batch_size,
-                                    length_normalize=length_normalize, max_new_tokens=max_new_tokens,
-                                    case_fold=case_fold, final_answer=final_answer)
-    summary.update(n=len(examples), data=str(data), split=split, limit=limit, backend=backend, dtype=dtype,
-                   model=str(source.path), model_source=str(checkpoint),
-                   seconds=round(time.perf_counter() - started, 3), load_seconds=round(load_seconds, 3))
+        summary, _ = evaluate_model(
+            model,
+            tokenizer,
+            examples,
+            metric=metric,
+            batch_size=batch_size,
+            length_normalize=length_normalize,
+            max_new_tokens=max_new_tokens,
+            case_fold=case_fold,
+            final_answer=final_answer,
+        )
+    summary.update(
+        n=len(examples),
+        data=str(data),
+        split=split,
+        limit=limit,
+        backend=backend,
+        dtype=dtype,
+        model=str(source.path),
+        model_source=str(checkpoint),
+        seconds=round(time.perf_counter() - started, 3),
+        load_seconds=round(load_seconds, 3),
+    )
     target = _result_dir(checkpoint, out_dir, source)
     summary["saved_to"] = str(write_result(summary, target, data=data, split=split, metric=metric)) if save and target else None
     if save and target is None:
@@ -131,16 +193,30 @@ def check_examples(examples: Sequence, metric: str) -> None:
         return
     for ex in examples:
         if not ex.choices:
-            raise DataError(f"row {ex.id!r} has no `choices`: --metric choice needs a list of choices in every row; "
-                            "use --metric exact or --metric loss for free-form completions")
+            raise DataError(
+                f"row {ex.id!r} has no `choices`: --metric choice needs a list of choices in every row; "
+                "use --metric exact or --metric loss for free-form completions"
+            )
         if ex.completion not in ex.choices:
-            raise DataError(f"row {ex.id!r}: its completion {ex.completion!r} is not one of its choices {list(ex.choices)}: "
-                            "fix the data, or use --metric exact or --metric loss")
+            raise DataError(
+                f"row {ex.id!r}: its completion {ex.completion!r} is not one of its choices {list(ex.choices)}: "
+                "fix the data, or use --metric exact or --metric loss"
+            )
 
 
-def evaluate_model(model, tokenizer, examples: Sequence, *, metric: str, batch_size: int = 8, length_normalize: bool = False,
-                   max_new_tokens: int | None = None, case_fold: bool = False, final_answer: str = "auto",
-                   generate: Callable[[list[list[int]], int], list[list[int]]] | None = None) -> tuple[dict[str, Any], list[dict]]:
+def evaluate_model(
+    model,
+    tokenizer,
+    examples: Sequence,
+    *,
+    metric: str,
+    batch_size: int = 8,
+    length_normalize: bool = False,
+    max_new_tokens: int | None = None,
+    case_fold: bool = False,
+    final_answer: str = "auto",
+    generate: Callable[[list[list[int]], int], list[list[int]]] | None = None,
+) -> tuple[dict[str, Any], list[dict]]:
     """Evaluate a loaded model; returns (summary with `metric` and `value`, per-row records).
 
     `generate(prompts_ids, max_new_tokens)` replaces in-process greedy generation (the vLLM
@@ -154,22 +230,29 @@ def evaluate_model(model, tokenizer, examples: Sequence, *, metric: str, batch_s
     if metric == "exact":
         if generate is None:
             generate = _hf_generator(model, tokenizer)
-        return _eval_exact(tokenizer, examples, generate, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           case_fold=case_fold, final_answer=final_answer)
+        return _eval_exact(
+            tokenizer,
+            examples,
+            generate,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            case_fold=case_fold,
+            final_answer=final_answer,
+        )
     raise ConfigError(f"--metric {metric!r}: choose choice, exact or loss")
 
 
 def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Row indices in batches, longest first: less padding, and memory peaks show up at once."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def _eval_choice(model, tokenizer, examples, *, batch_size: int, length_normalize: bool):
     from ..data import Example, encode_example
+    from ..utils import tqdm
     from .hf import completion_logprobs
     from .metrics import accuracy, argmax, choice_scores, confusion_counts
-    from ..utils import tqdm
 
     encoded = [[encode_example(tokenizer, Example(ex.prompt, choice)) for choice in ex.choices] for ex in examples]
     results: list[list[tuple[float, int]]] = [[] for _ in examples]
@@ -177,7 +260,7 @@ def _eval_choice(model, tokenizer, examples, *, batch_size: int, length_normaliz
         for batch in _length_sorted_batches([max(len(ids) for ids, _ in e) for e in encoded], batch_size):
             flat = completion_logprobs(model, [item for i in batch for item in encoded[i]], pad_token_id=tokenizer.pad_token_id)
             for i in batch:
-                results[i], flat = flat[: len(encoded[i])], flat[len(encoded[i]):]
+                results[i], flat = flat[: len(encoded[i])], flat[len(encoded[i]) :]
             bar.update(len(batch))
     rows = []
     for ex, res in zip(examples, results):
@@ -185,16 +268,21 @@ def _eval_choice(model, tokenizer, examples, *, batch_size: int, length_normaliz
         pred = ex.choices[argmax(scores)]
         rows.append({"id": ex.id, "gold": ex.completion, "pred": pred, "scores": dict(zip(ex.choices, scores))})
     value = accuracy([r["pred"] == r["gold"] for r in rows])
-    summary = {"metric": "choice", "value": value, "accuracy": value, "length_normalize": length_normalize,
-               "confusion": confusion_counts([r["gold"] for r in rows], [r["pred"] for r in rows])}
+    summary = {
+        "metric": "choice",
+        "value": value,
+        "accuracy": value,
+        "length_normalize": length_normalize,
+        "confusion": confusion_counts([r["gold"] for r in rows], [r["pred"] for r in rows]),
+    }
     return summary, rows
 
 
 def _eval_loss(model, tokenizer, examples, *, batch_size: int):
     from ..data import encode_example
+    from ..utils import tqdm
     from .hf import completion_logprobs
     from .metrics import mean_token_loss
-    from ..utils import tqdm
 
     encoded = [encode_example(tokenizer, ex) for ex in examples]
     results: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
@@ -212,8 +300,9 @@ def _hf_generator(model, tokenizer) -> Callable[[list[list[int]], int], list[lis
     from .hf import eos_token_ids, greedy_generate
 
     eos = eos_token_ids(model, tokenizer)
-    return lambda prompts, max_new: greedy_generate(model, prompts, max_new_tokens=max_new,
-                                                    pad_token_id=tokenizer.pad_token_id, eos_ids=eos)
+    return lambda prompts, max_new: greedy_generate(
+        model, prompts, max_new_tokens=max_new, pad_token_id=tokenizer.pad_token_id, eos_ids=eos
+    )
 
 
 def default_max_new_tokens(tokenizer, examples) -> int:
@@ -222,8 +311,8 @@ def default_max_new_tokens(tokenizer, examples) -> int:
 
 def _eval_exact(tokenizer, examples, generate, *, batch_size: int, max_new_tokens: int | None, case_fold: bool, final_answer: str):
     from ..data import encode_prompt
-    from .metrics import accuracy, exact_match, uses_final_answer
     from ..utils import tqdm
+    from .metrics import accuracy, exact_match, uses_final_answer
 
     max_new = max_new_tokens or default_max_new_tokens(tokenizer, examples)
     prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
@@ -236,12 +325,25 @@ def _eval_exact(tokenizer, examples, generate, *, batch_size: int, max_new_token
     rows = []
     for ex, tokens in zip(examples, outputs):
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        rows.append({"id": ex.id, "reference": ex.completion, "prediction": text, "tokens": tokens,
-                     "match": exact_match(text, ex.completion, case_fold=case_fold, final_answer=final_answer)})
+        rows.append(
+            {
+                "id": ex.id,
+                "reference": ex.completion,
+                "prediction": text,
+                "tokens": tokens,
+                "match": exact_match(text, ex.completion, case_fold=case_fold, final_answer=final_answer),
+            }
+        )
     value = accuracy([r["match"] for r in rows])
-    summary = {"metric": "exact", "value": value, "accuracy": value, "max_new_tokens": max_new, "case_fold": case_fold,
-               "final_answer": final_answer,
-               "final_answer_rows": sum(uses_final_answer(ex.completion, final_answer) for ex in examples)}
+    summary = {
+        "metric": "exact",
+        "value": value,
+        "accuracy": value,
+        "max_new_tokens": max_new,
+        "case_fold": case_fold,
+        "final_answer": final_answer,
+        "final_answer_rows": sum(uses_final_answer(ex.completion, final_answer) for ex in examples),
+    }
     return summary, rows
 
 
@@ -250,8 +352,9 @@ def _load_hf(checkpoint: str, config: EvalConfig):
 
     from ..loading import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(checkpoint, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
-                                                allow_pickle=config.allow_pickle)
+    model, tokenizer = load_model_and_tokenizer(
+        checkpoint, dtype=config.dtype, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle
+    )
     if torch.cuda.is_available():
         model.to("cuda")
     return model.eval(), tokenizer
@@ -263,8 +366,10 @@ def _evaluate_vllm(source, examples, config: EvalConfig):
     from .vllm import vllm_endpoint, vllm_greedy_generate
 
     if source.gguf_file:
-        raise ConfigError("--backend vllm needs a safetensors checkpoint directory, not a .gguf file: save the model with "
-                          "save_pretrained first (bundled:SmolLM2-135M-Instruct is already converted)")
+        raise ConfigError(
+            "--backend vllm needs a safetensors checkpoint directory, not a .gguf file: save the model with "
+            "save_pretrained first (bundled:SmolLM2-135M-Instruct is already converted)"
+        )
     from ..data import encode_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=config.trust_remote_code)
@@ -274,11 +379,21 @@ def _evaluate_vllm(source, examples, config: EvalConfig):
     longest_prompt = max(len(encode_prompt(tokenizer, ex.prompt)) for ex in examples)
     eos = [i for i in {tokenizer.eos_token_id, *_generation_eos(source.path)} if i is not None]
     vllm_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(config.dtype, config.dtype)
-    with vllm_endpoint(str(source.path), server_url=config.server_url, dtype=vllm_dtype,
-                       max_model_len=max(2048, longest_prompt + max_new)) as (base_url, served):
+    with vllm_endpoint(
+        str(source.path), server_url=config.server_url, dtype=vllm_dtype, max_model_len=max(2048, longest_prompt + max_new)
+    ) as (base_url, served):
         generate = lambda prompts, n: vllm_greedy_generate(base_url, served, prompts, max_new_tokens=n, eos_ids=eos)  # noqa: E731
-        return evaluate_model(None, tokenizer, examples, metric="exact", batch_size=config.batch_size, max_new_tokens=max_new,
-                              case_fold=config.case_fold, final_answer=config.final_answer, generate=generate)
+        return evaluate_model(
+            None,
+            tokenizer,
+            examples,
+            metric="exact",
+            batch_size=config.batch_size,
+            max_new_tokens=max_new,
+            case_fold=config.case_fold,
+            final_answer=config.final_answer,
+            generate=generate,
+        )
 
 
 def _generation_eos(model_dir: Path) -> list[int]:

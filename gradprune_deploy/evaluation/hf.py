@@ -10,7 +10,7 @@ see alone; tests check padded scores against unpadded ones.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -24,8 +24,8 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[tor
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
         if seq:
-            input_ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
-            attention_mask[row, width - len(seq):] = 1
+            input_ids[row, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
+            attention_mask[row, width - len(seq) :] = 1
     return input_ids, attention_mask
 
 
@@ -54,8 +54,11 @@ def completion_logprobs(model, items: Sequence[tuple[Sequence[int], int]], *, pa
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     keep = max(n_completion)
     out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask),
-        logits_to_keep=keep + 1, use_cache=False,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_for(attention_mask),
+        logits_to_keep=keep + 1,
+        use_cache=False,
     )
     # Column j of `logits` (j < keep) is position width-keep-1+j and predicts token width-keep+j.
     logprobs = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
@@ -94,8 +97,9 @@ def greedy_generate(
 
     device = _device(model)
     input_ids, attention_mask = left_pad(prompts, pad_token_id)
-    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                              pad_token_id=pad_token_id, eos_token_id=list(eos_ids) or None)
+    config = GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, eos_token_id=list(eos_ids) or None
+    )
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config)
-    new_tokens = out[:, input_ids.shape[1]:].tolist()
+    new_tokens = out[:, input_ids.shape[1] :].tolist()
     return [cut_at_eos(tokens, eos_ids) for tokens in new_tokens]

@@ -20,7 +20,7 @@ import json
 import logging
 import urllib.error
 import urllib.request
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from ..errors import ConfigError, ServingError
 from .hf import cut_at_eos

@@ -108,39 +108,108 @@ def run_arm(arm: dict, task: str, out: Path, preset: tuple, seed: int) -> dict:
     rows, steps, test_rows, max_length = preset
     ckpt, train_file = out / task / arm["arm"], SHARED / task / "train.jsonl"
     if arm["arm"] == "dense":
-        cmd = [sys.executable, __file__, "--dense-worker", str(ckpt), str(train_file), str(rows), str(steps), str(max_length),
-               str(seed)]
+        cmd = [sys.executable, __file__, "--dense-worker", str(ckpt), str(train_file), str(rows), str(steps), str(max_length), str(seed)]
     else:
-        cmd = [GRADPRUNE, "compress", "--out", str(ckpt), "--overwrite", "--data", str(train_file), "--max-examples", str(rows),
-               "--max-steps", str(steps), "--batch-size", "8", "--max-length", str(max_length), "--seed", str(seed),
-               "--scorer", arm["scorer"], "--drop-layers", str(arm["drop"]), "-q", *arm.get("extra", [])]
+        cmd = [
+            GRADPRUNE,
+            "compress",
+            "--out",
+            str(ckpt),
+            "--overwrite",
+            "--data",
+            str(train_file),
+            "--max-examples",
+            str(rows),
+            "--max-steps",
+            str(steps),
+            "--batch-size",
+            "8",
+            "--max-length",
+            str(max_length),
+            "--seed",
+            str(seed),
+            "--scorer",
+            arm["scorer"],
+            "--drop-layers",
+            str(arm["drop"]),
+            "-q",
+            *arm.get("extra", []),
+        ]
     measured = run_measured(cmd)
-    record = {"task": task, **{k: v for k, v in arm.items() if k != "extra"}, "extra": arm.get("extra", []),
-              "seconds": measured["seconds"], "peak_rss_mb": measured["peak_rss_mb"]}
+    record = {
+        "task": task,
+        **{k: v for k, v in arm.items() if k != "extra"},
+        "extra": arm.get("extra", []),
+        "seconds": measured["seconds"],
+        "peak_rss_mb": measured["peak_rss_mb"],
+    }
     evals = {}
     for metric in ("choice", "loss"):
-        evals[metric] = last_json(run_measured([GRADPRUNE, "eval", str(ckpt), "--data", str(SHARED / task), "--metric", metric,
-                                                "--limit", str(test_rows), "--batch-size", "8", "-q"])["stdout"])
+        evals[metric] = last_json(
+            run_measured(
+                [
+                    GRADPRUNE,
+                    "eval",
+                    str(ckpt),
+                    "--data",
+                    str(SHARED / task),
+                    "--metric",
+                    metric,
+                    "--limit",
+                    str(test_rows),
+                    "--batch-size",
+                    "8",
+                    "-q",
+                ]
+            )["stdout"]
+        )
     n = evals["choice"]["n"]
     acc = evals["choice"]["value"]
     record.update(accuracy=acc, accuracy_se=math.sqrt(acc * (1 - acc) / n), test_rows=n, test_loss=evals["loss"]["value"])
     if arm["arm"] == "dense":
         dense = json.loads((ckpt / "dense.json").read_text())
-        record.update(params=dense["params"], finetune_seconds=dense["finetune"]["seconds"], finetune_steps=steps,
-                      compress_seconds=dense["finetune"]["seconds"])
-        zero = last_json(run_measured([GRADPRUNE, "eval", "bundled:SmolLM2-135M-Instruct", "--data", str(SHARED / task),
-                                       "--metric", "choice", "--limit", str(test_rows), "--batch-size", "8", "-q"])["stdout"])
+        record.update(
+            params=dense["params"],
+            finetune_seconds=dense["finetune"]["seconds"],
+            finetune_steps=steps,
+            compress_seconds=dense["finetune"]["seconds"],
+        )
+        zero = last_json(
+            run_measured(
+                [
+                    GRADPRUNE,
+                    "eval",
+                    "bundled:SmolLM2-135M-Instruct",
+                    "--data",
+                    str(SHARED / task),
+                    "--metric",
+                    "choice",
+                    "--limit",
+                    str(test_rows),
+                    "--batch-size",
+                    "8",
+                    "-q",
+                ]
+            )["stdout"]
+        )
         record["zero_shot_accuracy"] = zero["value"]
         record["majority_share"] = max(c / n for c in _label_counts(SHARED / task, test_rows).values())
     else:
         m = json.loads((ckpt / "gradprune.json").read_text())
         t = m["timings"]
         score_s = sum(v for k, v in t.items() if k.startswith("score_") and k != "score_seconds") or t.get("score_seconds", 0)
-        record.update(params=m["params_after"], layers_dropped=m["layers_dropped"], merge_targets=m["merge"]["targets"],
-                      finetune_seconds=m["finetune"]["seconds"], finetune_steps=m["finetune"]["steps"],
-                      score_seconds=score_s, surgery_seconds=t.get("surgery_seconds", 0),
-                      compress_seconds=score_s + t.get("surgery_seconds", 0) + t.get("finetune_seconds", 0),
-                      ledger=m["quality"], probe=m["scoring"] if m["scorer"] == "igia" else None)
+        record.update(
+            params=m["params_after"],
+            layers_dropped=m["layers_dropped"],
+            merge_targets=m["merge"]["targets"],
+            finetune_seconds=m["finetune"]["seconds"],
+            finetune_steps=m["finetune"]["steps"],
+            score_seconds=score_s,
+            surgery_seconds=t.get("surgery_seconds", 0),
+            compress_seconds=score_s + t.get("surgery_seconds", 0) + t.get("finetune_seconds", 0),
+            ledger=m["quality"],
+            probe=m["scoring"] if m["scorer"] == "igia" else None,
+        )
     return record
 
 
@@ -190,8 +259,15 @@ def main() -> None:
         from study_report import write_report
 
         write_report(read_results(results_path), Path(args.report), preset=PRESETS[args.preset], preset_name=args.preset)
-    print(json.dumps({"results": str(results_path), "arms": len(read_results(results_path)),
-                      "minutes_this_run": round((time.perf_counter() - started) / 60, 1)}))
+    print(
+        json.dumps(
+            {
+                "results": str(results_path),
+                "arms": len(read_results(results_path)),
+                "minutes_this_run": round((time.perf_counter() - started) / 60, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

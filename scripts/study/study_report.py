@@ -20,8 +20,7 @@ def step_seconds(record: dict) -> float:
 
 def cost(record: dict, dense: dict) -> dict:
     """compress seconds / dense fine-tune seconds, and the pruned/dense step-time ratio beside it."""
-    return {"ratio": record["compress_seconds"] / dense["compress_seconds"],
-            "step_ratio": step_seconds(record) / step_seconds(dense)}
+    return {"ratio": record["compress_seconds"] / dense["compress_seconds"], "step_ratio": step_seconds(record) / step_seconds(dense)}
 
 
 def targets(task_records: dict[str, dict]) -> list[str]:
@@ -34,23 +33,26 @@ def targets(task_records: dict[str, dict]) -> list[str]:
         r = task_records.get(arm)
         if r:
             gap = 100 * (dense["accuracy"] - r["accuracy"])
-            lines.append(f"- {arm} within {limit:g} point(s) of dense: {'met' if gap <= limit else 'missed'} "
-                         f"(gap {gap:+.1f} ± {100 * diff_se(dense, r):.1f})")
+            lines.append(
+                f"- {arm} within {limit:g} point(s) of dense: {'met' if gap <= limit else 'missed'} "
+                f"(gap {gap:+.1f} ± {100 * diff_se(dense, r):.1f})"
+            )
     best = task_records.get("igia@30%")
     for base in ("block-influence@30%", "last-n@30%", "ppl@30%"):
         r = task_records.get(base)
         if best and r:
             lead, se = 100 * (best["accuracy"] - r["accuracy"]), 100 * diff_se(best, r)
-            lines.append(f"- igia@30% ahead of {base} by more than 1 SE: {'met' if lead > se else 'missed'} "
-                         f"({lead:+.1f} ± {se:.1f})")
+            lines.append(f"- igia@30% ahead of {base} by more than 1 SE: {'met' if lead > se else 'missed'} ({lead:+.1f} ± {se:.1f})")
     for arm in ("igia@20%", "igia@30%", "igia@40%"):
         r = task_records.get(arm)
         if r:
             c = cost(r, dense)
             ok = c["ratio"] <= c["step_ratio"] + 0.05 and (arm != "igia@40%" or c["ratio"] <= 0.70)
             extra = " and ≤ 0.70" if arm == "igia@40%" else ""
-            lines.append(f"- {arm} compress/dense wall time {c['ratio']:.2f} ≤ step ratio {c['step_ratio']:.2f} + 0.05{extra}: "
-                         f"{'met' if ok else 'missed'}")
+            lines.append(
+                f"- {arm} compress/dense wall time {c['ratio']:.2f} ≤ step ratio {c['step_ratio']:.2f} + 0.05{extra}: "
+                f"{'met' if ok else 'missed'}"
+            )
     return lines
 
 
@@ -64,39 +66,50 @@ def _ledger_cell(ledger: dict | None) -> str:
 def task_table(records: list[dict]) -> list[str]:
     by_arm = {r["arm"]: r for r in records}
     dense = by_arm.get("dense")
-    lines = ["| arm | layers dropped | merged into | params | accuracy % | Δ vs dense | test loss | ledger loss dense → pruned → recovered "
-             "| compress s | cost ratio (step ratio) | peak RSS MB |",
-             "|---|---|---|---:|---:|---:|---:|---|---:|---|---:|"]
+    lines = [
+        "| arm | layers dropped | merged into | params | accuracy % | Δ vs dense | test loss | ledger loss dense → pruned → recovered "
+        "| compress s | cost ratio (step ratio) | peak RSS MB |",
+        "|---|---|---|---:|---:|---:|---:|---|---:|---|---:|",
+    ]
     for r in records:
         delta = f"{100 * (r['accuracy'] - dense['accuracy']):+.1f} ± {100 * diff_se(r, dense):.1f}" if dense and r is not dense else "–"
         c = cost(r, dense) if dense and r is not dense else None
         cost_cell = f"{c['ratio']:.2f} ({c['step_ratio']:.2f})" if c else "1.00"
         merged = ", ".join(f"{k}→{v}" for k, v in (r.get("merge_targets") or {}).items()) or "–"
-        lines.append(f"| {r['arm']} | {r.get('layers_dropped', '–')} | {merged} | {r['params'] / 1e6:.1f}M | "
-                     f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_se']:.1f} | {delta} | {r['test_loss']:.3f} | "
-                     f"{_ledger_cell(r.get('ledger'))} | {r['compress_seconds']:.0f} | "
-                     f"{cost_cell} | "
-                     f"{r['peak_rss_mb']:.0f} |")
+        lines.append(
+            f"| {r['arm']} | {r.get('layers_dropped', '–')} | {merged} | {r['params'] / 1e6:.1f}M | "
+            f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_se']:.1f} | {delta} | {r['test_loss']:.3f} | "
+            f"{_ledger_cell(r.get('ledger'))} | {r['compress_seconds']:.0f} | "
+            f"{cost_cell} | "
+            f"{r['peak_rss_mb']:.0f} |"
+        )
     return lines
 
 
 def write_report(results: list[dict], path: Path, *, preset: tuple, preset_name: str) -> Path:
     rows, steps, test_rows, max_length = preset
-    out = ["# Quality study: GradPruner on SmolLM2-135M-Instruct (CPU preset)", "",
-           f"Command: `.venv/bin/python scripts/study/quality_study.py --out runs/quality-study --preset {preset_name}` "
-           f"(resumable). Every arm: {rows} rows of the task's train.jsonl (10% seeded validation slice held out → "
-           f"the ledger), {steps} optimizer steps of batch 8, max {max_length} tokens, seed {results[0]['seed'] if results else 0}; "
-           f"accuracy by choice log-likelihood on the first {test_rows} test rows (± binomial SE; Δ ± SE of the difference). "
-           "Cost ratio = (scoring + surgery + recovery seconds) / dense LoRA fine-tune seconds; step ratio = pruned/dense "
-           "seconds per optimizer step. Measured on a shared 2-core CPU: wall times carry noise from other jobs.", ""]
+    out = [
+        "# Quality study: GradPruner on SmolLM2-135M-Instruct (CPU preset)",
+        "",
+        f"Command: `.venv/bin/python scripts/study/quality_study.py --out runs/quality-study --preset {preset_name}` "
+        f"(resumable). Every arm: {rows} rows of the task's train.jsonl (10% seeded validation slice held out → "
+        f"the ledger), {steps} optimizer steps of batch 8, max {max_length} tokens, seed {results[0]['seed'] if results else 0}; "
+        f"accuracy by choice log-likelihood on the first {test_rows} test rows (± binomial SE; Δ ± SE of the difference). "
+        "Cost ratio = (scoring + surgery + recovery seconds) / dense LoRA fine-tune seconds; step ratio = pruned/dense "
+        "seconds per optimizer step. Measured on a shared 2-core CPU: wall times carry noise from other jobs.",
+        "",
+    ]
     for task in dict.fromkeys(r["task"] for r in results):
         records = [r for r in results if r["task"] == task]
         by_arm = {r["arm"]: r for r in records}
         out += [f"## {task}", ""]
         if "dense" in by_arm:
             d = by_arm["dense"]
-            out += [f"Zero-shot {100 * d['zero_shot_accuracy']:.1f}%, majority label {100 * d['majority_share']:.1f}% of the "
-                    f"test rows, dense LoRA fine-tune {100 * d['accuracy']:.1f} ± {100 * d['accuracy_se']:.1f}%.", ""]
+            out += [
+                f"Zero-shot {100 * d['zero_shot_accuracy']:.1f}%, majority label {100 * d['majority_share']:.1f}% of the "
+                f"test rows, dense LoRA fine-tune {100 * d['accuracy']:.1f} ± {100 * d['accuracy_se']:.1f}%.",
+                "",
+            ]
         out += task_table(records) + [""]
         lines = targets(by_arm)
         if lines:

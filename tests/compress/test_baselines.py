@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 
-from gradprune_deploy.data import CompletionCollator, read_examples, tokenize_examples
-from gradprune_deploy.errors import DataError
 from gradprune_deploy.compress.baselines import (
     SCORERS,
     block_influence,
@@ -21,10 +18,12 @@ from gradprune_deploy.compress.baselines import (
     taylor,
 )
 from gradprune_deploy.compress.surgery import drop_layers
-
-from tests.conftest import tiny_model
-
-from tests.conftest import SHARED_DATA  # noqa: E402
+from gradprune_deploy.data import CompletionCollator, read_examples, tokenize_examples
+from gradprune_deploy.errors import DataError
+from tests.conftest import (
+    SHARED_DATA,  # noqa: E402
+    tiny_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +58,7 @@ def _reference_grads(model, batches):
 
 # ------------------------------------------------------------------ block influence
 
+
 def _manual_block_influence(model, batches):
     """Run the decoder layers one by one (embedding, rotary, causal mask by hand)."""
     from transformers.masking_utils import create_causal_mask
@@ -72,8 +72,7 @@ def _manual_block_influence(model, batches):
             h = inner.embed_tokens(ids)
             pos = torch.arange(ids.shape[1]).unsqueeze(0)
             rope = inner.rotary_emb(h, position_ids=pos)
-            causal = create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=mask,
-                                        past_key_values=None, position_ids=pos)
+            causal = create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=mask, past_key_values=None, position_ids=pos)
             keep = mask.bool()
             for i, layer in enumerate(inner.layers):
                 out = layer(h, attention_mask=causal, position_ids=pos, position_embeddings=rope)
@@ -103,13 +102,17 @@ def test_block_influence_ranks_an_identity_layer_least_important(batches):
 
 # ------------------------------------------------------------------ taylor
 
+
 def test_taylor_matches_backward_reference(batches):
     model = tiny_model("llama", num_hidden_layers=4)
     ref_grads, ref = _reference_grads(model, batches)
-    expected = torch.tensor([
-        sum(float((p.detach().double() * g.double()).abs().sum()) for p, g in zip(layer.parameters(), grads))
-        for layer, grads in zip(ref.model.layers, ref_grads)
-    ], dtype=torch.float64)
+    expected = torch.tensor(
+        [
+            sum(float((p.detach().double() * g.double()).abs().sum()) for p, g in zip(layer.parameters(), grads))
+            for layer, grads in zip(ref.model.layers, ref_grads)
+        ],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(taylor(model, batches), expected, rtol=1e-5, atol=0)
 
 
@@ -134,6 +137,7 @@ def test_layer_gradient_of_one_weight_matches_finite_difference(batches):
 
 
 # ------------------------------------------------------------------ gradmap
+
 
 def _mean_abs(grads):
     return float(sum(g.double().abs().sum() for g in grads) / sum(g.numel() for g in grads))
@@ -181,6 +185,7 @@ def test_ranks_from_removal_order():
 
 # ------------------------------------------------------------------ last-n, random
 
+
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_last_n_drops_the_deepest_layers_but_keeps_the_final_one(k):
     model = tiny_model("llama", num_hidden_layers=6)
@@ -199,6 +204,7 @@ def test_random_is_a_seeded_permutation():
 
 
 # ------------------------------------------------------------------ contract shared by all scorers
+
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("name", sorted(SCORERS))

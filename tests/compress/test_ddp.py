@@ -17,9 +17,28 @@ def test_probe_scores_identical_under_ddp(smollm2_dir, tmp_path):
     single, ddp = tmp_path / "single.json", tmp_path / "ddp.json"
     subprocess.run([sys.executable, str(WORKER), str(smollm2_dir), "4", str(single)], check=True, capture_output=True, timeout=300)
     # --multi_gpu selects accelerate's torchrun launcher; with no CUDA device the processes use gloo on CPU.
-    proc = subprocess.run([str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER), str(smollm2_dir), "2", str(ddp)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            str(bin_dir / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(WORKER),
+            str(smollm2_dir),
+            "2",
+            str(ddp),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = json.loads(single.read_text()), json.loads(ddp.read_text())
     assert one["world_size"] == 1 and two["world_size"] == 2

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from gradprune_deploy.data import CompletionCollator, read_examples, tokenize_examples
 from gradprune_deploy.compress.finetune import TrainSettings, attach_lora, run_probe
 from gradprune_deploy.compress.importance import igia_matrix, igia_step_total, layer_scores
 from gradprune_deploy.compress.probe import lora_pairs
+from gradprune_deploy.data import CompletionCollator, read_examples, tokenize_examples
 from tests.conftest import SHARED_DATA, tiny_model
 
 
@@ -57,7 +57,7 @@ def _manual_probe(model, features, tokenizer, settings: TrainSettings, steps: in
     dense = {p.key: torch.zeros_like(p.lora_b.detach() @ p.lora_a.detach(), dtype=torch.float64) for p in pairs}
     informative = zero = k = 0
     while informative < steps:
-        batch = collate(features[k * settings.batch_size:(k + 1) * settings.batch_size])
+        batch = collate(features[k * settings.batch_size : (k + 1) * settings.batch_size])
         peft_model(**batch).loss.backward()
         if all(p.lora_a.grad.count_nonzero() == 0 for p in pairs):
             zero += 1
@@ -73,8 +73,9 @@ def _manual_probe(model, features, tokenizer, settings: TrainSettings, steps: in
 
 
 def test_probe_in_trainer_matches_manual_dense_accumulation(sst2_features, tokenizer):
-    settings = TrainSettings(batch_size=4, learning_rate=1e-3, max_steps=10, warmup_ratio=0.0,
-                             lora_dropout=0.0, lora_r=4, seed=3, sampling="sequential")
+    settings = TrainSettings(
+        batch_size=4, learning_rate=1e-3, max_steps=10, warmup_ratio=0.0, lora_dropout=0.0, lora_r=4, seed=3, sampling="sequential"
+    )
     steps = 4
     base = tiny_model("llama", seed=11)
     reference = copy.deepcopy(base)

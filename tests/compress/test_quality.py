@@ -40,8 +40,12 @@ def test_merge_of_k_layers_touches_exactly_k_targets_and_matches_brute_force(k):
     scores = [9, 9, 0.4, 0.1, 9, 0.3, 0.2, 9]
     merged = layers_to_merge(dropped, scores, k)
     gen = torch.Generator().manual_seed(0)
-    igia = {i: {name: torch.rand(mod.weight.shape, generator=gen) for name, mod in layers[i].named_modules()
-                if isinstance(mod, torch.nn.Linear)} for i in dropped}
+    igia = {
+        i: {
+            name: torch.rand(mod.weight.shape, generator=gen) for name, mod in layers[i].named_modules() if isinstance(mod, torch.nn.Linear)
+        }
+        for i in dropped
+    }
     before = copy.deepcopy(model)
     record = merge_dropped_layers(layers, igia.__getitem__, dropped, merged, keep_top_p=0.3)
 
@@ -86,11 +90,10 @@ def test_distillation_loss_against_a_hand_computation(temperature, top_k):
             zt_k = [zt[i] / temperature for i in ids]
             norm_t = math.log(sum(math.exp(v) for v in zt_k))
             norm_s = math.log(sum(math.exp(v / temperature) for v in zs))
-            terms.append(sum(math.exp(zt_k[j] - norm_t) * ((zt_k[j] - norm_t) - (zs[i] / temperature - norm_s))
-                             for j, i in enumerate(ids)))
+            terms.append(sum(math.exp(zt_k[j] - norm_t) * ((zt_k[j] - norm_t) - (zs[i] / temperature - norm_s)) for j, i in enumerate(ids)))
     expected_kl = sum(terms) / len(terms)
     assert float(kl) == pytest.approx(expected_kl, rel=1e-5)
-    assert float(total) == pytest.approx(alpha * temperature ** 2 * expected_kl + (1 - alpha) * 1.25, rel=1e-5)
+    assert float(total) == pytest.approx(alpha * temperature**2 * expected_kl + (1 - alpha) * 1.25, rel=1e-5)
 
 
 def test_kl_is_zero_when_student_equals_teacher_and_gradient_flows():
@@ -107,7 +110,7 @@ def test_kl_is_zero_when_student_equals_teacher_and_gradient_flows():
 def _batches(tokenizer, n=8, batch_size=4):
     features = tokenize_examples(read_examples(SST2_TRAIN, limit=n), tokenizer, max_length=96)
     collate = CompletionCollator(tokenizer.pad_token_id)
-    return [collate(features[i:i + batch_size]) for i in range(0, len(features), batch_size)]
+    return [collate(features[i : i + batch_size]) for i in range(0, len(features), batch_size)]
 
 
 def _completion_loss(model, batches):
@@ -157,17 +160,44 @@ def test_ledger_rows_are_never_trained_on_and_its_numbers_recompute(tiny_llama_d
     from gradprune_deploy.evaluation.evaluate import evaluate
 
     out = tmp_path / "ckpt"
-    code = main(["compress", "--model", str(tiny_llama_dir), "--data", str(SST2_TRAIN), "--max-examples", "40",
-                 "--validation-fraction", "0.25", "--max-length", "64", "--batch-size", "4", "--max-steps", "3",
-                 "--probe-steps", "2", "--drop-layers", "2", "--out", str(out), "-q"])
+    code = main(
+        [
+            "compress",
+            "--model",
+            str(tiny_llama_dir),
+            "--data",
+            str(SST2_TRAIN),
+            "--max-examples",
+            "40",
+            "--validation-fraction",
+            "0.25",
+            "--max-length",
+            "64",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "3",
+            "--probe-steps",
+            "2",
+            "--drop-layers",
+            "2",
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
     assert code == 0
     m = Manifest.read(out)
     rows = read_examples(SST2_TRAIN, limit=40)
     train_idx, held_idx = split_slice(40, fraction=0.25, max_rows=128, seed=0)
     assert m.data.examples == len(train_idx) == 30 and m.quality.rows == len(held_idx) == 10
     held_file = tmp_path / "held.jsonl"
-    held_file.write_text("".join(json.dumps({"prompt": rows[i].prompt, "completion": rows[i].completion,
-                                             "choices": list(rows[i].choices)}) + "\n" for i in held_idx))
+    held_file.write_text(
+        "".join(
+            json.dumps({"prompt": rows[i].prompt, "completion": rows[i].completion, "choices": list(rows[i].choices)}) + "\n"
+            for i in held_idx
+        )
+    )
     points = {p.stage: p for p in m.quality.points}
     assert set(points) == {"dense", "pruned", "recovered"}
     for ckpt, stage in ((tiny_llama_dir, "dense"), (out, "recovered")):
@@ -183,9 +213,36 @@ def test_auto_picks_the_proposal_its_criterion_ranks_best(tiny_llama_dir, tmp_pa
     from gradprune_deploy.cli import main
 
     out = tmp_path / "auto"
-    code = main(["compress", "--model", str(tiny_llama_dir), "--data", str(SST2_TRAIN), "--max-examples", "40",
-                 "--max-length", "64", "--batch-size", "4", "--max-steps", "2", "--probe-steps", "2", "--drop-layers", "1",
-                 "--scorer", "auto", "--heal-steps", "0", "--finetune", "none", "--out", str(out), "-q"])
+    code = main(
+        [
+            "compress",
+            "--model",
+            str(tiny_llama_dir),
+            "--data",
+            str(SST2_TRAIN),
+            "--max-examples",
+            "40",
+            "--max-length",
+            "64",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "2",
+            "--probe-steps",
+            "2",
+            "--drop-layers",
+            "1",
+            "--scorer",
+            "auto",
+            "--heal-steps",
+            "0",
+            "--finetune",
+            "none",
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
     assert code == 0
     m = Manifest.read(out)
     assert [p["scorer"] for p in m.proposals] == ["igia", "block-influence", "last-n", "ppl"]

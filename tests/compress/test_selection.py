@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from gradprune_deploy.errors import ConfigError
 from gradprune_deploy.compress.selection import drop_count_from_ratio, select_layers_to_drop
+from gradprune_deploy.errors import ConfigError
 
 SCORES = torch.tensor([9.0, 1.0, 5.0, 1.0, 3.0, 8.0], dtype=torch.float64)
 
@@ -26,14 +26,17 @@ def test_target_params_drops_until_budget():
         select_layers_to_drop(SCORES, target_params=5, layer_params=layer_params, total_params=100, protect_first=3)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"drop_ratio": 0.0}, "between 0 and 1"),
-    ({"drop_ratio": 1.0}, "between 0 and 1"),
-    ({"drop_ratio": 0.01}, "drops no layer"),
-    ({"drop_count": 6}, "leave no layer"),
-    ({"drop_count": 3, "protect_first": 2, "protect_last": 2}, "protect"),
-    ({}, "exactly one"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"drop_ratio": 0.0}, "between 0 and 1"),
+        ({"drop_ratio": 1.0}, "between 0 and 1"),
+        ({"drop_ratio": 0.01}, "drops no layer"),
+        ({"drop_count": 6}, "leave no layer"),
+        ({"drop_count": 3, "protect_first": 2, "protect_last": 2}, "protect"),
+        ({}, "exactly one"),
+    ],
+)
 def test_bad_budgets(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         select_layers_to_drop(SCORES, **kwargs)

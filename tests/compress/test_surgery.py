@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gradprune_deploy.errors import ArchitectureError, ConfigError
 from gradprune_deploy.compress.surgery import drop_layers, find_layer_stack, prune_config_dict
+from gradprune_deploy.errors import ArchitectureError, ConfigError
 from tests.conftest import ARCHITECTURES, tiny_model
 
 DROP = [1, 2, 4]
@@ -69,8 +69,15 @@ def test_pruned_equals_skipped_and_reloads_identically(arch, tmp_path):
 
 
 def test_prune_config_dict_rewrites_every_per_layer_field():
-    config = {"num_hidden_layers": 6, "layer_types": list("abcdef"), "no_rope_layers": [1, 0, 1, 0, 1, 0],
-              "max_window_layers": 3, "mlp_only_layers": [0, 2, 5], "eos_token_id": [1, 2, 3, 4, 5, 6], "hidden_size": 8}
+    config = {
+        "num_hidden_layers": 6,
+        "layer_types": list("abcdef"),
+        "no_rope_layers": [1, 0, 1, 0, 1, 0],
+        "max_window_layers": 3,
+        "mlp_only_layers": [0, 2, 5],
+        "eos_token_id": [1, 2, 3, 4, 5, 6],
+        "hidden_size": 8,
+    }
     out = prune_config_dict(config, [0, 2, 5])
     assert out["num_hidden_layers"] == 3
     assert out["layer_types"] == ["a", "c", "f"] and out["no_rope_layers"] == [1, 1, 0]

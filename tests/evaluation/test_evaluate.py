@@ -16,24 +16,36 @@ import torch
 from gradprune_deploy.cli import main
 from gradprune_deploy.data import Example, encode_example, encode_prompt, read_examples
 from gradprune_deploy.errors import ConfigError, DataError, ModelLoadError
+from gradprune_deploy.evaluation.evaluate import EvalConfig, evaluate, evaluate_model, result_filename
 from gradprune_deploy.evaluation.hf import eos_token_ids, greedy_generate
 from gradprune_deploy.evaluation.metrics import exact_match, extract_final_answer, mean_token_loss
-from gradprune_deploy.evaluation.evaluate import EvalConfig, evaluate, evaluate_model, result_filename
 from gradprune_deploy.loading import load_model_and_tokenizer
-
-from tests.conftest import tiny_model
-
-from tests.conftest import SHARED_DATA  # noqa: E402
+from tests.conftest import (
+    SHARED_DATA,  # noqa: E402
+    tiny_model,
+)
 
 ROWS = [  # unequal prompt lengths and choice lengths (1-3 tokens), so padding is exercised
     {"id": "a", "prompt": "Is the sky blue?", "completion": "yes", "choices": ["yes", "no", "maybe"]},
-    {"id": "b", "prompt": "Review: a long, meandering and ultimately pointless film about nothing much.", "completion": "negative",
-     "choices": ["positive", "negative"]},
+    {
+        "id": "b",
+        "prompt": "Review: a long, meandering and ultimately pointless film about nothing much.",
+        "completion": "negative",
+        "choices": ["positive", "negative"],
+    },
     {"id": "c", "prompt": "2+2?", "completion": "no", "choices": ["yes", "no", "maybe"]},
-    {"id": "d", "prompt": "Headline: shares surge after record quarterly profit", "completion": "positive",
-     "choices": ["positive", "negative"]},
-    {"id": "e", "prompt": "Q: does fenofibrate reduce sleep apnoea indices in a four-week trial?", "completion": "maybe",
-     "choices": ["yes", "no", "maybe"]},
+    {
+        "id": "d",
+        "prompt": "Headline: shares surge after record quarterly profit",
+        "completion": "positive",
+        "choices": ["positive", "negative"],
+    },
+    {
+        "id": "e",
+        "prompt": "Q: does fenofibrate reduce sleep apnoea indices in a four-week trial?",
+        "completion": "maybe",
+        "choices": ["yes", "no", "maybe"],
+    },
 ]
 
 
@@ -91,6 +103,7 @@ def unpadded_logprob(model, ids, n_prompt) -> tuple[float, int]:
 
 # ------------------------------------------------------------------ choice
 
+
 @pytest.mark.parametrize("length_normalize", [False, True])
 def test_choice_scores_match_unpadded_brute_force(tiny, length_normalize):
     model, tokenizer = tiny
@@ -142,6 +155,7 @@ def test_evaluate_honours_out_dir_and_no_save(ckpt, toy_data, tmp_path):
 
 # ------------------------------------------------------------------ loss
 
+
 def test_loss_is_the_token_weighted_mean_nll(tiny):
     model, tokenizer = tiny
     examples = [Example(r["prompt"], r["completion"], (), r["id"]) for r in ROWS]
@@ -160,6 +174,7 @@ def test_mean_token_loss_weights_tokens():
 
 # ------------------------------------------------------------------ exact
 
+
 def test_batched_left_padded_generation_matches_one_prompt_at_a_time(tiny):
     model, tokenizer = tiny
     prompts = [encode_prompt(tokenizer, r["prompt"]) for r in ROWS]
@@ -168,8 +183,9 @@ def test_batched_left_padded_generation_matches_one_prompt_at_a_time(tiny):
     assert len({tuple(t) for t in batched}) >= 2, "generations should depend on the prompt"
     for prompt, tokens in zip(prompts, batched):
         with torch.no_grad():
-            alone = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+            alone = model.generate(
+                input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )[0, len(prompt) :].tolist()
         cut = [t for t in alone[: alone.index(eos[0])]] if eos[0] in alone else alone
         assert tokens == cut
 
@@ -194,18 +210,21 @@ def test_default_max_new_tokens_covers_the_longest_reference(tiny):
     assert summary["max_new_tokens"] == n_ref + 16
 
 
-@pytest.mark.parametrize(("prediction", "reference", "kwargs", "expected"), [
-    ("  positive\n", "positive", {}, True),
-    ("Positive", "positive", {}, False),
-    ("Positive", "positive", {"case_fold": True}, True),
-    ("She pays 3 + 15 = 18.\n#### 18", "Janet ... 16 - 3 - 4 = 9 eggs\n#### 18", {}, True),
-    ("so the total is #### 1,234.", "#### 1234", {}, True),
-    ("#### 17", "#### 18", {}, False),
-    ("the answer is 18", "#### 18", {}, False),  # no final answer in the prediction
-    ("#### 18", "#### 18", {"final_answer": "never"}, True),
-    ("x #### 18", "#### 18", {"final_answer": "never"}, False),
-    ("#### yes", "yes", {"final_answer": "always"}, False),  # reference without ####: whole strings
-])
+@pytest.mark.parametrize(
+    ("prediction", "reference", "kwargs", "expected"),
+    [
+        ("  positive\n", "positive", {}, True),
+        ("Positive", "positive", {}, False),
+        ("Positive", "positive", {"case_fold": True}, True),
+        ("She pays 3 + 15 = 18.\n#### 18", "Janet ... 16 - 3 - 4 = 9 eggs\n#### 18", {}, True),
+        ("so the total is #### 1,234.", "#### 1234", {}, True),
+        ("#### 17", "#### 18", {}, False),
+        ("the answer is 18", "#### 18", {}, False),  # no final answer in the prediction
+        ("#### 18", "#### 18", {"final_answer": "never"}, True),
+        ("x #### 18", "#### 18", {"final_answer": "never"}, False),
+        ("#### yes", "yes", {"final_answer": "always"}, False),  # reference without ####: whole strings
+    ],
+)
 def test_exact_match_normalisation(prediction, reference, kwargs, expected):
     assert exact_match(prediction, reference, **kwargs) is expected
 
@@ -216,6 +235,7 @@ def test_extract_final_answer_takes_the_last_marker():
 
 
 # ------------------------------------------------------------------ vLLM client (protocol only, fake server)
+
 
 class _FakeOpenAI(BaseHTTPRequestHandler):
     """Answers /v1/models and /v1/completions by greedy-generating with the tiny model from the
@@ -241,8 +261,9 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
     def do_POST(self):
         payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).requests.append(payload)
-        outs = greedy_generate(self.model, payload["prompt"], max_new_tokens=payload["max_tokens"],
-                               pad_token_id=self.tokenizer.pad_token_id, eos_ids=[])
+        outs = greedy_generate(
+            self.model, payload["prompt"], max_new_tokens=payload["max_tokens"], pad_token_id=self.tokenizer.pad_token_id, eos_ids=[]
+        )
         # reversed order and a trailing eos: the client must sort by index and cut at eos
         choices = [{"index": i, "text": "", "token_ids": out + [self.tokenizer.eos_token_id, 5]} for i, out in enumerate(outs)]
         self._send({"choices": choices[::-1]})
@@ -254,15 +275,18 @@ def test_vllm_backend_sends_the_hf_prompt_ids_and_agrees_with_hf(ckpt, tiny, tmp
     examples = [Example(r["prompt"], "x", (), r["id"]) for r in ROWS]
     _, own = evaluate_model(model, tokenizer, examples, metric="exact", max_new_tokens=3)
     assert all(r["prediction"].strip() for r in own)
-    data = write_jsonl(tmp_path / "own" / "test.jsonl",
-                       [{"id": r["id"], "prompt": r["prompt"], "completion": o["prediction"].strip()} for r, o in zip(ROWS, own)])
+    data = write_jsonl(
+        tmp_path / "own" / "test.jsonl",
+        [{"id": r["id"], "prompt": r["prompt"], "completion": o["prediction"].strip()} for r, o in zip(ROWS, own)],
+    )
     _FakeOpenAI.model, _FakeOpenAI.tokenizer, _FakeOpenAI.requests = model, tokenizer, []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        via_vllm = evaluate(str(ckpt), data=str(data), metric="exact", backend="vllm", server_url=url,
-                            batch_size=2, max_new_tokens=3, save=False)
+        via_vllm = evaluate(
+            str(ckpt), data=str(data), metric="exact", backend="vllm", server_url=url, batch_size=2, max_new_tokens=3, save=False
+        )
     finally:
         server.shutdown()
         server.server_close()
@@ -276,6 +300,7 @@ def test_vllm_backend_sends_the_hf_prompt_ids_and_agrees_with_hf(ckpt, tiny, tmp
 
 
 # ------------------------------------------------------------------ bad input and the CLI
+
 
 def test_missing_checkpoint_raises_the_loaders_error(toy_data, tmp_path):
     with pytest.raises(ModelLoadError, match="not found"):
@@ -294,11 +319,18 @@ def test_choice_with_a_completion_outside_its_choices_is_refused(ckpt, tmp_path)
         evaluate(str(ckpt), data=str(data))
 
 
-@pytest.mark.parametrize(("kwargs", "flag"), [
-    ({"limit": 0}, "--limit"), ({"limit": -3}, "--limit"), ({"batch_size": 0}, "--batch-size"),
-    ({"max_new_tokens": 0}, "--max-new-tokens"), ({"backend": "vllm", "metric": "choice"}, "--backend vllm"),
-    ({"data": None}, "--data"), ({"server_url": "http://x"}, "--server-url"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"limit": 0}, "--limit"),
+        ({"limit": -3}, "--limit"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"max_new_tokens": 0}, "--max-new-tokens"),
+        ({"backend": "vllm", "metric": "choice"}, "--backend vllm"),
+        ({"data": None}, "--data"),
+        ({"server_url": "http://x"}, "--server-url"),
+    ],
+)
 def test_bad_options_are_config_errors_naming_the_flag(kwargs, flag):
     with pytest.raises(ConfigError, match=flag):
         EvalConfig("ckpt", **{"data": "d", **kwargs})
@@ -332,6 +364,7 @@ def test_cli_missing_checkpoint_exits_2(toy_data, tmp_path, capsys):
 
 # ------------------------------------------------------------------ real model
 
+
 @pytest.mark.slow
 def test_smollm2_choice_scores_are_batch_invariant(smollm2_dir):
     model, tokenizer = load_model_and_tokenizer(smollm2_dir)
@@ -364,8 +397,15 @@ def test_vllm_exact_agrees_with_transformers(smollm2_dir):
     hf, hf_rows = evaluate_model(model, tokenizer, examples, metric="exact", batch_size=4, max_new_tokens=8)
     eos = eos_token_ids(model, tokenizer)
     with vllm_endpoint(str(smollm2_dir), server_url=None, dtype="float32", max_model_len=2048) as (url, served):
-        vl, vl_rows = evaluate_model(None, tokenizer, examples, metric="exact", batch_size=4, max_new_tokens=8,
-                                     generate=lambda p, n: vllm_greedy_generate(url, served, p, max_new_tokens=n, eos_ids=eos))
+        vl, vl_rows = evaluate_model(
+            None,
+            tokenizer,
+            examples,
+            metric="exact",
+            batch_size=4,
+            max_new_tokens=8,
+            generate=lambda p, n: vllm_greedy_generate(url, served, p, max_new_tokens=n, eos_ids=eos),
+        )
     same = sum(a["tokens"] == b["tokens"] for a, b in zip(hf_rows, vl_rows))
     assert same >= 7, [(a["prediction"], b["prediction"]) for a, b in zip(hf_rows, vl_rows)]
     assert abs(hf["value"] - vl["value"]) <= 1 / 8 + 1e-9

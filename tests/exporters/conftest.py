@@ -22,8 +22,13 @@ def local_hub(tmp_path, monkeypatch):
     import huggingface_hub.constants as constants
 
     with LocalHubServer(tmp_path / "hub-storage", tokens={HUB_TOKEN: "tester"}) as hub:
-        env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
-               "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_CACHE": str(tmp_path / "hf-home" / "hub")}
+        env = {
+            "HF_ENDPOINT": hub.url,
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_OFFLINE": "0",
+            "HF_HOME": str(tmp_path / "hf-home"),
+            "HF_HUB_CACHE": str(tmp_path / "hf-home" / "hub"),
+        }
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -41,8 +46,25 @@ def local_hub(tmp_path, monkeypatch):
 # The real `gradprune compress` on the tiny random Llama, small enough for a CPU test run: 2 of 6
 # layers dropped, one of them merged (so the card shows a merged and an unmerged layer), a LoRA
 # fine-tune, and the held-out quality ledger on sst2's test rows (they carry `choices`: accuracy too).
-COMPRESS_ARGS = ["--max-examples", "32", "--max-length", "64", "--batch-size", "4", "--max-steps", "4", "--probe-steps", "2",
-                 "--drop-layers", "2", "--merge-layers", "1", "--validation-rows", "16", "-q"]
+COMPRESS_ARGS = [
+    "--max-examples",
+    "32",
+    "--max-length",
+    "64",
+    "--batch-size",
+    "4",
+    "--max-steps",
+    "4",
+    "--probe-steps",
+    "2",
+    "--drop-layers",
+    "2",
+    "--merge-layers",
+    "1",
+    "--validation-rows",
+    "16",
+    "-q",
+]
 
 
 @pytest.fixture(scope="session")

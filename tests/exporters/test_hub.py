@@ -28,9 +28,13 @@ def ckpt(tmp_path, compressed_dir):
     out = tmp_path / "tiny-pruned"
     shutil.copytree(compressed_dir, out)
     edit_manifest(out, base_model="bundled:SmolLM2-135M-Instruct")  # what compress records for the bundled model
-    (out / "eval_sst2.json").write_text(json.dumps({"metric": "accuracy", "value": 0.75, "data": "../shared/data/sst2/test.jsonl", "n": 872}))
+    (out / "eval_sst2.json").write_text(
+        json.dumps({"metric": "accuracy", "value": 0.75, "data": "../shared/data/sst2/test.jsonl", "n": 872})
+    )
     (out / "bench").mkdir()
-    (out / "bench" / "report.md").write_text("# Dense vs pruned\n\n| model | tok/s |\n|---|---:|\n| pruned | 42 |\n\n![latency](latency.png)\n")
+    (out / "bench" / "report.md").write_text(
+        "# Dense vs pruned\n\n| model | tok/s |\n|---|---:|\n| pruned | 42 |\n\n![latency](latency.png)\n"
+    )
     (out / "bench" / "latency.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\1" * 64)
     return out
 
@@ -162,7 +166,11 @@ def test_cli_push_never_shows_or_stores_the_token(local_hub, ckpt, tmp_path):
     env = {**os.environ, "HF_TOKEN": HUB_TOKEN, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(
         [sys.executable, "-m", "gradprune_deploy.cli", "export", "hub", str(ckpt), "--repo-id", "tester/cli", "-v"],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == f"{local_hub.url}/tester/cli/commit/{local_hub.commits('tester/cli')[0]}"

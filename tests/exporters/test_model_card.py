@@ -93,8 +93,10 @@ def test_card_of_a_real_compress_output(ckpt):
     assert [p.stage for p in m.quality.points] == ["dense", "pruned", "recovered"] and not m.quality.warning
     for p in m.quality.points:
         marked = f"**{p.stage}** (this checkpoint)" if p.stage == "recovered" else p.stage
-        assert f"| {marked} | " in text and f"| {p.loss:.4f} | {p.perplexity:.2f} | {100 * p.accuracy:.1f}% ± " \
-               f"{100 * p.accuracy_se:.1f} | {p.rows} |" in text
+        assert (
+            f"| {marked} | " in text
+            and f"| {p.loss:.4f} | {p.perplexity:.2f} | {100 * p.accuracy:.1f}% ± {100 * p.accuracy_se:.1f} | {p.rows} |" in text
+        )
     assert m.quality.verdict in text and "WARNING" not in text
     recovered = m.quality.point("recovered")
     results = {r.metric_type: r for r in card.data.eval_results}
@@ -115,8 +117,10 @@ def test_hub_ids_become_metadata(ckpt):
     card = _reparse(build_model_card(ckpt, repo_id="me/pruned"))
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert card.data.datasets == ["stanfordnlp/sst2"]
-    assert {(r.dataset_type, r.metric_type) for r in card.data.eval_results} == {("stanfordnlp/sst2", "loss"),
-                                                                                 ("stanfordnlp/sst2", "accuracy")}
+    assert {(r.dataset_type, r.metric_type) for r in card.data.eval_results} == {
+        ("stanfordnlp/sst2", "loss"),
+        ("stanfordnlp/sst2", "accuracy"),
+    }
     assert "[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct) with 2" in card.text
     assert "Trained on [stanfordnlp/sst2](https://huggingface.co/datasets/stanfordnlp/sst2)" in card.text
 
@@ -152,7 +156,9 @@ def test_distillation_and_no_finetune(ckpt, tmp_path):
 
 
 def test_eval_files_and_bench_json(ckpt):
-    (ckpt / "eval_sst2.json").write_text(json.dumps({"metric": "accuracy", "value": 0.81, "data": "../shared/data/sst2/test.jsonl", "n": 872}))
+    (ckpt / "eval_sst2.json").write_text(
+        json.dumps({"metric": "accuracy", "value": 0.81, "data": "../shared/data/sst2/test.jsonl", "n": 872})
+    )
     (ckpt / "eval_broken.json").write_text("{not json")
     (ckpt / "bench").mkdir()
     (ckpt / "bench" / "report.json").write_text(json.dumps({"tokens_per_s_dense": 10.5, "tokens_per_s_pruned": 14.25, "runs": [1, 2]}))
@@ -174,40 +180,132 @@ def test_token_like_strings_are_redacted(ckpt):
 # gradprune.json exactly as gradprune-deploy 0.1 (schema 1) wrote it: the flat dict literal of the
 # old pipeline.py, for `compress --drop-layers 2` on a 6-layer model (per-linear merge stats cut).
 SCHEMA_1 = {
-    "schema_version": 1, "tool": "gradprune-deploy", "method": "GradPruner (ICLR 2026)",
-    "base_model": "bundled:SmolLM2-135M-Instruct", "base_model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "architecture": "LlamaForCausalLM", "model_type": "llama",
-    "data": {"source": "bundled:gsm8k", "split": "train", "examples": 32, "tokenized": 24, "max_length": 64,
-             "chat_template": True, "loss": "completion tokens only"},
+    "schema_version": 1,
+    "tool": "gradprune-deploy",
+    "method": "GradPruner (ICLR 2026)",
+    "base_model": "bundled:SmolLM2-135M-Instruct",
+    "base_model_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "architecture": "LlamaForCausalLM",
+    "model_type": "llama",
+    "data": {
+        "source": "bundled:gsm8k",
+        "split": "train",
+        "examples": 32,
+        "tokenized": 24,
+        "max_length": 64,
+        "chat_template": True,
+        "loss": "completion tokens only",
+    },
     "scorer": "igia",
     "layer_scores": [0.0465, 0.1304, 0.0557, 0.0260, 0.0306, 0.0159],
     "removal_order": [5, 3, 4, 0, 2, 1],
     "budget": {"drop_ratio": None, "drop_layers": 2, "target_params": None, "protect_first": 0, "protect_last": 0},
-    "num_layers_before": 6, "num_layers_after": 4, "layers_dropped": [3, 5], "layers_kept": [0, 1, 2, 4],
-    "params_before": 3367744, "params_after": 3293760, "params_per_layer": [36992] * 6,
-    "probe": {"probe_steps": 8, "zero_gradient_steps": 2, "optimizer_steps": 10, "seconds": 53.4, "seconds_per_step": 5.34,
-              "igia_callback_seconds": 6.1, "stored_factor_numbers": 393216, "gradient_clipping": "off during the probe",
-              "planned_finetune_steps": 4, "probe_fraction": 0.01},
-    "merge": {"enabled": True, "keep_top_p": 0.2, "targets": {"3": 2, "5": 4}, "merged_entries_total": 7401,
-              "per_layer": {"3": {"into": 2, "merged_entries": 3701, "entries": 36864, "linears": {}},
-                            "5": {"into": 4, "merged_entries": 3700, "entries": 36864, "linears": {}}}},
-    "finetune": {"mode": "lora", "steps": 4, "learning_rate": 0.0002, "seconds": 3.1, "train_loss": 10.77,
-                 "first_logged_loss": 10.80, "last_logged_loss": 10.72, "batch_size": 4, "grad_accum": 1, "epochs": 1.0,
-                 "max_steps": 4, "warmup_ratio": 0.03, "weight_decay": 0.0, "max_grad_norm": 1.0, "lora_r": 8,
-                 "lora_alpha": 16, "lora_dropout": 0.05, "seed": 0, "gradient_checkpointing": False},
-    "seed": 0, "world_size": 1,
+    "num_layers_before": 6,
+    "num_layers_after": 4,
+    "layers_dropped": [3, 5],
+    "layers_kept": [0, 1, 2, 4],
+    "params_before": 3367744,
+    "params_after": 3293760,
+    "params_per_layer": [36992] * 6,
+    "probe": {
+        "probe_steps": 8,
+        "zero_gradient_steps": 2,
+        "optimizer_steps": 10,
+        "seconds": 53.4,
+        "seconds_per_step": 5.34,
+        "igia_callback_seconds": 6.1,
+        "stored_factor_numbers": 393216,
+        "gradient_clipping": "off during the probe",
+        "planned_finetune_steps": 4,
+        "probe_fraction": 0.01,
+    },
+    "merge": {
+        "enabled": True,
+        "keep_top_p": 0.2,
+        "targets": {"3": 2, "5": 4},
+        "merged_entries_total": 7401,
+        "per_layer": {
+            "3": {"into": 2, "merged_entries": 3701, "entries": 36864, "linears": {}},
+            "5": {"into": 4, "merged_entries": 3700, "entries": 36864, "linears": {}},
+        },
+    },
+    "finetune": {
+        "mode": "lora",
+        "steps": 4,
+        "learning_rate": 0.0002,
+        "seconds": 3.1,
+        "train_loss": 10.77,
+        "first_logged_loss": 10.80,
+        "last_logged_loss": 10.72,
+        "batch_size": 4,
+        "grad_accum": 1,
+        "epochs": 1.0,
+        "max_steps": 4,
+        "warmup_ratio": 0.03,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.05,
+        "seed": 0,
+        "gradient_checkpointing": False,
+    },
+    "seed": 0,
+    "world_size": 1,
     "command": "gradprune compress --drop-layers 2 --max-examples 32 --max-length 64 --batch-size 4 --max-steps 4",
-    "config": {"out": "tiny-pruned", "model": "bundled:SmolLM2-135M-Instruct", "data": "bundled:gsm8k", "split": "train",
-               "max_examples": 32, "max_length": 64, "scorer": "igia", "drop_ratio": None, "drop_layers": 2,
-               "target_params": None, "protect_first": 0, "protect_last": 0, "probe_steps": None, "probe_fraction": 0.01,
-               "probe_min_steps": 8, "scorer_batches": 8, "merge": True, "keep_top_p": 0.2, "finetune": "lora",
-               "epochs": 1.0, "max_steps": 4, "batch_size": 4, "grad_accum": 1, "learning_rate": None, "lora_r": 8,
-               "lora_alpha": 16, "lora_dropout": 0.05, "warmup_ratio": 0.03, "gradient_checkpointing": False, "seed": 0,
-               "dtype": "float32", "trust_remote_code": False, "allow_pickle": False, "overwrite": False, "plot": True},
-    "timings": {"load_seconds": 0.49, "score_seconds": 54.3, "merge_seconds": 0.16, "surgery_seconds": 0.01,
-                "finetune_seconds": 3.3, "total_seconds": 58.5},
-    "versions": {"python": "3.11.7", "gradprune-deploy": "0.1.0", "torch": "2.13.0+cpu", "transformers": "5.19.0",
-                 "peft": "0.21.2", "accelerate": "1.15.0"},
+    "config": {
+        "out": "tiny-pruned",
+        "model": "bundled:SmolLM2-135M-Instruct",
+        "data": "bundled:gsm8k",
+        "split": "train",
+        "max_examples": 32,
+        "max_length": 64,
+        "scorer": "igia",
+        "drop_ratio": None,
+        "drop_layers": 2,
+        "target_params": None,
+        "protect_first": 0,
+        "protect_last": 0,
+        "probe_steps": None,
+        "probe_fraction": 0.01,
+        "probe_min_steps": 8,
+        "scorer_batches": 8,
+        "merge": True,
+        "keep_top_p": 0.2,
+        "finetune": "lora",
+        "epochs": 1.0,
+        "max_steps": 4,
+        "batch_size": 4,
+        "grad_accum": 1,
+        "learning_rate": None,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.05,
+        "warmup_ratio": 0.03,
+        "gradient_checkpointing": False,
+        "seed": 0,
+        "dtype": "float32",
+        "trust_remote_code": False,
+        "allow_pickle": False,
+        "overwrite": False,
+        "plot": True,
+    },
+    "timings": {
+        "load_seconds": 0.49,
+        "score_seconds": 54.3,
+        "merge_seconds": 0.16,
+        "surgery_seconds": 0.01,
+        "finetune_seconds": 3.3,
+        "total_seconds": 58.5,
+    },
+    "versions": {
+        "python": "3.11.7",
+        "gradprune-deploy": "0.1.0",
+        "torch": "2.13.0+cpu",
+        "transformers": "5.19.0",
+        "peft": "0.21.2",
+        "accelerate": "1.15.0",
+    },
 }
 
 
@@ -227,17 +325,23 @@ def test_schema_1_manifest_still_reads(ckpt):
     assert "accumulated over 8 LoRA probe steps" in text
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (json.dumps({**SCHEMA_1, "schema_version": SCHEMA_VERSION + 1}),
-     rf"schema_version {SCHEMA_VERSION + 1} is newer than this gradprune-deploy reads \({SCHEMA_VERSION}\): upgrade gradprune-deploy"),
-    ("{not json", r"is not valid JSON .*: the manifest is corrupt"),
-    (json.dumps({"schema_version": SCHEMA_VERSION, "merged_into": {"3": 2}}), r"unknown field\(s\) merged_into"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            json.dumps({**SCHEMA_1, "schema_version": SCHEMA_VERSION + 1}),
+            rf"schema_version {SCHEMA_VERSION + 1} is newer than this gradprune-deploy reads "
+            rf"\({SCHEMA_VERSION}\): upgrade gradprune-deploy",
+        ),
+        ("{not json", r"is not valid JSON .*: the manifest is corrupt"),
+        (json.dumps({"schema_version": SCHEMA_VERSION, "merged_into": {"3": 2}}), r"unknown field\(s\) merged_into"),
+    ],
+)
 def test_unreadable_manifest_is_one_clear_error(ckpt, content, message):
     (ckpt / "gradprune.json").write_text(content)
     info = inspect_checkpoint(ckpt)  # the weights are still exportable (ONNX, vLLM never read the manifest)
     with pytest.raises(GradPruneError, match=message) as exc:
-        info.manifest
+        _ = info.manifest
     assert "\n" not in str(exc.value) and str(ckpt.resolve() / "gradprune.json") in str(exc.value)
     with pytest.raises(GradPruneError, match=message):  # a card is never built on a guess
         build_model_card(ckpt, repo_id="me/x")

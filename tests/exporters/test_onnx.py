@@ -55,7 +55,7 @@ def _check_runner_against_torch(export_dir, model_dir, prompts, new_tokens):
         expected = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=lm.pad_token_id)
     ragged = [tok(p)["input_ids"] for p in prompts]  # lists of different lengths: the runner pads them
     got = lm.generate(ragged, max_new_tokens=new_tokens)
-    np.testing.assert_array_equal(got, expected[:, batch["input_ids"].shape[1]:].numpy())
+    np.testing.assert_array_equal(got, expected[:, batch["input_ids"].shape[1] :].numpy())
     timings = lm.last_timings
     assert timings.ttft_s > 0 and len(timings.decode_s) == got.shape[1] - 1 and timings.tpot_s > 0
     for prompt in prompts:  # batch of one, no padding: logits at every position
@@ -73,8 +73,7 @@ def test_tiny_export_validates(tiny_export):
     assert v["greedy_tokens_identical"] and v["greedy_new_tokens"] == 6 and v["prompts"] == 4
     assert 0 < v["max_abs_diff_prefill_logits"] < 1e-4 and 0 < v["max_abs_diff_decode_logits"] < 1e-4
     names = {p.name for p in out.iterdir()}
-    assert {"model.onnx", "model.onnx.data", "config.json", "generation_config.json", "tokenizer.json",
-            "gradprune_onnx.json"} <= names
+    assert {"model.onnx", "model.onnx.data", "config.json", "generation_config.json", "tokenizer.json", "gradprune_onnx.json"} <= names
     meta = json.loads((out / "gradprune_onnx.json").read_text())
     assert meta["validation"] == v and meta["num_layers"] == 2 and meta["dtype"] == "float32"
     assert meta["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"]
@@ -93,8 +92,11 @@ def test_tiny_runner_matches_torch(tiny_export, tiny_dir):
 def test_validation_catches_a_different_model(tiny_export, tmp_path, tokenizer):
     """The check that guards every export fails, with the numbers, when the graph is not the model."""
     other = tiny_model("llama", num_hidden_layers=2, seed=2)
-    with pytest.raises(ExportError, match=r"max \|Δ logits\| prefill [0-9.e-]+, decode [0-9.e-]+ > atol 0.005; "
-                                          r"greedy tokens differ for prompt"):
+    with pytest.raises(
+        ExportError,
+        match=r"max \|Δ logits\| prefill [0-9.e-]+, decode [0-9.e-]+ > atol 0.005; "
+        r"greedy tokens differ for prompt",
+    ):
         validate_export(tiny_export[0], other, tokenizer, atol=5e-3, new_tokens=4)
 
 
@@ -104,6 +106,7 @@ def test_failed_validation_writes_nothing(tiny_export, tiny_dir, tmp_path, monke
     The trace is replaced by a copy of the graph already exported from this checkpoint (tracing
     again would cost ~20 s); the validation that runs on it is the real one.
     """
+
     def copy_graph(model, path, *, opset):
         for name in ("model.onnx", "model.onnx.data"):
             shutil.copy(tiny_export[0] / name, path.parent / name)
@@ -155,12 +158,13 @@ def test_pruned_smollm2_export_through_cli(pruned_smollm2_dir, tmp_path, capsys)
     assert main(["export", "onnx", str(pruned_smollm2_dir), "--out", str(out), "--new-tokens", "16"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     v = summary["validation"]
-    print(f"\npruned SmolLM2 ONNX: export {summary['export_seconds']} s, max |Δ logits| prefill "
-          f"{v['max_abs_diff_prefill_logits']:.3g} decode {v['max_abs_diff_decode_logits']:.3g}")
+    print(
+        f"\npruned SmolLM2 ONNX: export {summary['export_seconds']} s, max |Δ logits| prefill "
+        f"{v['max_abs_diff_prefill_logits']:.3g} decode {v['max_abs_diff_decode_logits']:.3g}"
+    )
     assert summary["num_layers"] == 18 and v["greedy_tokens_identical"] and v["greedy_new_tokens"] == 16
     assert max(v["max_abs_diff_prefill_logits"], v["max_abs_diff_decode_logits"]) <= v["atol"]
-    chat = ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
-            "Photosynthesis is the process by which"]
+    chat = ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n", "Photosynthesis is the process by which"]
     _check_runner_against_torch(out, pruned_smollm2_dir, chat, new_tokens=12)
 
 

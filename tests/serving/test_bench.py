@@ -63,8 +63,10 @@ def test_ideal_costs_match_a_hand_count(tiny_pair):
         assert costs["params_embedding"] == EMB and costs["params_layers"] == layers * LAYER
 
     dense, pruned = (hand_costs(n, input_len=16, output_len=8) for n in (6, 4))
-    ratios = ideal_ratios({**dense, "num_layers": 6, "weight_bytes": 4 * dense["params_total"]},
-                          {**pruned, "num_layers": 4, "weight_bytes": 4 * pruned["params_total"]})
+    ratios = ideal_ratios(
+        {**dense, "num_layers": 6, "weight_bytes": 4 * dense["params_total"]},
+        {**pruned, "num_layers": 4, "weight_bytes": 4 * pruned["params_total"]},
+    )
     assert ratios["decode_bytes"] == pytest.approx((4 * LAYER + NORM + EMB + HIDDEN) / (6 * LAYER + NORM + EMB + HIDDEN))
     assert ratios["layers_only"] == pytest.approx(4 / 6)
     assert ratios["weight_bytes"] == pytest.approx((4 * LAYER + EMB + NORM) / (6 * LAYER + EMB + NORM))
@@ -74,8 +76,12 @@ def test_untied_lm_head_is_read_and_the_embedding_only_gathered():
     from serving.ideal import TensorInfo
 
     config = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}
-    tensors = {"model.embed_tokens.weight": TensorInfo((100, 8), 2), "lm_head.weight": TensorInfo((100, 8), 2),
-               "model.layers.0.mlp.up_proj.weight": TensorInfo((16, 8), 2), "model.norm.weight": TensorInfo((8,), 2)}
+    tensors = {
+        "model.embed_tokens.weight": TensorInfo((100, 8), 2),
+        "lm_head.weight": TensorInfo((100, 8), 2),
+        "model.layers.0.mlp.up_proj.weight": TensorInfo((16, 8), 2),
+        "model.norm.weight": TensorInfo((8,), 2),
+    }
     costs = model_costs(tensors, config, input_len=1, output_len=1)
     assert costs["decode_bytes_per_token"] == 2 * (800 + 128 + 8 + 8)  # lm_head + layer + norm + one embedding row
     assert costs["weight_bytes"] == 2 * (800 + 800 + 128 + 8) and not costs["tied_embeddings"]
@@ -91,6 +97,7 @@ def test_rates_follow_the_inverse_of_their_cost():
 
 # -- report arithmetic and schema ----------------------------------------------------------------
 
+
 def test_metric_entry_ratio_of_medians_next_to_the_ideal():
     entry = metric_entry("tpot_s", [0.030, 0.020, 0.040], [0.5, 0.014, 0.013], {"decode_bytes": 0.7})
     assert entry["dense"] == {"min": 0.02, "median": 0.03, "max": 0.04, "n": 3, "values": [0.03, 0.02, 0.04]}
@@ -102,8 +109,7 @@ def test_metric_entry_ratio_of_medians_next_to_the_ideal():
 
 
 def test_metrics_only_where_both_models_have_them_and_tolerance_check():
-    samples = {"dense": {"tpot_s": [0.02], "e2e_s": [1.0], "peak_rss_bytes": [100]},
-               "pruned": {"tpot_s": [0.0138], "e2e_s": [0.7]}}
+    samples = {"dense": {"tpot_s": [0.02], "e2e_s": [1.0], "peak_rss_bytes": [100]}, "pruned": {"tpot_s": [0.0138], "e2e_s": [0.7]}}
     metrics = backend_metrics(samples, {"decode_bytes": 0.7, "weight_bytes": 0.7})
     assert list(metrics) == ["tpot_s", "e2e_s"]
     report = {"tolerance": 0.05, "backends": {"hf": {"metrics": metrics}}}
@@ -123,10 +129,17 @@ def test_reports_for_the_same_pair_merge_by_backend():
 
 # -- schedule and prompts -----------------------------------------------------------------------
 
+
 def test_interleaved_schedule_alternates_models_per_item():
     assert interleaved_schedule(rounds=2, items=2) == [
-        (0, 0, "dense"), (0, 0, "pruned"), (0, 1, "dense"), (0, 1, "pruned"),
-        (1, 0, "dense"), (1, 0, "pruned"), (1, 1, "dense"), (1, 1, "pruned"),
+        (0, 0, "dense"),
+        (0, 0, "pruned"),
+        (0, 1, "dense"),
+        (0, 1, "pruned"),
+        (1, 0, "dense"),
+        (1, 0, "pruned"),
+        (1, 1, "dense"),
+        (1, 1, "pruned"),
     ]
 
 
@@ -179,8 +192,20 @@ def test_build_prompts_exact_length_deterministic_and_cycling():
 
 # -- bad input ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flag, value", [("input_len", 0), ("output_len", -3), ("output_len", 1), ("runs", 0),
-                                         ("num_prompts", 0), ("concurrency", 0), ("num_requests", -1), ("warmup", -1)])
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("input_len", 0),
+        ("output_len", -3),
+        ("output_len", 1),
+        ("runs", 0),
+        ("num_prompts", 0),
+        ("concurrency", 0),
+        ("num_requests", -1),
+        ("warmup", -1),
+    ],
+)
 def test_zero_or_negative_lengths_are_refused(flag, value):
     with pytest.raises(ConfigError, match="--" + flag.replace("_", "-")):
         BenchConfig(dense="d", pruned="p", **{flag: value})
@@ -246,15 +271,39 @@ def test_lengths_beyond_the_model_are_refused(tiny_pair):
 
 # -- hf end to end ------------------------------------------------------------------------------
 
+
 def test_hf_bench_end_to_end_via_cli(tiny_pair, tmp_path, capsys):
     """Real worker processes on the tiny pair: report files, schema, ratios = pruned/dense medians."""
     from gradprune_deploy.cli import main
 
     dense, pruned = tiny_pair
     out = tmp_path / "report"
-    code = main(["bench", "--dense", str(dense), "--pruned", str(pruned), "--backend", "hf", "--input-len", "8",
-                 "--output-len", "4", "--num-prompts", "2", "--runs", "2", "--warmup", "1", "--threads", "1",
-                 "--out", str(out), "-q"])
+    code = main(
+        [
+            "bench",
+            "--dense",
+            str(dense),
+            "--pruned",
+            str(pruned),
+            "--backend",
+            "hf",
+            "--input-len",
+            "8",
+            "--output-len",
+            "4",
+            "--num-prompts",
+            "2",
+            "--runs",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
     assert code == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     report = json.loads(last)

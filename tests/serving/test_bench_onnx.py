@@ -19,8 +19,21 @@ def test_onnx_bench_exports_once_and_reports(tiny_pair, tmp_path, monkeypatch): 
 
     monkeypatch.setattr(loading, "cache_dir", lambda: tmp_path / "cache")
     dense, pruned = tiny_pair
-    report = bench(BenchConfig(dense=str(dense), pruned=str(pruned), backend="onnx", input_len=8, output_len=4,
-                               num_prompts=2, runs=2, warmup=1, threads=1, out=str(tmp_path / "report"), plot=False))
+    report = bench(
+        BenchConfig(
+            dense=str(dense),
+            pruned=str(pruned),
+            backend="onnx",
+            input_len=8,
+            output_len=4,
+            num_prompts=2,
+            runs=2,
+            warmup=1,
+            threads=1,
+            out=str(tmp_path / "report"),
+            plot=False,
+        )
+    )
     onnx = report["backends"]["onnx"]
     assert {e["origin"] for e in onnx["onnx_exports"].values()} == {"exported"}
     assert onnx["settings"]["dtype"] == "float32"

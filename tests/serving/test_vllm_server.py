@@ -59,11 +59,13 @@ def test_max_model_len_beyond_the_model_is_refused_before_start(tiny_llama_dir, 
 
 
 def test_decisive_line_skips_generic_wrappers():
-    log = ("(APIServer pid=7) INFO 11-02 10:00:00 [api_server.py:1] loading\n"
-           "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
-           "ValueError: the checkpoint has 6 layers, the config 7\n"
-           "(EngineCore pid=8) ERROR 11-02 10:00:05 [core.py:700] RuntimeError: Engine core initialization failed. "
-           "See root cause above.\n")
+    log = (
+        "(APIServer pid=7) INFO 11-02 10:00:00 [api_server.py:1] loading\n"
+        'Traceback (most recent call last):\n  File "x.py", line 1, in f\n'
+        "ValueError: the checkpoint has 6 layers, the config 7\n"
+        "(EngineCore pid=8) ERROR 11-02 10:00:05 [core.py:700] RuntimeError: Engine core initialization failed. "
+        "See root cause above.\n"
+    )
     assert vllm_server.decisive_line(log) == "ValueError: the checkpoint has 6 layers, the config 7"
     assert vllm_server.decisive_line("a\nlast words\n") == "last words"
     assert vllm_server.decisive_line("") == "(the log is empty)"
@@ -104,8 +106,7 @@ def test_server_not_healthy_in_time_is_killed(tiny_llama_dir, monkeypatch, tmp_p
 
     monkeypatch.setattr(vllm_server, "_wait_healthy", wait_and_record)
     with pytest.raises(ServingError, match=r"not healthy after 3 s: raise --startup-timeout-s"):
-        with start_server(tiny_llama_dir, startup_timeout_s=3, check=False, log_path=tmp_path / "server.log",
-                          max_model_len=256):
+        with start_server(tiny_llama_dir, startup_timeout_s=3, check=False, log_path=tmp_path / "server.log", max_model_len=256):
             pass
     assert seen and _gone(seen)
 
@@ -122,8 +123,23 @@ def cli_server(pruned_smollm2_dir, tmp_path_factory):
     port = free_port()
     workdir = tmp_path_factory.mktemp("vllm")
     log = workdir / "server.log"
-    cmd = [sys.executable, "-m", "gradprune_deploy.cli", "serve", str(pruned_smollm2_dir), "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "1024", "--kv-cache-gib", "1", "--log-file", str(log)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gradprune_deploy.cli",
+        "serve",
+        str(pruned_smollm2_dir),
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "1024",
+        "--kv-cache-gib",
+        "1",
+        "--log-file",
+        str(log),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     start = time.monotonic()
     stderr = open(workdir / "cli.stderr", "w")  # a file, not a pipe: a full pipe would block the CLI
@@ -166,7 +182,7 @@ def _torch_greedy(model_dir, prompt_ids: list[int]) -> list[int]:
         model = _torch_greedy.cache[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=N_TOKENS, do_sample=False)
-    return out[0, len(prompt_ids):].tolist()
+    return out[0, len(prompt_ids) :].tolist()
 
 
 _torch_greedy.cache = {}
@@ -185,15 +201,18 @@ def test_served_greedy_tokens_equal_transformers(cli_server, pruned_smollm2_dir,
 
     for prompt in PROMPTS:
         ids = tokenizer(prompt)["input_ids"]
-        reply = _post(base + "/v1/completions", {"model": model, "prompt": ids, "max_tokens": N_TOKENS,
-                                                 "temperature": 0, "return_token_ids": True})
+        reply = _post(
+            base + "/v1/completions", {"model": model, "prompt": ids, "max_tokens": N_TOKENS, "temperature": 0, "return_token_ids": True}
+        )
         choice = reply["choices"][0]
         assert choice["token_ids"] == _torch_greedy(pruned_smollm2_dir, ids), prompt
         assert choice["text"] == tokenizer.decode(choice["token_ids"], skip_special_tokens=True)
 
     template_ids = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    reply = _post(base + "/v1/chat/completions", {"model": model, "messages": CHAT, "max_tokens": N_TOKENS,
-                                                  "temperature": 0, "return_token_ids": True})
+    reply = _post(
+        base + "/v1/chat/completions",
+        {"model": model, "messages": CHAT, "max_tokens": N_TOKENS, "temperature": 0, "return_token_ids": True},
+    )
     assert reply["prompt_token_ids"] == list(template_ids)  # same prompt as transformers' chat template
     assert reply["choices"][0]["token_ids"] == _torch_greedy(pruned_smollm2_dir, list(template_ids))
     assert reply["choices"][0]["message"]["content"].strip()

@@ -19,8 +19,21 @@ from study_report import cost, diff_se, targets  # noqa: E402
 @pytest.mark.slow
 def test_smoke_study_writes_records_and_a_report(tmp_path, smollm2_dir):
     out, report = tmp_path / "study", tmp_path / "study.md"
-    cmd = [sys.executable, str(ROOT / "scripts" / "study" / "quality_study.py"), "--out", str(out), "--preset", "smoke",
-           "--tasks", "sst2", "--arms", "dense", "igia@20%", "--report", str(report)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "study" / "quality_study.py"),
+        "--out",
+        str(out),
+        "--preset",
+        "smoke",
+        "--tasks",
+        "sst2",
+        "--arms",
+        "dense",
+        "igia@20%",
+        "--report",
+        str(report),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = {r["arm"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
