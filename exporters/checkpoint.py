@@ -16,13 +16,13 @@ import logging
 import math
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gradprune_deploy.errors import ModelLoadError
 from gradprune_deploy.manifest import Manifest
+from gradprune_deploy.safetensors_header import read_safetensors_header, safetensors_files
 
 logger = logging.getLogger(__name__)
 
@@ -93,33 +93,6 @@ class CheckpointInfo:
         return sorted({int(m.group(1)) for name in self.tensors if (m := _LAYER.search(name))})
 
 
-def read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
-    """{tensor name: (dtype, shape)} from a .safetensors file's JSON header (8-byte length + JSON)."""
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100_000_000:
-                raise ValueError("header too large")
-            header = json.loads(f.read(length))
-    except (OSError, ValueError, struct.error) as exc:
-        raise ModelLoadError(f"{path} is not a readable safetensors file ({exc}): the checkpoint is corrupt") from None
-    return {name: (meta["dtype"], list(meta["shape"])) for name, meta in header.items() if name != "__metadata__"}
-
-
-def _weight_files(path: Path) -> list[str]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ModelLoadError(f"{index} is unreadable ({exc}): the checkpoint is corrupt") from None
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            raise ModelLoadError(f"{path} is incomplete: shard(s) {', '.join(missing)} listed in {index.name} are missing")
-        return shards
-    return sorted(p.name for p in path.glob("*.safetensors"))
-
-
 def _read_json(path: Path) -> Any | None:
     try:
         return json.loads(path.read_text())
@@ -140,7 +113,7 @@ def inspect_checkpoint(checkpoint_dir: str | os.PathLike) -> CheckpointInfo:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{config_path} is not valid JSON ({exc.msg} at line {exc.lineno}): the checkpoint is corrupt") from None
-    files = _weight_files(path)
+    files = safetensors_files(path)
     if not files:
         pickled = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
         hint = f" (found pickled {pickled[0]}: convert it to safetensors)" if pickled else ""

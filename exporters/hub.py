@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gradprune_deploy.cli_args import validate_fields
-from gradprune_deploy.errors import ConfigError, ExportError
+from gradprune_deploy.errors import ConfigError, ExportError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +103,7 @@ def _explain(exc: Exception, *, endpoint: str, repo_id: str, token: str) -> Expo
     elif isinstance(exc, HfHubHTTPError) and status == 403:
         msg = f"the token cannot write to {repo_id} (403): use a token with write access to that namespace"
     elif isinstance(exc, HfHubHTTPError):
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        msg = f"the Hub at {endpoint} refused the push ({first})"
+        msg = f"the Hub at {endpoint} refused the push ({first_line(exc)})"
     elif "xet-write-token" in str(exc) or "xet-read-token" in str(exc):
         msg = (
             f"the Hub at {endpoint} does not offer Xet storage: set HF_HUB_DISABLE_XET=1 to upload over plain HTTP/LFS; no commit was made"
@@ -112,8 +111,7 @@ def _explain(exc: Exception, *, endpoint: str, repo_id: str, token: str) -> Expo
     elif _is_network_error(exc):
         msg = f"cannot reach the Hub at {endpoint} ({type(exc).__name__}): check the network, HF_ENDPOINT or --endpoint; no commit was made"
     else:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        msg = f"push to {repo_id} failed: {first}"
+        msg = f"push to {repo_id} failed: {first_line(exc)}"
     return ExportError(redact(msg, token))
 
 

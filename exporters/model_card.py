@@ -359,7 +359,9 @@ def _bench_section(reports: dict[str, list[Path]]) -> str:
 
 
 def _usage_section(info: CheckpointInfo, repo_id: str) -> str:
-    chat = (info.path / "chat_template.jinja").is_file() or "chat_template" in _tokenizer_config(info.path)
+    from gradprune_deploy.data import dir_has_chat_template  # data imports torch: only when a card is written
+
+    chat = dir_has_chat_template(info.path)
     prompt = (
         'messages = [{"role": "user", "content": "What is layer pruning?"}]\n'
         'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)'
@@ -396,13 +398,6 @@ curl http://127.0.0.1:8000/v1/{route} -H 'Content-Type: application/json' \\
 ```
 
 Or from a local copy with gradprune-deploy: `gradprune serve ./{repo_id.split("/")[-1]}`."""
-
-
-def _tokenizer_config(path: Path) -> dict:
-    try:
-        return json.loads((path / "tokenizer_config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def _finetune_line(m: Manifest) -> str:

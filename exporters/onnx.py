@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from gradprune_deploy.cli_args import validate_fields
-from gradprune_deploy.errors import ArchitectureError, ConfigError, ExportError
+from gradprune_deploy.errors import ArchitectureError, ConfigError, ExportError, first_line
 from gradprune_deploy.utils import atomic_output_dir, check_output_dir, require
 
 logger = logging.getLogger(__name__)
@@ -159,8 +159,7 @@ def _trace_to_onnx(model, path: Path, *, opset: int | None) -> None:
         raise
     except Exception as exc:  # noqa: BLE001 - tracing failures are many and deep (TypeError included); report the first line
         logger.debug("exporter output:\n%s", captured.getvalue(), exc_info=True)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"ONNX export of {type(model).__name__} failed: {first} (run with -v for the trace)") from None
+        raise ExportError(f"ONNX export of {type(model).__name__} failed: {first_line(exc)} (run with -v for the trace)") from None
     logger.debug("exporter output:\n%s", captured.getvalue())
 
 
@@ -283,9 +282,8 @@ def export_onnx(
                 raise
             except Exception as exc:  # noqa: BLE001 - onnxruntime could not run the graph: still an export failure
                 logger.debug("validation failure", exc_info=True)
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ExportError(
-                    f"the ONNX graph of {type(model).__name__} does not run in onnxruntime: {first} "
+                    f"the ONNX graph of {type(model).__name__} does not run in onnxruntime: {first_line(exc)} "
                     "(nothing was written; run with -v for the trace)"
                 ) from None
             _update_metadata(tmp, validation=summary["validation"])

@@ -15,7 +15,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from gradprune_deploy.cli_args import validate_fields
-from gradprune_deploy.errors import ArchitectureError, MissingDependencyError, ModelLoadError
+from gradprune_deploy.errors import ArchitectureError, MissingDependencyError, ModelLoadError, first_line
 from gradprune_deploy.utils import is_available
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def check_vllm_compatible(checkpoint_dir: str | os.PathLike) -> dict:
 
         AutoConfig.from_pretrained(info.path)
     except Exception as exc:  # noqa: BLE001 - any parse failure means vLLM would fail the same way
-        raise ModelLoadError(f"{info.path}/config.json does not load with transformers: {str(exc).splitlines()[0]}") from None
+        raise ModelLoadError(f"{info.path}/config.json does not load with transformers: {first_line(exc)}") from None
     return {
         "servable": True,
         "checkpoint": str(info.path),

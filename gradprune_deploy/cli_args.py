@@ -27,7 +27,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 # -- the typed schema ---------------------------------------------------------------------------
 
@@ -270,7 +270,7 @@ def read_yaml_recipe(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"--config {path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values")
     return {k.replace("-", "_"): v for k, v in data.items()}

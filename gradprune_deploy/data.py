@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +117,7 @@ def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
     try:
         ds = load_from_disk(str(path))
     except Exception as exc:  # noqa: BLE001 - a damaged save_to_disk folder fails in many ways
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: not a readable `datasets` folder ({first}): save it again with save_to_disk") from None
+        raise DataError(f"{path}: not a readable `datasets` folder ({first_line(exc)}): save it again with save_to_disk") from None
     if isinstance(ds, DatasetDict):
         if split not in ds:
             raise DataError(f"{path} has splits {sorted(ds)}, not {split!r}: pass one of them with --split")
@@ -160,6 +159,17 @@ def _to_example(record: dict[str, Any], where: str, index: int) -> Example:
 
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
+
+
+def dir_has_chat_template(path: Path) -> bool:
+    """Whether a checkpoint directory ships a chat template (chat_template.jinja or one in
+    tokenizer_config.json), read from the files: no tokenizer is loaded."""
+    if (path / "chat_template.jinja").is_file():
+        return True
+    try:
+        return "chat_template" in json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def encode_prompt(tokenizer, prompt: str, *, chat_template: bool | None = None) -> list[int]:

@@ -41,6 +41,12 @@ class ServingError(GradPruneError):
     """A server could not be started, became unhealthy, or the port is taken."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its class name when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived: unwind (every temporary output is removed on the way), exit 128 + signal."""
 

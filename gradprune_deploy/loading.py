@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
+from .safetensors_header import read_safetensors_header, safetensors_files
 from .utils import atomic_output_dir
 
 logger = logging.getLogger(__name__)
@@ -141,29 +142,9 @@ _SHOW_KEYS = 3
 
 def safetensors_tensors(path: Path) -> dict[str, list[int]]:
     """{tensor name: shape} of every safetensors file of a checkpoint, read from the headers only."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise ModelLoadError(f"{index} is unreadable ({exc}): the checkpoint is corrupt") from None
-        missing = [f for f in files if not (path / f).is_file()]
-        if missing:
-            raise ModelLoadError(f"{path} is incomplete: shard(s) {', '.join(missing[:_SHOW_KEYS])} listed in {index.name} are missing")
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
     tensors: dict[str, list[int]] = {}
-    for name in files:
-        file = path / name
-        try:
-            with open(file, "rb") as fh:
-                length = int.from_bytes(fh.read(8), "little")
-                if not 0 < length <= 100_000_000:
-                    raise ValueError("bad header length")
-                header = json.loads(fh.read(length))
-            tensors.update({k: list(v["shape"]) for k, v in header.items() if k != "__metadata__"})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ModelLoadError(f"{file} is not a readable safetensors file ({exc}): the checkpoint is corrupt") from None
+    for name in safetensors_files(path):
+        tensors.update({k: shape for k, (_, shape) in read_safetensors_header(path / name).items()})
     return tensors
 
 
@@ -277,7 +258,7 @@ def _load_gguf(directory: Path, gguf_file: str, *, dtype: torch.dtype):
         loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
     except Exception as exc:
-        raise ModelLoadError(f"could not read GGUF {directory / gguf_file}: {str(exc).splitlines()[0]}") from None
+        raise ModelLoadError(f"could not read GGUF {directory / gguf_file}: {first_line(exc)}") from None
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -336,8 +317,9 @@ def load_model_and_tokenizer(
         except ModelLoadError:
             raise
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"could not load {resolved.path}: {first} (is the checkpoint complete and uncorrupted?)") from None
+            raise ModelLoadError(
+                f"could not load {resolved.path}: {first_line(exc)} (is the checkpoint complete and uncorrupted?)"
+            ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

@@ -1,4 +1,4 @@
-"""Small shared helpers: progress bars with an env switch, optional-dependency checks, atomic output."""
+"""Small shared helpers: progress bars with an env switch, optional-dependency checks, atomic output, peak RSS."""
 
 from __future__ import annotations
 
@@ -27,6 +27,19 @@ def tqdm(*args, **kwargs):
 
     kwargs.setdefault("disable", progress_disabled())
     return _tqdm(*args, **kwargs)
+
+
+def peak_rss_mb(pid: int | None = None) -> float | None:
+    """VmHWM, a process's own high-water RSS since exec, in MiB (this process when pid is None);
+    None when /proc cannot tell. Not ru_maxrss, which Linux carries over from the parent across
+    fork + exec (a parent that exported ONNX at 2 GiB would hand its peak to every child)."""
+    try:
+        for line in Path(f"/proc/{'self' if pid is None else pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        return None
+    return None
 
 
 def is_available(module: str) -> bool:

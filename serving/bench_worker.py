@@ -30,6 +30,8 @@ import resource
 import sys
 import time
 
+from gradprune_deploy.utils import peak_rss_mb
+
 
 def current_rss_bytes(pid: int | str = "self") -> int:
     with open(f"/proc/{pid}/statm") as fh:
@@ -37,14 +39,9 @@ def current_rss_bytes(pid: int | str = "self") -> int:
 
 
 def peak_rss_bytes() -> int:
-    """VmHWM: the high-water RSS of this process's address space since exec. Not ru_maxrss, which
-    Linux carries over from the parent across fork + exec (a parent that exported ONNX at 2 GiB
-    would hand its peak to both workers)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's own high-water RSS (VmHWM); ru_maxrss only where /proc has none."""
+    mb = peak_rss_mb()
+    return int(mb * 1024 * 1024) if mb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def gpu_memory_of_pid(pid: int) -> int | None:

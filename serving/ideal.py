@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 from typing import Any
+
+from gradprune_deploy.safetensors_header import read_safetensors_header
 
 DTYPE_BYTES = {
     "F64": 8,
@@ -70,12 +71,8 @@ def checkpoint_tensors(checkpoint_dir: str | Path) -> dict[str, TensorInfo]:
         raise FileNotFoundError(f"{checkpoint_dir} has no *.safetensors files")
     tensors: dict[str, TensorInfo] = {}
     for path in files:
-        with path.open("rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                tensors[name] = TensorInfo(tuple(meta["shape"]), DTYPE_BYTES.get(meta["dtype"], 4))
+        for name, (dtype, shape) in read_safetensors_header(path).items():
+            tensors[name] = TensorInfo(tuple(shape), DTYPE_BYTES.get(dtype, 4))
     return tensors
 
 

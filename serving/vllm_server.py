@@ -360,19 +360,11 @@ def usage_examples(base_url: str, model: str, *, chat: bool) -> str:
     )
 
 
-def _has_chat_template(model_dir: Path) -> bool:
-    if (model_dir / "chat_template.jinja").is_file():
-        return True
-    try:
-        return "chat_template" in json.loads((model_dir / "tokenizer_config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def serve_from_config(config: ServeConfig) -> str:
     """`gradprune serve`: runs until Ctrl-C or SIGTERM, then stops the server and its children."""
     from exporters.checkpoint import inspect_checkpoint
     from exporters.vllm import check_vllm_compatible
+    from gradprune_deploy.data import dir_has_chat_template
 
     # Everything that reads files or sockets first: a bad input never waits for vLLM to import.
     inspect_checkpoint(config.checkpoint)
@@ -403,7 +395,7 @@ def serve_from_config(config: ServeConfig) -> str:
             served_model_name=config.served_model_name,
             check=False,
         ) as server:
-            examples = usage_examples(server.base_url, server.model, chat=_has_chat_template(Path(config.checkpoint)))
+            examples = usage_examples(server.base_url, server.model, chat=dir_has_chat_template(Path(config.checkpoint)))
             print(
                 f"vLLM is serving {server.model} at {server.base_url}/v1 (ready after {server.started_s:.0f} s; "
                 f"log: {server.log_path})\n\n{examples}\n\nCtrl-C or SIGTERM stops it.",

@@ -14,7 +14,20 @@ from gradprune_deploy.manifest import Manifest
 from tests.conftest import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--max-examples", "24", "--max-steps", "2", "--probe-steps", "2", "--validation-rows", "4", "--max-length", "192"]
+SMALL = [
+    "--max-examples",
+    "24",
+    "--max-steps",
+    "2",
+    "--probe-steps",
+    "2",
+    "--heal-steps",
+    "1",
+    "--validation-rows",
+    "4",
+    "--max-length",
+    "192",
+]
 
 
 @pytest.mark.slow

@@ -70,6 +70,9 @@ class CompressConfig:
         "relative loss increase, e.g. 0.15; accuracy: points, e.g. 2)",
     )
     quality_metric: Literal["loss", "accuracy"] = _f("loss", "what --max-quality-drop and --scorer auto judge by")
+    auto_candidates: list[str] | None = _f(
+        None, f"--scorer auto: the scorers whose cuts are compared (default: {' '.join(AUTO_CANDIDATES)})"
+    )
     heal_steps: int = _f(
         10,
         "--scorer auto / --drop-layers auto: short LoRA heal of each candidate cut before judging it "
@@ -181,6 +184,13 @@ class CompressConfig:
             raise ConfigError("--teacher and --distill-top-k configure distillation: add --distill")
         if self.distill and self.finetune == "none":
             raise ConfigError("--distill needs a recovery fine-tune: use --finetune lora or --finetune full")
+        if self.auto_candidates is not None:
+            allowed = [name for name in SCORER_NAMES if name != "auto"]
+            bad = [name for name in self.auto_candidates if name not in allowed]
+            if bad or not self.auto_candidates:
+                raise ConfigError(f"--auto-candidates: choose among {', '.join(allowed)}, got {' '.join(map(str, bad)) or 'nothing'}")
+            if self.scorer != "auto":
+                raise ConfigError("--auto-candidates is for --scorer auto: add --scorer auto or drop it")
         if self.scorer == "auto" and self.drop_layers == "auto":
             raise ConfigError(
                 "--scorer auto picks among cuts of one size: give --drop-layers N with it, or a scorer with --drop-layers auto"

@@ -76,7 +76,7 @@ def _choose_cut(model, features, held: HeldOut, tokenizer, config: CompressConfi
         else len(select_layers_to_drop(torch.zeros(len(budget["layer_params"])), **budget))
     )
     judge = dict(config=config, settings=settings, features=features, validation=held.validation, tokenizer=tokenizer)
-    names = AUTO_CANDIDATES if config.scorer == "auto" else (config.scorer,)
+    names = (config.auto_candidates or AUTO_CANDIDATES) if config.scorer == "auto" else (config.scorer,)
     proposals, best = [], None
     for name in names:
         with _timed(timings, f"score_{name}"):

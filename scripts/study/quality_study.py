@@ -31,6 +31,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from gradprune_deploy.utils import peak_rss_mb
+
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 GRADPRUNE = str(Path(sys.executable).parent / "gradprune")
@@ -51,17 +53,6 @@ ARMS = [
     {"arm": "igia-K0@30%", "scorer": "igia", "drop": 9, "extra": ["--merge-layers", "none"]},
     {"arm": "igia-K2@30%", "scorer": "igia", "drop": 9, "extra": ["--merge-layers", "2"]},
 ]
-
-
-def peak_rss_mb(pid: int) -> float | None:
-    """The process's own peak RSS (VmHWM; ru_maxrss would carry the parent's across fork/exec)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def run_measured(cmd: list[str]) -> dict:

@@ -252,3 +252,55 @@ def test_auto_picks_the_proposal_its_criterion_ranks_best(tiny_llama_dir, tmp_pa
     assert m.scorer == f"auto → {best['scorer']}"
     recovered_or_pruned = m.quality.point("pruned")
     assert recovered_or_pruned.loss == pytest.approx(best["raw"]["loss"], rel=1e-5)
+
+
+def _auto_cut(model_dir, out, max_drop: float) -> int:
+    from gradprune_deploy.cli import main
+
+    return main(
+        [
+            "compress",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(SST2_TRAIN),
+            "--max-examples",
+            "40",
+            "--max-length",
+            "64",
+            "--batch-size",
+            "4",
+            "--scorer",
+            "last-n",
+            "--drop-layers",
+            "auto",
+            "--max-quality-drop",
+            str(max_drop),
+            "--heal-steps",
+            "0",
+            "--finetune",
+            "none",
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
+
+
+def test_drop_layers_auto_keeps_the_largest_cut_within_the_quality_budget(tiny_llama_dir, tmp_path):
+    """--drop-layers auto grows the cut one layer at a time (last-n: no probe, deterministic cuts)
+    and stops at the first candidate over budget; the checkpoint is the last candidate within it."""
+    assert _auto_cut(tiny_llama_dir, tmp_path / "loose", 10.0) == 0  # everything within: the deepest cut
+    loose = Manifest.read(tmp_path / "loose")
+    dense = loose.quality.point("dense").loss
+    losses = [p["raw"]["loss"] for p in loose.proposals]
+    assert [len(p["dropped"]) for p in loose.proposals] == [1, 2, 3, 4, 5] and loose.num_layers_after == 1
+
+    budget = max(losses[:2]) / dense - 1 + 1e-6  # the first two cuts fit by construction
+    assert _auto_cut(tiny_llama_dir, tmp_path / "tight", budget) == 0
+    tight = Manifest.read(tmp_path / "tight")
+    first_over = next((i for i, loss in enumerate(losses) if loss > dense * (1 + budget)), len(losses))
+    assert len(tight.proposals) == min(first_over + 1, 5)
+    assert [p["within_budget"] for p in tight.proposals] == [loss <= dense * (1 + budget) for loss in losses[: len(tight.proposals)]]
+    assert tight.layers_dropped == loose.proposals[first_over - 1]["dropped"]
+    assert tight.quality.point("pruned").loss == pytest.approx(losses[first_over - 1], rel=1e-5)

@@ -126,7 +126,7 @@ def test_hub_ids_become_metadata(ckpt):
 
     edit_manifest(ckpt, data__source="bundled:gsm8k")
     card = _reparse(build_model_card(ckpt, repo_id="me/pruned"))
-    assert card.data.datasets is None and "Trained on GSM8K (Cobbe et al. 2021" in card.text
+    assert card.data.datasets == ["openai/gsm8k"] and "Trained on GSM8K (Cobbe et al. 2021" in card.text
     assert {r.dataset_name for r in card.data.eval_results} == {"GSM8K"}
 
 

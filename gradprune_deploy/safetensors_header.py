@@ -1,0 +1,43 @@
+"""A safetensors checkpoint's layout, read from the file headers only (no tensor data, no torch).
+
+The one reader of the format's header (8-byte little-endian length + JSON), shared by the
+weight-coverage check in `loading`, the exporters' `inspect_checkpoint` and the bench's cost model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import ModelLoadError
+
+_MAX_HEADER_BYTES = 100_000_000
+_SHOW_MISSING = 3
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """{tensor name: (dtype, shape)} from a .safetensors file's JSON header; raise ModelLoadError if unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            length = int.from_bytes(fh.read(8), "little")
+            if not 0 < length <= _MAX_HEADER_BYTES:
+                raise ValueError("bad header length")
+            header = json.loads(fh.read(length))
+        return {name: (meta["dtype"], list(meta["shape"])) for name, meta in header.items() if name != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelLoadError(f"{path} is not a readable safetensors file ({exc}): the checkpoint is corrupt") from None
+
+
+def safetensors_files(path: Path) -> list[str]:
+    """The checkpoint's weight files: the shards its index lists (all present), else every *.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return sorted(p.name for p in path.glob("*.safetensors"))
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelLoadError(f"{index} is unreadable ({exc}): the checkpoint is corrupt") from None
+    missing = [f for f in files if not (path / f).is_file()]
+    if missing:
+        raise ModelLoadError(f"{path} is incomplete: shard(s) {', '.join(missing[:_SHOW_MISSING])} listed in {index.name} are missing")
+    return files
