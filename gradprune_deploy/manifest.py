@@ -299,6 +299,11 @@ def summarize(m: Manifest) -> str:
         f"dropped         {m.layers_dropped}",
         f"parameters      {m.params_before:,} → {m.params_after:,}{ratio}",
     ]
+    for p in m.proposals:
+        judged = p.get("healed") or p.get("raw") or {}
+        how = "healed" if p.get("healed") else "raw cut"
+        budget = "" if "within_budget" not in p else (", within budget" if p["within_budget"] else ", over budget")
+        lines.append(f"proposal        {p['scorer']} drops {p['dropped']}: {how} validation loss {_fmt(judged.get('loss'))}{budget}")
     if m.scorer == "igia" and m.scoring.get("probe_steps") is not None:
         lines.append(
             f"probe           {m.scoring.get('probe_steps')} informative steps (+{m.scoring.get('zero_gradient_steps')} "
