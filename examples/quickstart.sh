@@ -17,6 +17,7 @@ OUT=${OUT:-runs/smollm2-gsm8k-pruned}
   --heal-steps 10 --max-examples 560 --max-length 256 --batch-size 4 --grad-accum 2 --max-steps 60 --probe-steps 8 \
   --validation-rows 48 ${OVERWRITE:+--overwrite} "$@"
 echo
-echo "measured speed-up (transformers, this CPU, dense vs pruned, input 128 / output 32 tokens):"
+echo "measured speed-up (transformers on this CPU, dense vs pruned, input 128 / output 32 tokens; full report: $OUT/bench/report.md):"
 .venv/bin/gradprune bench --dense bundled:SmolLM2-135M-Instruct --pruned "$OUT" --backend hf --input-len 128 \
-  --output-len 32 --num-prompts "${BENCH_PROMPTS:-4}" --runs "${BENCH_RUNS:-2}" --threads 2 --overwrite -q
+  --output-len 32 --num-prompts "${BENCH_PROMPTS:-2}" --runs "${BENCH_RUNS:-2}" --threads 2 --overwrite -q > /dev/null
+grep -E "^\| (metric|time to first token|time per output token|output tokens/s|peak RSS) " "$OUT/bench/report.md"

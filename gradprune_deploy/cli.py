@@ -57,7 +57,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "serving.vllm_server:serve_from_config",
         "serve a checkpoint with vLLM's OpenAI-compatible server",
     ),
-    "bench": ("serving.bench:BenchConfig", "serving.bench:bench_from_config", "benchmark dense vs pruned latency, throughput and memory"),
+    "bench": (
+        "serving.bench_config:BenchConfig",
+        "serving.bench:bench_from_config",
+        "benchmark dense vs pruned latency, throughput and memory",
+    ),
 }
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from gradprune_deploy.errors import ServingError
 
 if TYPE_CHECKING:
-    from .bench import BenchConfig
+    from .bench_config import BenchConfig
 
 logger = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +113,7 @@ def run_worker_backend(
     backend: str, checkpoints: dict[str, Path], prompts: list[list[int]], config: BenchConfig, *, onnx_dirs: dict[str, Path] | None = None
 ) -> dict[str, Any]:
     """hf or onnx: start both workers, run the interleaved schedule, collect per-run samples."""
-    from .bench import interleaved_schedule, settings_of
+    from .bench_config import interleaved_schedule, settings_of
 
     log_dir = Path(tempfile.mkdtemp(prefix=f"gradprune-bench-{backend}-"))
     workers: dict[str, Worker] = {}

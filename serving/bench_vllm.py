@@ -32,7 +32,7 @@ from gradprune_deploy.errors import ServingError
 from gradprune_deploy.utils import scratch_dir
 
 if TYPE_CHECKING:
-    from .bench import BenchConfig
+    from .bench_config import BenchConfig
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, 
 
 
 def _run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, config: BenchConfig, log_dir: Path) -> dict[str, Any]:
-    from .bench import settings_of
+    from .bench_config import settings_of
 
     single = prompts[: config.num_prompts]
     many = [prompts[i % len(prompts)] for i in range(config.num_requests)]

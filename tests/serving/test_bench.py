@@ -10,7 +10,8 @@ import pytest
 
 from gradprune_deploy.errors import ConfigError, MissingDependencyError
 from serving import bench_backends
-from serving.bench import BenchConfig, build_prompts, check_environment, interleaved_schedule, load_common_tokenizer, resolve_checkpoints
+from serving.bench import build_prompts, check_environment, load_common_tokenizer, resolve_checkpoints
+from serving.bench_config import BenchConfig, interleaved_schedule
 from serving.ideal import checkpoint_tensors, ideal_for_metric, ideal_ratios, model_costs
 from serving.report import REPORT_SCHEMA, backend_metrics, merge_reports, metric_entry, summarize, to_markdown, tpot_check
 from tests.conftest import tiny_model
