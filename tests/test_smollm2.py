@@ -40,7 +40,11 @@ def test_compress_smollm2_drops_12_of_30_and_reloads(tmp_path):
     assert len(manifest["layers_dropped"]) == 12 and len(manifest["layer_scores"]) == 30
     assert manifest["base_model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert manifest["merge"]["merged_entries_total"] > 0
-    assert len(manifest["merge"]["per_layer"]) == 12
+    # the paper's merge: by default only the highest-scoring dropped layer, into its preceding kept layer
+    assert list(manifest["merge"]["per_layer"]) == list(manifest["merge"]["targets"]) and len(manifest["merge"]["targets"]) == 1
+    merged = int(next(iter(manifest["merge"]["targets"])))
+    assert merged == max(manifest["layers_dropped"], key=lambda i: manifest["layer_scores"][i])
+    assert [p["stage"] for p in manifest["quality"]["points"]] == ["dense", "pruned", "recovered"]
     assert manifest["finetune"]["last_logged_loss"] < manifest["finetune"]["first_logged_loss"]
     assert (out / "layer_importance.png").is_file()
 
