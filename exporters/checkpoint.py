@@ -15,32 +15,16 @@ import json
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gradprune_deploy.errors import ModelLoadError
 from gradprune_deploy.manifest import Manifest
+from gradprune_deploy.safetensors_header import LAYER_KEY as _LAYER
 from gradprune_deploy.safetensors_header import read_safetensors_header, safetensors_files
 
 logger = logging.getLogger(__name__)
-
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-_DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
 
 
 @dataclass

@@ -7,12 +7,30 @@ weight-coverage check in `loading`, the exporters' `inspect_checkpoint` and the 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .errors import ModelLoadError
 
 _MAX_HEADER_BYTES = 100_000_000
 _SHOW_MISSING = 3
+
+# Bytes per element of each safetensors dtype, and the tensor-name pattern of a decoder layer.
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+LAYER_KEY = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:

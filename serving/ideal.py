@@ -24,30 +24,14 @@ safetensors headers, not the weights); the rest is pure arithmetic on shapes.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 from typing import Any
 
-from gradprune_deploy.safetensors_header import read_safetensors_header
-
-DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+from gradprune_deploy.safetensors_header import DTYPE_BYTES, read_safetensors_header
+from gradprune_deploy.safetensors_header import LAYER_KEY as _LAYER
 
 
 @dataclass(frozen=True)
