@@ -5,7 +5,7 @@ same recovery budget as the dense LoRA fine-tune (`--steps` optimizer steps of b
 same training rows) and is scored on the same test rows by choice log-likelihood:
 - dense: LoRA fine-tune of the unpruned model (the reference), zero-shot accuracy beside it;
 - GradPruner (igia) at 20/30/40% of layers removed, merging K=1 dropped layer (the default);
-  at 30% also K=0, K=2, and distillation from the dense model;
+  at 20% (where the pruned model still works) also K=0, K=2 and distillation from the dense model;
 - block-influence, last-n and ppl at 30% (no merge: it needs IGIA).
 For each arm: test accuracy ± SE, test completion loss, the checkpoint's held-out ledger
 (validation rows sliced from the training file, never trained on), wall time per phase from
@@ -47,7 +47,16 @@ ARMS = [
     {"arm": "igia@30%", "scorer": "igia", "drop": 9},
     {"arm": "block-influence@30%", "scorer": "block-influence", "drop": 9},
     {"arm": "last-n@30%", "scorer": "last-n", "drop": 9},
+    # ablations at 20%, where the pruned model still works: merge K and distillation at equal steps
+    {"arm": "igia-K0@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-layers", "none"]},
+    {"arm": "igia-kd@20%", "scorer": "igia", "drop": 6, "extra": ["--distill"]},
+    {"arm": "block-influence@20%", "scorer": "block-influence", "drop": 6},
+    # what `--scorer auto` sees of each scorer's cut (raw and after a 10-step heal, no recovery), to
+    # check its criterion against the arms' post-recovery accuracy
+    {"arm": "judge@30%", "judge": ["igia", "block-influence", "last-n", "ppl"], "drop": 9},
+    {"arm": "judge@20%", "judge": ["igia", "block-influence"], "drop": 6},
     {"arm": "ppl@30%", "scorer": "ppl", "drop": 9},
+    {"arm": "igia-K2@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-layers", "2"]},
     {"arm": "igia@40%", "scorer": "igia", "drop": 12},
     {"arm": "igia-kd@30%", "scorer": "igia", "drop": 9, "extra": ["--distill"]},
     {"arm": "igia-K0@30%", "scorer": "igia", "drop": 9, "extra": ["--merge-layers", "none"]},
@@ -119,11 +128,14 @@ def run_arm(arm: dict, task: str, out: Path, preset: tuple, seed: int) -> dict:
             str(max_length),
             "--seed",
             str(seed),
-            "--scorer",
-            arm["scorer"],
             "--drop-layers",
             str(arm["drop"]),
             "-q",
+            *(
+                ["--scorer", "auto", "--auto-candidates", *arm["judge"], "--finetune", "none"]
+                if "judge" in arm
+                else ["--scorer", arm["scorer"]]
+            ),
             *arm.get("extra", []),
         ]
     measured = run_measured(cmd)
@@ -134,6 +146,10 @@ def run_arm(arm: dict, task: str, out: Path, preset: tuple, seed: int) -> dict:
         "seconds": measured["seconds"],
         "peak_rss_mb": measured["peak_rss_mb"],
     }
+    if "judge" in arm:  # no recovery, nothing to test: the proposals are the result
+        m = json.loads((ckpt / "gradprune.json").read_text())
+        record["proposals"] = m["proposals"]
+        return record
     evals = {}
     for metric in ("choice", "loss"):
         evals[metric] = last_json(
@@ -244,7 +260,7 @@ def main() -> None:
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {task} {arm['arm']}", flush=True)
         record = run_arm(arm, task, out, PRESETS[args.preset], args.seed)
-        record.update(preset=args.preset, seed=args.seed, threads=os.cpu_count())
+        record.update(preset=args.preset, seed=args.seed, threads=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
         with results_path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         from study_report import write_report

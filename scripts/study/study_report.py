@@ -86,6 +86,74 @@ def task_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def _ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (Pearson on average ranks); None below 3 pairs or with a constant side."""
+    if len(x) != len(y) or len(x) < 3:
+        return None
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx and syy else None
+
+
+def _stage_loss(record: dict, stage: str) -> float | None:
+    points = {p["stage"]: p for p in (record.get("ledger") or {}).get("points", [])}
+    return points[stage]["loss"] if stage in points else None
+
+
+def predictors(records: list[dict]) -> list[str]:
+    """Does the validation loss right after the cut (what `--drop-layers auto` measures) order the
+    arms as their post-recovery test accuracy does? And `--scorer auto`'s healed loss (judge arms)?"""
+    arms = [r for r in records if r.get("ledger") and _stage_loss(r, "pruned") is not None]
+    lines = []
+    if len(arms) >= 3:
+        pre = [_stage_loss(r, "pruned") for r in arms]
+        acc = [-r["accuracy"] for r in arms]  # lower loss should mean higher accuracy: correlate loss with -accuracy
+        rho = spearman(pre, acc)
+        rho_rec = spearman([_stage_loss(r, "recovered") for r in arms], acc)
+        lines += [
+            f"Pre-recovery validation loss vs post-recovery test accuracy over {len(arms)} pruned arms: Spearman ρ(loss, −accuracy) = "
+            + (f"{rho:+.2f}" if rho is not None else "n/a")
+            + " (+1: the loss right after the cut orders the arms exactly as their final accuracy); the recovered ledger loss: "
+            + (f"{rho_rec:+.2f}" if rho_rec is not None else "n/a")
+            + ".",
+            "",
+        ]
+    by_arm = {r["arm"]: r for r in records}
+    for judge in (r for r in records if "judge" in r):
+        pct = judge["arm"].split("@")[1]
+        lines += [
+            f"`--scorer auto` at {pct} ({judge['drop']} layers): each scorer's cut as auto judges it (validation loss right after the "
+            "cut and after its 10-step LoRA heal), beside that scorer's arm after the full recovery:",
+            "",
+            "| scorer | layers dropped | loss after cut | loss after heal | arm's test accuracy % |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for p in judge["proposals"]:
+            arm = by_arm.get(f"{p['scorer']}@{pct}")
+            healed = f"{p['healed']['loss']:.2f}" if p.get("healed") else "–"
+            accuracy = f"{100 * arm['accuracy']:.1f} ± {100 * arm['accuracy_se']:.1f}" if arm else "not run"
+            lines.append(f"| {p['scorer']} | {p['dropped']} | {p['raw']['loss']:.2f} | {healed} | {accuracy} |")
+        lines.append("")
+    return lines
+
+
 def write_report(results: list[dict], path: Path, *, preset: tuple, preset_name: str) -> Path:
     rows, steps, test_rows, max_length = preset
     out = [
@@ -100,7 +168,7 @@ def write_report(results: list[dict], path: Path, *, preset: tuple, preset_name:
         "",
     ]
     for task in dict.fromkeys(r["task"] for r in results):
-        records = [r for r in results if r["task"] == task]
+        records = [r for r in results if r["task"] == task and "judge" not in r]
         by_arm = {r["arm"]: r for r in records}
         out += [f"## {task}", ""]
         if "dense" in by_arm:
@@ -114,6 +182,9 @@ def write_report(results: list[dict], path: Path, *, preset: tuple, preset_name:
         lines = targets(by_arm)
         if lines:
             out += ["Targets:", ""] + lines + [""]
+        lines = predictors([r for r in results if r["task"] == task])
+        if lines:
+            out += ["Predictors of post-recovery quality:", ""] + lines
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out))
     return path

@@ -55,3 +55,39 @@ def test_smoke_study_writes_records_and_a_report(tmp_path, smollm2_dir):
     # a rerun resumes: nothing left to do
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1])["arms"] == 2
+
+
+def test_spearman_matches_scipy_with_and_without_ties():
+    from scipy.stats import spearmanr
+    from study_report import spearman
+
+    rng = __import__("random").Random(0)
+    for n in (3, 5, 9):
+        x = [rng.random() for _ in range(n)]
+        y = [rng.choice([0.1, 0.2, 0.3]) for _ in range(n)]  # ties
+        assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
+    assert spearman([1.0, 2.0], [2.0, 1.0]) is None
+    assert spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None
+
+
+def test_predictors_read_the_ledger_and_the_judge_proposals():
+    from study_report import predictors
+
+    def arm(name, pruned, recovered, accuracy):
+        points = [{"stage": s, "loss": v} for s, v in (("dense", 2.0), ("pruned", pruned), ("recovered", recovered))]
+        return {"arm": name, "accuracy": accuracy, "accuracy_se": 0.03, "ledger": {"points": points}}
+
+    records = [arm("igia@30%", 19.0, 0.24, 0.55), arm("block-influence@30%", 4.7, 0.20, 0.66), arm("last-n@30%", 17.0, 0.22, 0.60)]
+    judge = {
+        "arm": "judge@30%",
+        "judge": ["igia", "block-influence"],
+        "drop": 9,
+        "proposals": [
+            {"scorer": "igia", "dropped": [20, 21], "raw": {"loss": 19.0}, "healed": {"loss": 3.5}},
+            {"scorer": "block-influence", "dropped": [3, 4], "raw": {"loss": 4.7}, "healed": None},
+        ],
+    }
+    text = "\n".join(predictors([*records, judge]))
+    assert "over 3 pruned arms: Spearman ρ(loss, −accuracy) = +1.00" in text
+    assert "| igia | [20, 21] | 19.00 | 3.50 | 55.0 ± 3.0 |" in text
+    assert "| block-influence | [3, 4] | 4.70 | – | 66.0 ± 3.0 |" in text
