@@ -159,7 +159,7 @@ def validate_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
 def parse_text(flag: str, tp: Any, text: str) -> Any:
     """Command-line text → the field's type, or a ConfigError naming the flag."""
     tp, optional = _optional(tp)
-    if optional and text.lower() in ("none", "null"):
+    if optional and text.lower() in ("none", "null") and tp is not str:  # a text field keeps the word: --merge-layers none
         return None
     if tp is int:
         try:

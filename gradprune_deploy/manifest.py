@@ -62,7 +62,7 @@ class MergeRecord:
 class FinetuneRecord:
     """The recovery fine-tune of the pruned model."""
 
-    mode: str = _f("none", "lora (merged into the weights at the end), full, or none")
+    mode: str = _f("none", "lora (merged into the weights at the end), prunedlora (LoRA pruned to its target rank, merged), full, or none")
     objective: str = _f("ce", "ce (cross-entropy) or distill (logit KD from a teacher mixed with CE)")
     steps: int = _f(0, "optimizer steps")
     learning_rate: float | None = _f(None, "peak learning rate")
@@ -71,6 +71,7 @@ class FinetuneRecord:
     first_logged_loss: float | None = _f(None, "first logged training loss")
     last_logged_loss: float | None = _f(None, "last logged training loss")
     distill: dict[str, Any] | None = _f(None, "teacher, alpha, temperature, top-k (distill only)")
+    prunedlora: dict[str, Any] | None = _f(None, "start and target rank, pruning steps and final rank (prunedlora only)")
     settings: dict[str, Any] = _f({}, "batch size, accumulation, LoRA rank, warm-up, seed, ...")
 
 
@@ -129,6 +130,9 @@ class Manifest:
     proposals: list[dict[str, Any]] = _f([], "--scorer auto / --drop-layers auto: every candidate cut and its numbers")
     merge: MergeRecord = _f(None, "the same-sign merge")
     finetune: FinetuneRecord = _f(None, "the recovery fine-tune")
+    compensation: dict[str, Any] | None = _f(
+        None, "--compensate: layers corrected, mean-shift norms before/after on the calibration rows (None without it)"
+    )
     quality: QualityLedger | None = _f(None, "held-out quality before and after (None with --no-ledger)")
     seed: int = _f(0, "random seed")
     world_size: int = _f(1, "processes (DDP)")
@@ -315,6 +319,10 @@ def summarize(m: Manifest) -> str:
             f"merge           {into}: top {m.merge.keep_top_p:.0%} by {m.merge.criterion.upper()}, same sign; "
             f"{m.merge.merged_entries_total:,} entries added"
         )
+    if m.compensation:
+        c = m.compensation
+        shifts = ", ".join(f"{c['mean_shift_before'][j]:.3g}→{c['mean_shift_after'][j]:.3g}" for j in c.get("layers", []))
+        lines.append(f"compensation    {c.get('folded_into')} of original layers {c.get('layers_original')}: mean shift {shifts}")
     ft = m.finetune
     if ft.mode != "none":
         lines.append(

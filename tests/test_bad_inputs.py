@@ -211,7 +211,23 @@ CASES: dict[str, tuple] = {
     "compress/distill-without-finetune": (lambda c: _compress(c, "--distill", "--finetune", "none"), "--distill"),
     "compress/teacher-without-distill": (lambda c: _compress(c, "--teacher", c.tiny), "--teacher"),
     "compress/merge-with-other-scorer": (lambda c: _compress(c, "--scorer", "random", "--merge-layers", "2"), "--merge-layers"),
+    "compress/gblm-merge-criterion-unknown": (lambda c: _compress(c, "--merge-criterion", "bogus"), "--merge-criterion: expected one of"),
+    "compress/gblm-merge-criterion-other-scorer": (
+        lambda c: _compress(c, "--scorer", "gblm", "--merge-criterion", "gblm"),
+        "--merge-criterion",
+    ),
+    "compress/gblm-merge-criterion-merge-zero": (
+        lambda c: _compress(c, "--merge-layers", "0", "--merge-criterion", "gblm"),
+        "--merge-criterion",
+    ),
     "compress/max-length-zero": (lambda c: _compress(c, "--max-length", "0"), "--max-length"),
+    "compress/compensate-no-mlp-bias": (lambda c: _compress(c, "--compensate", "--drop-layers", "1", model=c.mistral), "--compensate"),
+    "compress/compensate-layers-zero": (lambda c: _compress(c, "--compensate", "--compensate-layers", "0"), "--compensate-layers"),
+    "compress/compensate-layers-alone": (lambda c: _compress(c, "--compensate-layers", "2"), "add --compensate"),
+    "compress/prunedlora-start-below-lora-r": (
+        lambda c: _compress(c, "--finetune", "prunedlora", "--prunedlora-start-rank", "4", "--lora-r", "8"),
+        "--prunedlora-start-rank",
+    ),
     "compress/yaml-quoted-false-keeps-output": (
         lambda c: _compress(c, *_yaml(c, 'overwrite: "false"\n'), out=c.existing_out()),
         "--overwrite: expected true or false",

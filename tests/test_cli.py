@@ -234,10 +234,23 @@ def test_python_api_shares_the_typed_validation():
         CompressConfig(out="o", drop_layers="two")
     with pytest.raises(ConfigError, match=r"^--overwrite: expected true or false"):
         CompressConfig(out="o", overwrite="false")
-    with pytest.raises(ConfigError, match=r"^--finetune: expected one of lora, full, none, got 'bogus'$"):
+    with pytest.raises(ConfigError, match=r"^--finetune: expected one of lora, full, prunedlora, none, got 'bogus'$"):
         CompressConfig(out="o", finetune="bogus")
     with pytest.raises(ConfigError, match=r"^--port: expected an integer, got 8000.5$"):
         ServeConfig("ckpt", port=8000.5)
     with pytest.raises(ConfigError, match=r"^--plot: expected true or false, got 1$"):
         BenchConfig(dense="d", pruned="p", plot=1)
     assert CompressConfig(out="o", learning_rate=1).learning_rate == 1.0  # an int where a float goes is a number
+
+
+def test_words_of_text_options_reach_the_config_as_words(tmp_path):
+    """`--merge-layers none` turns the merge off (the word is a value of a text option, not "unset")."""
+    from gradprune_deploy.cli import build_parser
+    from gradprune_deploy.cli_args import build_config
+
+    parser, cls = build_parser("compress")
+    for words, expected in ((["--merge-layers", "none"], "none"), (["--merge-layers", "2"], "2"), ([], "1")):
+        config = build_config(cls, parser.parse_args(["--out", str(tmp_path / "o"), *words]))
+        assert config.merge_layers == expected
+    config = build_config(cls, parser.parse_args(["--out", str(tmp_path / "o"), "--max-steps", "none"]))
+    assert config.max_steps is None  # a number option's "none" still means unset

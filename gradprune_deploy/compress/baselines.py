@@ -16,6 +16,7 @@ accumulated into `.grad`), train/eval mode of every module, and no hooks left be
 - ppl: Shortened LLaMA (Kim et al. 2024): loss increase when the layer alone is removed,
   measured on the validation rows.
 - gradmap: GradMAP stage 1 (Liu, Li, Zhang, Tang 2026, arXiv 2602.14649), see `gradmap`.
+- gblm: GBLM-Pruner's weight metric (gblm.py) summed over the layer's linears, see `gblm`.
 
 Pure tensor math (`block_influence_terms`, `taylor_terms`, `gradient_magnitude_terms`,
 `ranks_from_removal_order`) is separate from the hooks/autograd orchestration.
@@ -245,11 +246,9 @@ def gradmap(
     Deviations, stated plainly: the paper's full text was not available here, only its abstract
     and summaries; the per-layer aggregate (mean absolute gradient) and the loss (task
     completion loss) are our reading of "a metric based on gradient magnitudes" and may differ in
-    normalisation from the paper. Its stage 2 (a projection compensation matrix correcting the
-    hidden-state mean shift of pruning, which the summaries describe as trained and then
-    re-parameterised into the next down-projection) is NOT implemented: it is a trained weight
-    change, not a score, and no exact closed form that folds into a standard checkpoint was
-    available. `seed` is unused (deterministic).
+    normalisation from the paper. Its stage 2 (a projection compensation of the hidden-state mean
+    shift, folded into a down-projection) is `--compensate` (compensation.py): a weight change, not
+    a score. `seed` is unused (deterministic).
     """
     _check_batches(batches, need_labels=True)
     num_layers = len(find_layer_stack(model)[1])
@@ -268,6 +267,74 @@ def gradmap(
         logger.debug("gradmap decision %d: remove layer %d (mean |grad| %.3e)", len(removed), victim, metric[victim])
     survivors = {i: metric[i] for i in range(num_layers) if i not in removed}
     return ranks_from_removal_order(removed, survivors, num_layers)
+
+
+def gblm_importance(
+    model: nn.Module, batches: Sequence[Batch], *, layers: Sequence[int] | None = None
+) -> dict[int, dict[str, torch.Tensor]]:
+    """GBLM-Pruner's metric (gblm.gblm_metric) for every linear of decoder layers `layers` (all when
+    None): {layer: {linear name within the layer: [out, in] float32 on the CPU}}.
+
+    Each row of each batch is one calibration sample, as in the official code's batch of one: the
+    row without its padding goes forward (hooks add the squares of every linear's input) and
+    backward on its own mean completion-token loss (the squared per-sample gradient is added).
+    Rows with no completion token are skipped. One forward + backward per row.
+    """
+    from .gblm import gblm_metric
+    from .surgery import linear_weights_by_layer
+
+    _check_batches(batches, need_labels=True)
+    _, stack = find_layer_stack(model)
+    wanted = range(len(stack)) if layers is None else sorted(set(layers))
+    linears = {(i, name): mod for i, by_name in linear_weights_by_layer(stack).items() if i in wanted for name, mod in by_name.items()}
+    input_sq = {key: torch.zeros(mod.in_features, dtype=torch.float32, device=mod.weight.device) for key, mod in linears.items()}
+    grad_sq = {key: torch.zeros_like(mod.weight, dtype=torch.float32) for key, mod in linears.items()}
+    weights = [mod.weight for mod in linears.values()]
+
+    def make_hook(key):
+        def hook(module, args, output):
+            x = args[0].detach()
+            input_sq[key] += x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
+
+        return hook
+
+    handles = [mod.register_forward_hook(make_hook(key)) for key, mod in linears.items()]
+    samples = 0
+    try:
+        with _preserved(model), torch.enable_grad():
+            for w in weights:
+                w.requires_grad_(True)
+            for batch in batches:
+                for r in range(batch["input_ids"].shape[0]):
+                    n = int(batch["attention_mask"][r].sum())
+                    row = {k: batch[k][r : r + 1, :n] for k in ("input_ids", "attention_mask", "labels")}
+                    if not bool((row["labels"][:, 1:] != -100).any()):
+                        continue  # no completion token: the row's mean loss is undefined, and it adds no activations either
+                    loss = model(**_forward_kwargs(model, row, labels=True), use_cache=False).loss
+                    for key, g in zip(linears, torch.autograd.grad(loss, weights, allow_unused=True)):
+                        if g is not None:
+                            grad_sq[key] += g.float().pow(2)
+                    samples += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not samples:
+        raise DataError("no row of the scoring batches has a completion token to take a gradient of: check the data's completions")
+    out: dict[int, dict[str, torch.Tensor]] = {i: {} for i in wanted}
+    for (i, name), mod in linears.items():
+        out[i][name] = gblm_metric(mod.weight, input_sq[i, name], grad_sq[i, name], samples).cpu()
+    return out
+
+
+def gblm(model: nn.Module, batches: Sequence[Batch], *, seed: int = 0) -> torch.Tensor:
+    """GBLM-Pruner (Das, Ma, Shen 2023) as a layer score: the sum over the layer's linears of the
+    GBLM metric |W|*||X_j|| + |W|*100*||G_ij||_2 (gblm.py, the official code's `prune_gblm`), from
+    per-row gradients and input norms over `batches`. Deterministic (`seed` unused).
+    """
+    from .gblm import layer_total
+
+    importance = gblm_importance(model, batches)
+    return torch.tensor([layer_total(importance[i]) for i in sorted(importance)], dtype=torch.float64)
 
 
 @torch.no_grad()
@@ -307,4 +374,5 @@ SCORERS: dict[str, Callable[..., torch.Tensor]] = {
     "random": random_scores,
     "taylor": taylor,
     "gradmap": gradmap,
+    "gblm": gblm,
 }

@@ -14,9 +14,10 @@ from ..cli_args import validate_fields
 from ..errors import ConfigError
 
 DEFAULT_DROP_RATIO = 0.4
-SCORER_NAMES = ("igia", "block-influence", "last-n", "random", "gradmap", "taylor", "ppl", "auto")
+SCORER_NAMES = ("igia", "block-influence", "last-n", "random", "gradmap", "taylor", "gblm", "ppl", "auto")
 AUTO_CANDIDATES = ("igia", "block-influence", "last-n", "ppl")
 DEFAULT_MERGE_LAYERS = "1"
+DEFAULT_COMPENSATE_RIDGE = 0.05  # = compensation.DEFAULT_RIDGE (kept apart: this module must not import torch)
 
 
 def _f(default, help_text, **metadata):
@@ -94,9 +95,30 @@ class CompressConfig:
         "none (the highest-scoring dropped layers; the paper merges 1-3; default "
         f"{DEFAULT_MERGE_LAYERS} with --scorer igia, none otherwise)",
     )
-    keep_top_p: float = _f(0.2, "fraction of each merged linear's entries (top by IGIA) considered for the merge")
+    keep_top_p: float = _f(0.2, "fraction of each merged linear's entries (top by --merge-criterion) considered for the merge")
+    merge_criterion: Literal["igia", "gblm"] = _f(
+        "igia",
+        "what ranks a merged linear's entries for the top-p: igia (GradPruner's, from the probe) or gblm "
+        "(GBLM-Pruner's |W|*||X|| + |W|*||G||, from --scorer-batches batches on the dense model)",
+    )
+    # compensation (GradMAP stage 2)
+    compensate: bool = _f(
+        False,
+        "after the cut, correct the pruned layers whose outputs drift most from the dense model (mean shift on "
+        "--scorer-batches training batches) with GradMAP's projection compensation, folded into mlp.down_proj; "
+        "sets mlp_bias (Llama-family configs only); holds a copy of the dense model meanwhile",
+    )
+    compensate_layers: int = _f(1, "--compensate: how many layers to correct, largest mean shift first")
+    compensate_ridge: float = _f(
+        DEFAULT_COMPENSATE_RIDGE,
+        "--compensate: ridge pulling the projection toward identity, relative to the MLP output variance (large: a mean-shift bias)",
+    )
     # fine-tune
-    finetune: Literal["lora", "full", "none"] = _f("lora", "recovery fine-tune of the pruned model (LoRA is merged at the end)")
+    finetune: Literal["lora", "full", "prunedlora", "none"] = _f(
+        "lora",
+        "recovery fine-tune of the pruned model (LoRA is merged at the end; prunedlora starts LoRA at "
+        "--prunedlora-start-rank and prunes it to --lora-r during the run, PrunedLoRA 2025)",
+    )
     distill: bool = _f(False, "recover by logit distillation from the dense model (KL at --distill-temperature mixed with CE)")
     teacher: str | None = _f(None, "distillation teacher checkpoint (default: the dense model before pruning)")
     distill_alpha: float = _f(0.5, "weight of the KL term (1 - alpha on cross-entropy)")
@@ -110,6 +132,7 @@ class CompressConfig:
     lora_r: int = _f(8, "LoRA rank (probe and LoRA fine-tune)")
     lora_alpha: int = _f(16, "LoRA alpha")
     lora_dropout: float = _f(0.05, "LoRA dropout")
+    prunedlora_start_rank: int = _f(64, "--finetune prunedlora: LoRA rank to start from (pruned to --lora-r during the fine-tune)")
     warmup_ratio: float = _f(0.03, "warm-up fraction of the fine-tune")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward: far less memory, ~30 percent more time")
     seed: int = _f(0, "random seed (LoRA init, data order, validation slice, random scorer)")
@@ -159,9 +182,20 @@ class CompressConfig:
             raise ConfigError(
                 f"--merge-layers {self.merge_layers} needs --scorer igia (IGIA picks the entries to merge): pass --merge-layers none"
             )
+        if self.merge_criterion != "igia" and self.merge_layers == "none":
+            raise ConfigError(
+                f"--merge-criterion {self.merge_criterion} ranks the entries of merged layers, but nothing is merged "
+                "(--merge-layers none, or a --scorer other than igia): drop --merge-criterion"
+            )
         for name in ("batch_size", "grad_accum", "max_length", "lora_r", "scorer_batches", "validation_rows", "probe_min_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.compensate_layers < 1:
+            raise ConfigError(f"--compensate-layers must be at least 1, got {self.compensate_layers}")
+        if self.compensate_ridge < 0:
+            raise ConfigError(f"--compensate-ridge must be at least 0, got {self.compensate_ridge}")
+        if not self.compensate and (self.compensate_layers != 1 or self.compensate_ridge != DEFAULT_COMPENSATE_RIDGE):
+            raise ConfigError("--compensate-layers and --compensate-ridge configure the compensation: add --compensate")
         if self.heal_steps < 0:
             raise ConfigError(f"--heal-steps must be at least 0, got {self.heal_steps}")
         if not 0 < self.validation_fraction < 1:
@@ -182,8 +216,12 @@ class CompressConfig:
             raise ConfigError(f"--distill-top-k must be at least 1, got {self.distill_top_k}")
         if (self.teacher or self.distill_top_k) and not self.distill:
             raise ConfigError("--teacher and --distill-top-k configure distillation: add --distill")
+        if self.finetune == "prunedlora" and self.prunedlora_start_rank < self.lora_r:
+            raise ConfigError(
+                f"--prunedlora-start-rank ({self.prunedlora_start_rank}) must be at least --lora-r ({self.lora_r}): it is pruned down to it"
+            )
         if self.distill and self.finetune == "none":
-            raise ConfigError("--distill needs a recovery fine-tune: use --finetune lora or --finetune full")
+            raise ConfigError("--distill needs a recovery fine-tune: use --finetune lora, full or prunedlora")
         if self.auto_candidates is not None:
             allowed = [name for name in SCORER_NAMES if name != "auto"]
             bad = [name for name in self.auto_candidates if name not in allowed]
@@ -228,6 +266,7 @@ def train_settings(config: CompressConfig):
         lora_r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
+        prunedlora_start_rank=config.prunedlora_start_rank,
         seed=config.seed,
         gradient_checkpointing=config.gradient_checkpointing,
     )

@@ -24,7 +24,7 @@ from .surgery import find_layer_stack
 logger = logging.getLogger(__name__)
 
 
-DEFAULT_LEARNING_RATE = {"lora": 2e-4, "full": 2e-5}
+DEFAULT_LEARNING_RATE = {"lora": 2e-4, "full": 2e-5, "prunedlora": 2e-4}
 
 
 @dataclass
@@ -40,6 +40,7 @@ class TrainSettings:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
+    prunedlora_start_rank: int = 64  # PrunedLoRA: LoRA rank the recovery starts from, pruned down to lora_r
     seed: int = 0
     gradient_checkpointing: bool = False
     sampling: str = "random"  # Trainer's train_sampling_strategy; "sequential" for reproducible tests
@@ -182,7 +183,9 @@ def run_probe(model, features, tokenizer, s: TrainSettings, *, probe_steps: int,
 def recovery_finetune(
     model, features, tokenizer, s: TrainSettings, *, mode: str, steps: int | None = None, teacher=None, distill=None, quiet: bool = False
 ):
-    """Fine-tune the pruned model. mode: 'lora' (merged into the weights at the end) or 'full'.
+    """Fine-tune the pruned model. mode: 'lora' (merged into the weights at the end), 'prunedlora'
+    (LoRA started at s.prunedlora_start_rank and pruned to s.lora_r during the run, then merged;
+    see prunedlora.py) or 'full'.
 
     With `teacher` (a frozen dense model) and `distill` (DistillSettings) the loss is logit
     distillation mixed with CE (distill.py). `steps` overrides the planned length (short heals).
@@ -191,8 +194,12 @@ def recovery_finetune(
         raise ValueError(mode)
     lr = s.learning_rate or DEFAULT_LEARNING_RATE[mode]
     model.config.use_cache = False
+    callbacks = []
     if mode == "lora":
         train_model = attach_lora(model, s)
+    elif mode == "prunedlora":
+        train_model, pruner = _attach_prunedlora(model, s, total_steps=steps or planned_steps(len(features), s))
+        callbacks.append(pruner)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -200,12 +207,13 @@ def recovery_finetune(
     steps = steps or planned_steps(len(features), s)
     with tempfile.TemporaryDirectory(prefix="gradprune-finetune-") as tmp:
         args = _training_args(tmp, s, max_steps=steps, max_grad_norm=s.max_grad_norm, learning_rate=lr, disable_tqdm=quiet or None)
-        trainer = _trainer(train_model, features, tokenizer, args, teacher=teacher, distill=distill)
+        trainer = _trainer(train_model, features, tokenizer, args, callbacks, teacher=teacher, distill=distill)
         start = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - start
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    if mode == "lora":
+    prunedlora = callbacks[0].stats() if mode == "prunedlora" else None
+    if mode in ("lora", "prunedlora"):
         model = train_model.merge_and_unload()
     else:
         for p in model.parameters():
@@ -222,4 +230,20 @@ def recovery_finetune(
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
     }
+    if prunedlora is not None:
+        stats["prunedlora"] = prunedlora
     return model, stats
+
+
+def _attach_prunedlora(model, s: TrainSettings, *, total_steps: int):
+    """LoRA at the start rank R0, with alpha scaled by R0/r so the LoRA scaling (alpha/rank) is the
+    one a rank-r LoRA with s.lora_alpha would have; plus the callback that prunes it to rank r."""
+    from dataclasses import replace
+
+    from .prunedlora_callback import PrunedLoRACallback, lora_modules
+
+    if s.prunedlora_start_rank < s.lora_r:
+        raise ValueError(f"prunedlora_start_rank {s.prunedlora_start_rank} is below the target rank lora_r {s.lora_r}")
+    start = replace(s, lora_r=s.prunedlora_start_rank, lora_alpha=s.lora_alpha * s.prunedlora_start_rank / s.lora_r)
+    peft_model = attach_lora(model, start)
+    return peft_model, PrunedLoRACallback(lora_modules(peft_model), target_rank=s.lora_r, total_steps=total_steps)

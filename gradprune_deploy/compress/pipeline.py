@@ -25,7 +25,7 @@ from ..utils import atomic_output_dir, check_output_dir
 from .config import AUTO_CANDIDATES, CompressConfig, train_settings
 from .finetune import recovery_finetune
 from .ledger import HeldOut, build_ledger, hold_out, measure
-from .scoring import apply_cut, better, judge_cut, judged_point, score_layers, within_budget
+from .scoring import apply_cut, batches_of, better, judge_cut, judged_point, score_layers, within_budget
 from .selection import rank_for_removal, select_layers_to_drop
 from .surgery import count_parameters, find_layer_stack
 
@@ -153,6 +153,10 @@ def compress(config: CompressConfig) -> dict:
             )
             features = tokenize_examples(held.train, tokenizer, max_length=config.max_length)
         _, layers = find_layer_stack(model)
+        if config.compensate:
+            from .compensate import biased_mlp_linears
+
+            biased_mlp_linears(model)  # an architecture that cannot carry --compensate fails before scoring
         num_layers, params_before = len(layers), count_parameters(model)
         layer_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
         settings = train_settings(config)
@@ -188,9 +192,28 @@ def compress(config: CompressConfig) -> dict:
         kept = [i for i in range(num_layers) if i not in dropped]
         logger.info("dropping %d of %d layers: %s", len(dropped), num_layers, dropped)
 
+        # --compensate compares against the dense model: the distillation teacher when it is that model, else a copy
+        dense = (teacher if teacher is not None and not config.teacher else copy.deepcopy(model)) if config.compensate else None
         with _timed(timings, "surgery"):
             merge = apply_cut(model, scores, dropped, config.merge_count, config.keep_top_p)
+        compensation = None
+        if config.compensate:
+            from .compensate import compensate_cut
+
+            with _timed(timings, "compensate"):
+                calibration = batches_of(features, tokenizer, config.batch_size, config.scorer_batches)
+                compensation = compensate_cut(
+                    model,
+                    dense,
+                    calibration,
+                    kept=kept,
+                    num_layers=num_layers,
+                    layers=config.compensate_layers,
+                    ridge=config.compensate_ridge,
+                )
+            del dense, calibration
         scores.record = None  # the per-step factors were only needed for the merge
+        scores.gblm_cache.clear()  # as were the GBLM metrics (--merge-criterion gblm)
         params_after = count_parameters(model)
         if config.ledger:
             with _timed(timings, "ledger_pruned"):
@@ -259,12 +282,14 @@ def compress(config: CompressConfig) -> dict:
             merge=MergeRecord(
                 enabled=merge["enabled"],
                 layers_requested=config.merge_layers,
+                criterion=merge.get("criterion", config.merge_criterion),
                 keep_top_p=config.keep_top_p if merge["enabled"] else None,
                 targets=merge["targets"],
                 merged_entries_total=merge.get("merged_entries_total", 0),
                 per_layer=merge.get("per_layer", {}),
             ),
             finetune=finetune,
+            compensation=compensation,
             quality=build_ledger(points, held) if config.ledger else None,
             seed=config.seed,
             world_size=state.num_processes,

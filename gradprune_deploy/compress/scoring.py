@@ -35,6 +35,8 @@ class Scores:
     values: torch.Tensor  # [num_layers] float64, higher = more important
     stats: dict = field(default_factory=dict)
     record: object = None  # the IGIA ProbeRecord (igia only): element-level F for the merge
+    gblm_batches: list | None = None  # --merge-criterion gblm: calibration batches the merge ranks entries by
+    gblm_cache: dict = field(default_factory=dict)  # layer → {linear: GBLM metric} of the dense model, filled by apply_cut
 
 
 def probe_length(config: CompressConfig, num_examples: int, settings: TrainSettings) -> tuple[int, int]:
@@ -65,8 +67,14 @@ def score_layers(
     if scorer == "igia":
         steps, planned = probe_length(config, len(features), settings)
         record, stats = run_probe(model, features, tokenizer, settings, probe_steps=steps)
+        by_gblm = config.merge_criterion == "gblm"
+        gblm_batches = batches_of(features, tokenizer, config.batch_size, config.scorer_batches) if by_gblm else None
         return Scores(
-            "igia", record.scores(), {**stats, "planned_finetune_steps": planned, "probe_fraction": config.probe_fraction}, record
+            "igia",
+            record.scores(),
+            {**stats, "planned_finetune_steps": planned, "probe_fraction": config.probe_fraction},
+            record,
+            gblm_batches,
         )
     from .baselines import SCORERS
 
@@ -87,12 +95,25 @@ def score_layers(
 
 
 def apply_cut(model, scores: Scores, dropped: Sequence[int], merge_count: int | None, keep_top_p: float) -> dict:
-    """Merge (igia only: `merge_count` highest-scoring dropped layers; None = all) then drop, in place."""
+    """Merge (igia only: `merge_count` highest-scoring dropped layers; None = all) then drop, in place.
+
+    The merge ranks entries by IGIA, or with `scores.gblm_batches` by GBLM-Pruner's metric, computed
+    here on `model` before any weight changes; it is cached per layer, so every call must get the
+    same dense model (or a copy of it, as judge_cut passes)."""
     _, layers = find_layer_stack(model)
     merge_record = {"enabled": False, "targets": {}}
     if scores.record is not None and merge_count != 0 and dropped:
         merged = layers_to_merge(dropped, scores.values.tolist(), merge_count)
-        merge_record = merge_dropped_layers(layers, scores.record.igia_for_layer, dropped, merged, keep_top_p)
+        criterion = scores.record.igia_for_layer
+        if scores.gblm_batches is not None:
+            from .baselines import gblm_importance
+
+            missing = [i for i in merged if i not in scores.gblm_cache]
+            if missing:
+                scores.gblm_cache.update(gblm_importance(model, scores.gblm_batches, layers=missing))
+            criterion = scores.gblm_cache.__getitem__
+        merge_record = merge_dropped_layers(layers, criterion, dropped, merged, keep_top_p)
+        merge_record["criterion"] = "igia" if scores.gblm_batches is None else "gblm"
     drop_layers(model, dropped)
     return merge_record
 

@@ -56,6 +56,9 @@ ARMS = [
     {"arm": "judge@30%", "judge": ["igia", "block-influence", "last-n", "ppl"], "drop": 9},
     {"arm": "judge@20%", "judge": ["igia", "block-influence"], "drop": 6},
     {"arm": "ppl@30%", "scorer": "ppl", "drop": 9},
+    # the other seed papers' methods on GradPruner's cut
+    {"arm": "igia-prunedlora@20%", "scorer": "igia", "drop": 6, "extra": ["--finetune", "prunedlora"]},
+    {"arm": "igia-compensate@20%", "scorer": "igia", "drop": 6, "extra": ["--compensate"]},
     {"arm": "igia-K2@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-layers", "2"]},
     {"arm": "igia@40%", "scorer": "igia", "drop": 12},
     {"arm": "igia-kd@30%", "scorer": "igia", "drop": 9, "extra": ["--distill"]},
