@@ -137,17 +137,20 @@ def _trainer(model, features, tokenizer, args, callbacks=(), *, teacher=None, di
     return trainer
 
 
-def run_probe(model, features, tokenizer, s: TrainSettings, *, probe_steps: int, keep_factors: bool = True) -> tuple[ProbeRecord, dict]:
+def run_probe(
+    model, features, tokenizer, s: TrainSettings, *, probe_steps: int, keep_factors: bool = True, snapshot_steps: tuple[int, ...] = ()
+) -> tuple[ProbeRecord, dict]:
     """LoRA fine-tune the dense model until `probe_steps` informative steps are recorded.
 
     The probe's adapters are discarded afterwards: the model comes back with its weights
     untouched. Gradient clipping is off during the probe so the gradients read are ∇L.
+    `snapshot_steps`: also keep the layer scores after these many informative steps (record.snapshots).
     Dropout in LoRA is kept as configured (it is part of the fine-tune being probed).
     """
     num_layers = len(find_layer_stack(model)[1])
     model.config.use_cache = False
     peft_model = attach_lora(model, s)
-    probe = IGIAProbe(lora_pairs(peft_model), num_layers, probe_steps, keep_factors=keep_factors)
+    probe = IGIAProbe(lora_pairs(peft_model), num_layers, probe_steps, keep_factors=keep_factors, snapshot_steps=snapshot_steps)
     # The probe is the start of the planned fine-tune (same LR schedule, warm-up included); the
     # callback stops it after `probe_steps` informative steps. Zero-gradient steps are expected
     # at the start (B = 0; linear warm-up also makes the first learning rate 0): leave room.

@@ -65,6 +65,7 @@ class ProbeRecord:
     informative_steps: int = 0
     zero_gradient_steps: int = 0
     callback_seconds: float = 0.0
+    snapshots: dict[int, list[float]] = field(default_factory=dict)  # informative steps → layer scores then
 
     def scores(self) -> torch.Tensor:
         return layer_scores(self.totals, self.num_layers)
@@ -80,9 +81,12 @@ class ProbeRecord:
 class IGIAProbe(TrainerCallback):
     """Accumulates IGIA for `probe_steps` informative optimizer steps, then stops training."""
 
-    def __init__(self, pairs: list[LoraPair], num_layers: int, probe_steps: int, *, keep_factors: bool = True):
+    def __init__(
+        self, pairs: list[LoraPair], num_layers: int, probe_steps: int, *, keep_factors: bool = True, snapshot_steps: tuple[int, ...] = ()
+    ):
         if probe_steps < 1:
             raise ValueError("probe_steps must be ≥ 1")
+        self.snapshot_steps = set(snapshot_steps)  # layer scores are also kept after these many informative steps
         self.pairs = pairs
         self.probe_steps = probe_steps
         self.keep_factors = keep_factors
@@ -113,6 +117,8 @@ class IGIAProbe(TrainerCallback):
                 if self.keep_factors:
                     self.record.factors[p.key].append((gb.float().cpu().clone(), ga.float().cpu().clone()))
             self.record.informative_steps += 1
+            if self.record.informative_steps in self.snapshot_steps:
+                self.record.snapshots[self.record.informative_steps] = self.record.scores().tolist()
         self.record.callback_seconds += time.perf_counter() - start
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -91,3 +91,34 @@ def test_predictors_read_the_ledger_and_the_judge_proposals():
     assert "over 3 pruned arms: Spearman ρ(loss, −accuracy) = +1.00" in text
     assert "| igia | [20, 21] | 19.00 | 3.50 | 55.0 ± 3.0 |" in text
     assert "| block-influence | [3, 4] | 4.70 | – | 66.0 ± 3.0 |" in text
+
+
+def test_kendall_tau_and_dropped_overlap_against_scipy_and_by_hand():
+    from ranking_stability import kendall_tau_b, lowest, stability
+    from scipy.stats import kendalltau
+
+    rng = __import__("random").Random(1)
+    for _ in range(5):
+        x = [rng.choice([0.1, 0.2, 0.3, 0.4]) for _ in range(12)]
+        y = [rng.random() for _ in range(12)]
+        assert kendall_tau_b(x, y) == pytest.approx(kendalltau(x, y).statistic)
+    assert lowest([3.0, 1.0, 1.0, 2.0], 2) == {1, 2} and lowest([1.0, 5.0, 1.0], 1) == {2}  # ties: the deeper layer
+    rows = stability({1: [4.0, 3.0, 2.0, 1.0], 4: [1.0, 2.0, 3.0, 4.0]}, (2,))
+    assert rows[0]["kendall_tau"] == pytest.approx(-1.0) and rows[0]["dropped_overlap"] == {"2": 0.0}
+    assert rows[1]["kendall_tau"] == pytest.approx(1.0) and rows[1]["dropped"] == {"2": [0, 1]}
+
+
+def test_probe_snapshots_are_the_scores_after_that_many_informative_steps(tiny_llama_dir):
+    from gradprune_deploy.compress.finetune import TrainSettings, run_probe
+    from gradprune_deploy.data import read_examples, tokenize_examples
+    from gradprune_deploy.loading import load_model_and_tokenizer
+    from tests.conftest import SHARED_DATA
+
+    model, tokenizer = load_model_and_tokenizer(str(tiny_llama_dir))
+    features = tokenize_examples(read_examples(str(SHARED_DATA / "sst2" / "train.jsonl"), limit=24), tokenizer, max_length=64)
+    s = TrainSettings(batch_size=4, max_steps=12, sampling="sequential", seed=0)
+    short, _ = run_probe(model, features, tokenizer, s, probe_steps=2, keep_factors=False)
+    long, _ = run_probe(model, features, tokenizer, s, probe_steps=4, keep_factors=False, snapshot_steps=(2, 4))
+    assert sorted(long.snapshots) == [2, 4]
+    assert long.snapshots[2] == pytest.approx(short.scores().tolist(), rel=1e-6)  # the same run, stopped earlier
+    assert long.snapshots[4] == pytest.approx(long.scores().tolist())
