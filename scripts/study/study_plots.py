@@ -1,0 +1,117 @@
+"""The study's figures, from the records quality_study.py and ranking_stability.py write.
+
+- accuracy vs share of layers removed, one line per method (arms named `<method>@<pct>%`), the
+  dense fine-tune as a horizontal band (± SE) and the majority label as a dotted line;
+- the merge-K ablation at 20% (igia-K0, igia = K1, igia-K2, …);
+- Kendall τ and dropped-set overlap of the early IGIA ranking against the end-of-run one.
+
+    .venv/bin/python scripts/study/study_plots.py --results runs/quality-study/results.jsonl \\
+        --ranking runs/ranking-stability-sst2.json --out docs/figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+ARM = re.compile(r"^(?P<method>[a-z0-9-]+)@(?P<pct>\d+)%$")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def accuracy_vs_cut(records: list[dict], task: str, path: Path) -> Path | None:
+    """One line per method; only methods measured at some cut. None when nothing to plot."""
+    by_method: dict[str, list[tuple[int, float, float]]] = {}
+    dense = next((r for r in records if r["task"] == task and r["arm"] == "dense"), None)
+    for r in records:
+        m = ARM.match(r["arm"])
+        if r["task"] != task or not m or "accuracy" not in r:
+            continue
+        by_method.setdefault(m["method"], []).append((int(m["pct"]), 100 * r["accuracy"], 100 * r["accuracy_se"]))
+    if not by_method:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for method, points in sorted(by_method.items()):
+        points.sort()
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3, label=method)
+    if dense:
+        acc, se = 100 * dense["accuracy"], 100 * dense["accuracy_se"]
+        ax.axhspan(acc - se, acc + se, color="grey", alpha=0.25, label=f"dense LoRA {acc:.1f} ± {se:.1f}")
+        ax.axhline(100 * dense["majority_share"], color="black", linestyle=":", linewidth=1, label="majority label")
+    ax.set_xlabel("layers removed (% of 30)")
+    ax.set_ylabel(f"{task} test accuracy % (± SE)")
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(f"{task}: accuracy after an equal recovery budget", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def merge_k(records: list[dict], task: str, path: Path, pct: int = 20) -> Path | None:
+    names = {f"igia-K0@{pct}%": "K=0", f"igia@{pct}%": "K=1 (default)", f"igia-K2@{pct}%": "K=2", f"igia-Kall@{pct}%": "all"}
+    found = [(label, r) for arm, label in names.items() for r in records if r["task"] == task and r["arm"] == arm]
+    if len(found) < 2:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.8, 3.4), dpi=120)
+    ax.bar([f[0] for f in found], [100 * r["accuracy"] for _, r in found], yerr=[100 * r["accuracy_se"] for _, r in found], capsize=4)
+    ax.set_ylabel(f"{task} test accuracy %")
+    ax.set_ylim(bottom=40)
+    ax.set_title(f"merged layers, igia at {pct}% removed", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def ranking(result: dict, path: Path) -> Path:
+    plt = _plt()
+    rows = result["stability"]
+    fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=120)
+    steps = [r["informative_steps"] for r in rows]
+    ax.plot(steps, [r["kendall_tau"] for r in rows], marker="o", label="Kendall τ-b vs end of run")
+    for n in rows[0]["dropped_overlap"]:
+        ax.plot(steps, [r["dropped_overlap"][n] for r in rows], marker=".", linestyle="--", label=f"overlap of the {n} dropped layers")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(f"IGIA accumulated over the first N of {result['steps']} steps")
+    ax.set_ylim(-0.1, 1.05)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"{result['task']}: early vs end-of-run IGIA ranking (SmolLM2, {result['num_layers']} layers)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default="runs/quality-study/results.jsonl")
+    parser.add_argument("--ranking", nargs="*", default=[])
+    parser.add_argument("--out", default="docs/figures")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    written = []
+    for task in dict.fromkeys(r["task"] for r in records):
+        written.append(accuracy_vs_cut(records, task, out / f"accuracy_vs_cut_{task}.png"))
+        written.append(merge_k(records, task, out / f"merge_k_{task}.png"))
+    for path in args.ranking:
+        result = json.loads(Path(path).read_text())
+        written.append(ranking(result, out / f"ranking_stability_{result['task']}.png"))
+    print(json.dumps({"figures": [str(p) for p in written if p]}))
+
+
+if __name__ == "__main__":
+    main()
