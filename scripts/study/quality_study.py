@@ -39,7 +39,10 @@ GRADPRUNE = str(Path(sys.executable).parent / "gradprune")
 NUM_LAYERS = 30  # SmolLM2-135M
 
 # (training rows read from train.jsonl incl. the 10% validation slice, optimizer steps, test rows, max tokens)
-PRESETS = {"cpu": (900, 100, 200, 128), "smoke": (48, 4, 16, 96)}
+# gpu: the full preset (every training row up to 4000, 500 steps, the whole test split) for a GPU machine.
+PRESETS = {"cpu": (900, 100, 200, 128), "gpu": (4000, 500, 1000, 256), "smoke": (48, 4, 16, 96)}
+# pubmedqa's prompts (abstract + question) run to ~360 tokens (90th percentile ~500): 128 would drop them.
+TASK_MIN_LENGTH = {"pubmedqa": 512}
 # Arms in priority order: an interrupted study has the targets' arms first.
 ARMS = [
     {"arm": "dense"},
@@ -109,6 +112,7 @@ def dense_worker(out: str, train_file: str, rows: int, steps: int, max_length: i
 
 def run_arm(arm: dict, task: str, out: Path, preset: tuple, seed: int) -> dict:
     rows, steps, test_rows, max_length = preset
+    max_length = max(max_length, TASK_MIN_LENGTH.get(task, 0)) if preset != PRESETS["smoke"] else max_length
     ckpt, train_file = out / task / arm["arm"], SHARED / task / "train.jsonl"
     if arm["arm"] == "dense":
         cmd = [sys.executable, __file__, "--dense-worker", str(ckpt), str(train_file), str(rows), str(steps), str(max_length), str(seed)]
