@@ -1,7 +1,8 @@
 """Publish a compressed checkpoint to the Hugging Face Hub (or any Hub-protocol endpoint).
 
 One commit holds the checkpoint directory as it is plus a generated README.md (the model card,
-see model_card.py); the checkpoint directory itself is never modified. The token comes from
+see model_card.py), with local absolute paths in gradprune.json reduced to their last component;
+the checkpoint directory itself is never modified. The token comes from
 `token=`, else `HF_TOKEN`, else the login cache (`hf auth login`); it is never logged, printed or
 written anywhere, and the card is scrubbed of anything token-like.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from gradprune_deploy.cli_args import validate_fields
 from gradprune_deploy.errors import ConfigError, ExportError, first_line
+from gradprune_deploy.manifest import MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +129,15 @@ def _is_network_error(exc: BaseException) -> bool:
     return False
 
 
+_LOCAL_PATH = re.compile(r"(?<![\w:/.~-])(?:~/|/)(?:[^\s/\"',]+/)+([^\s/\"',]*)")
+
+
+def public_manifest(text: str) -> str:
+    """gradprune.json as uploaded: every local absolute path (data, model, --out, the command line)
+    reduced to its last component, so a public repo does not publish the user's directory layout."""
+    return _LOCAL_PATH.sub(lambda m: m.group(1) or ".", text)
+
+
 def push_to_hub(
     checkpoint_dir: str | os.PathLike,
     *,
@@ -161,7 +172,13 @@ def push_to_hub(
         if path.stat().st_size < 50_000_000 and token.encode() in path.read_bytes():
             raise ExportError(f"{path} contains the Hub token: remove it before pushing (nothing was uploaded)")
     operations = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
-    operations += [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(info.path / rel)) for rel in files]
+    operations += [
+        CommitOperationAdd(
+            path_in_repo=rel,
+            path_or_fileobj=public_manifest((info.path / rel).read_text()).encode() if rel == MANIFEST_NAME else str(info.path / rel),
+        )
+        for rel in files
+    ]
     message = commit_message or f"Upload {info.path.name} (gradprune)"
 
     api = HfApi(endpoint=endpoint, token=token)

@@ -58,8 +58,15 @@ def test_push_round_trip_same_logits_and_card(local_hub, ckpt):
     local_files = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()}
     remote_files = {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()}
     assert remote_files == local_files | {"README.md"}
-    for rel in local_files:
+    for rel in local_files - {"gradprune.json"}:
         assert (snapshot / rel).read_bytes() == (ckpt / rel).read_bytes(), rel
+    # the manifest goes up without the user's directory layout, and otherwise as it is
+    local, remote = (ckpt / "gradprune.json").read_text(), (snapshot / "gradprune.json").read_text()
+    local_m, remote_m = Manifest.read(ckpt), Manifest.read(snapshot)
+    assert Path(local_m.config["out"]).is_absolute() and local_m.config["out"] in local and local_m.config["out"] not in remote
+    assert "/shared/data" in local and "/shared/data" not in remote
+    assert remote_m.layers_dropped == local_m.layers_dropped and remote_m.quality.points == local_m.quality.points
+    assert remote_m.data.source == Path(local_m.data.source).name and remote_m.base_model == local_m.base_model
     # The user's path: from_pretrained("NS/NAME") through the endpoint, not a local directory.
     assert torch.equal(_logits("tester/tiny-pruned", token=HUB_TOKEN), _logits(ckpt))
 
@@ -77,6 +84,26 @@ def test_push_round_trip_same_logits_and_card(local_hub, ckpt):
     assert f"Layers dropped (original indices): {', '.join(map(str, manifest.layers_dropped))}" in card.text
     assert f"```bash\n{manifest.command}\n```" in card.text
     assert 'from_pretrained("tester/tiny-pruned")' in card.text and "vllm serve tester/tiny-pruned" in card.text
+
+
+def test_public_manifest_strips_local_paths_only():
+    from exporters.hub import public_manifest
+
+    text = json.dumps(
+        {
+            "data": "/home/alice/projects/med/train.jsonl",
+            "out": "~/runs/pruned",
+            "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "url": "https://huggingface.co/a/b",
+            "command": "gradprune compress --data /home/alice/med/ --out ./rel/dir --model bundled:SmolLM2-135M-Instruct",
+            "ratio": "3/4",
+        }
+    )
+    public = json.loads(public_manifest(text))
+    assert public["data"] == "train.jsonl" and public["out"] == "pruned"
+    assert public["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and public["url"] == "https://huggingface.co/a/b"
+    assert public["command"] == "gradprune compress --data . --out ./rel/dir --model bundled:SmolLM2-135M-Instruct"
+    assert public["ratio"] == "3/4"
 
 
 def test_second_push_makes_a_new_commit(local_hub, ckpt):
