@@ -53,6 +53,8 @@ ARMS = [
     # ablations at 20%, where the pruned model still works: merge K and distillation at equal steps
     {"arm": "igia-K0@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-layers", "none"]},
     {"arm": "igia-kd@20%", "scorer": "igia", "drop": 6, "extra": ["--distill"]},
+    # the teacher that knows the task: this study's dense LoRA fine-tune ({dense} = OUT/<task>/dense)
+    {"arm": "igia-kd-ft@20%", "scorer": "igia", "drop": 6, "extra": ["--distill", "--teacher", "{dense}"]},
     {"arm": "block-influence@20%", "scorer": "block-influence", "drop": 6},
     # what `--scorer auto` sees of each scorer's cut (raw and after a 10-step heal, no recovery), to
     # check its criterion against the arms' post-recovery accuracy
@@ -143,7 +145,7 @@ def run_arm(arm: dict, task: str, out: Path, preset: tuple, seed: int) -> dict:
                 if "judge" in arm
                 else ["--scorer", arm["scorer"]]
             ),
-            *arm.get("extra", []),
+            *(a.replace("{dense}", str(out / task / "dense")) for a in arm.get("extra", [])),
         ]
     measured = run_measured(cmd)
     record = {
