@@ -139,6 +139,8 @@ def run_arm(arm: dict, task: str, out: Path, preset: tuple, seed: int) -> dict:
             str(seed),
             "--drop-layers",
             str(arm["drop"]),
+            "--probe-min-steps",  # the floor every arm of this study used (the default was 8 until 0.3)
+            "8",
             "-q",
             *(
                 ["--scorer", "auto", "--auto-candidates", *arm["judge"], "--finetune", "none"]
