@@ -5,7 +5,7 @@ The public API (imported lazily, so `gradprune --help` stays fast):
     from gradprune_deploy import CompressConfig, compress, evaluate, load_model_and_tokenizer, Manifest
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # `compress` is the subpackage gradprune_deploy/compress/, which is callable: compress(config)
 # runs compress.pipeline.compress (see compress/__init__.py), whichever way it was imported.
