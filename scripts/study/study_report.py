@@ -112,6 +112,9 @@ def spearman(x: list[float], y: list[float]) -> float | None:
     return sxy / math.sqrt(sxx * syy) if sxx and syy else None
 
 
+RECOVERY_FLAGS = {"--distill", "--finetune", "--compensate"}
+
+
 def _stage_loss(record: dict, stage: str) -> float | None:
     points = {p["stage"]: p for p in (record.get("ledger") or {}).get("points", [])}
     return points[stage]["loss"] if stage in points else None
@@ -120,7 +123,10 @@ def _stage_loss(record: dict, stage: str) -> float | None:
 def predictors(records: list[dict]) -> list[str]:
     """Does the validation loss right after the cut (what `--drop-layers auto` measures) order the
     arms as their post-recovery test accuracy does? And `--scorer auto`'s healed loss (judge arms)?"""
-    arms = [r for r in records if r.get("ledger") and _stage_loss(r, "pruned") is not None]
+    # only arms that differ in their cut: a different recovery (distillation, PrunedLoRA, compensation) changes
+    # the outcome of the same cut, which no pre-recovery measurement can see
+    same_recovery = [r for r in records if not set(r.get("extra", [])) & RECOVERY_FLAGS]
+    arms = [r for r in same_recovery if r.get("ledger") and _stage_loss(r, "pruned") is not None]
     lines = []
     if len(arms) >= 3:
         pre = [_stage_loss(r, "pruned") for r in arms]
@@ -128,7 +134,8 @@ def predictors(records: list[dict]) -> list[str]:
         rho = spearman(pre, acc)
         rho_rec = spearman([_stage_loss(r, "recovered") for r in arms], acc)
         lines += [
-            f"Pre-recovery validation loss vs post-recovery test accuracy over {len(arms)} pruned arms: Spearman ρ(loss, −accuracy) = "
+            f"Pre-recovery validation loss vs post-recovery test accuracy over {len(arms)} pruned arms with the same CE recovery: "
+            "Spearman ρ(loss, −accuracy) = "
             + (f"{rho:+.2f}" if rho is not None else "n/a")
             + " (+1: the loss right after the cut orders the arms exactly as their final accuracy); the recovered ledger loss: "
             + (f"{rho_rec:+.2f}" if rho_rec is not None else "n/a")

@@ -78,6 +78,7 @@ def test_predictors_read_the_ledger_and_the_judge_proposals():
         return {"arm": name, "accuracy": accuracy, "accuracy_se": 0.03, "ledger": {"points": points}}
 
     records = [arm("igia@30%", 19.0, 0.24, 0.55), arm("block-influence@30%", 4.7, 0.20, 0.66), arm("last-n@30%", 17.0, 0.22, 0.60)]
+    records.append({**arm("igia-kd@30%", 19.0, 0.5, 0.90), "extra": ["--distill"]})  # a different recovery: left out
     judge = {
         "arm": "judge@30%",
         "judge": ["igia", "block-influence"],
@@ -88,7 +89,7 @@ def test_predictors_read_the_ledger_and_the_judge_proposals():
         ],
     }
     text = "\n".join(predictors([*records, judge]))
-    assert "over 3 pruned arms: Spearman ρ(loss, −accuracy) = +1.00" in text
+    assert "over 3 pruned arms with the same CE recovery: Spearman ρ(loss, −accuracy) = +1.00" in text
     assert "| igia | [20, 21] | 19.00 | 3.50 | 55.0 ± 3.0 |" in text
     assert "| block-influence | [3, 4] | 4.70 | – | 66.0 ± 3.0 |" in text
 
