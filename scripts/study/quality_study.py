@@ -49,12 +49,13 @@ ARMS = [
     {"arm": "igia@20%", "scorer": "igia", "drop": 6},
     {"arm": "igia@30%", "scorer": "igia", "drop": 9},
     {"arm": "block-influence@30%", "scorer": "block-influence", "drop": 9},
+    # the teacher that knows the task: this study's dense LoRA fine-tune ({dense} = OUT/<task>/dense)
+    {"arm": "igia-kd-ft@20%", "scorer": "igia", "drop": 6, "extra": ["--distill", "--teacher", "{dense}"]},
+    {"arm": "igia-K2@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-layers", "2"]},
     {"arm": "last-n@30%", "scorer": "last-n", "drop": 9},
     # ablations at 20%, where the pruned model still works: merge K and distillation at equal steps
     {"arm": "igia-K0@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-layers", "none"]},
     {"arm": "igia-kd@20%", "scorer": "igia", "drop": 6, "extra": ["--distill"]},
-    # the teacher that knows the task: this study's dense LoRA fine-tune ({dense} = OUT/<task>/dense)
-    {"arm": "igia-kd-ft@20%", "scorer": "igia", "drop": 6, "extra": ["--distill", "--teacher", "{dense}"]},
     {"arm": "block-influence@20%", "scorer": "block-influence", "drop": 6},
     # what `--scorer auto` sees of each scorer's cut (raw and after a 10-step heal, no recovery), to
     # check its criterion against the arms' post-recovery accuracy
@@ -64,7 +65,6 @@ ARMS = [
     # the other seed papers' methods on GradPruner's cut
     {"arm": "igia-prunedlora@20%", "scorer": "igia", "drop": 6, "extra": ["--finetune", "prunedlora"]},
     {"arm": "igia-compensate@20%", "scorer": "igia", "drop": 6, "extra": ["--compensate"]},
-    {"arm": "igia-K2@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-layers", "2"]},
     {"arm": "igia@40%", "scorer": "igia", "drop": 12},
     {"arm": "igia-kd@30%", "scorer": "igia", "drop": 9, "extra": ["--distill"]},
     {"arm": "igia-K0@30%", "scorer": "igia", "drop": 9, "extra": ["--merge-layers", "none"]},
