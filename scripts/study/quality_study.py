@@ -224,7 +224,7 @@ def run_arm(arm: dict, task: str, out: Path, preset: tuple, seed: int) -> dict:
             finetune_steps=m["finetune"]["steps"],
             score_seconds=score_s,
             surgery_seconds=t.get("surgery_seconds", 0),
-            compress_seconds=score_s + t.get("surgery_seconds", 0) + t.get("finetune_seconds", 0),
+            compress_seconds=score_s + t.get("surgery_seconds", 0) + t.get("compensate_seconds", 0) + t.get("finetune_seconds", 0),
             ledger=m["quality"],
             probe=m["scoring"] if m["scorer"] == "igia" else None,
         )
