@@ -52,6 +52,8 @@ ARMS = [
     # the teacher that knows the task: this study's dense LoRA fine-tune ({dense} = OUT/<task>/dense)
     {"arm": "igia-kd-ft@20%", "scorer": "igia", "drop": 6, "extra": ["--distill", "--teacher", "{dense}"]},
     {"arm": "igia-K2@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-layers", "2"]},
+    # the 0.3 default probe floor (2 informative steps; later flags win over the pinned 8)
+    {"arm": "igia-probe2@20%", "scorer": "igia", "drop": 6, "extra": ["--probe-min-steps", "2"]},
     {"arm": "last-n@30%", "scorer": "last-n", "drop": 9},
     # ablations at 20%, where the pruned model still works: merge K and distillation at equal steps
     {"arm": "igia-K0@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-layers", "none"]},
