@@ -52,7 +52,7 @@ ARMS = [
     # the teacher that knows the task: this study's dense LoRA fine-tune ({dense} = OUT/<task>/dense)
     {"arm": "igia-kd-ft@20%", "scorer": "igia", "drop": 6, "extra": ["--distill", "--teacher", "{dense}"]},
     {"arm": "igia-K2@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-layers", "2"]},
-    # the 0.3 default probe floor (2 informative steps; later flags win over the pinned 8)
+    # a 2-step probe floor (later flags win over the pinned 8): cost vs quality of the merge
     {"arm": "igia-probe2@20%", "scorer": "igia", "drop": 6, "extra": ["--probe-min-steps", "2"]},
     {"arm": "last-n@30%", "scorer": "last-n", "drop": 9},
     # ablations at 20%, where the pruned model still works: merge K and distillation at equal steps
@@ -141,7 +141,7 @@ def run_arm(arm: dict, task: str, out: Path, preset: tuple, seed: int) -> dict:
             str(seed),
             "--drop-layers",
             str(arm["drop"]),
-            "--probe-min-steps",  # the floor every arm of this study used (the default was 8 until 0.3)
+            "--probe-min-steps",  # the floor every arm of this study used (the default)
             "8",
             "-q",
             *(
