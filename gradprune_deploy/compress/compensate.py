@@ -64,14 +64,13 @@ def biased_mlp_linears(model: nn.Module) -> list[str]:
 
 @contextlib.contextmanager
 def _eval(*models: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for model in models for m in model.modules()}
-    for model in models:
-        model.eval()
-    try:
+    """Eval mode inside, each model's training flags (and requires_grad) restored after: baselines._preserved, per model."""
+    from .baselines import _preserved
+
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(_preserved(model))
         yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 @contextlib.contextmanager
