@@ -71,6 +71,12 @@ ARMS = [
     {"arm": "igia-kd@30%", "scorer": "igia", "drop": 9, "extra": ["--distill"]},
     {"arm": "igia-K0@30%", "scorer": "igia", "drop": 9, "extra": ["--merge-layers", "none"]},
     {"arm": "igia-K2@30%", "scorer": "igia", "drop": 9, "extra": ["--merge-layers", "2"]},
+    # the paper's sparsity range (keep 10-50% of the merged layer's entries; default 20%) and K = 3
+    {"arm": "igia-p10@20%", "scorer": "igia", "drop": 6, "extra": ["--keep-top-p", "0.1"]},
+    {"arm": "igia-p50@20%", "scorer": "igia", "drop": 6, "extra": ["--keep-top-p", "0.5"]},
+    {"arm": "igia-K3@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-layers", "3"]},
+    # full fine-tuning as the recovery (same steps; its own default learning rate)
+    {"arm": "igia-full@20%", "scorer": "igia", "drop": 6, "extra": ["--finetune", "full"]},
 ]
 
 

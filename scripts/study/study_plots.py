@@ -2,7 +2,8 @@
 
 - accuracy vs share of layers removed, one line per method (arms named `<method>@<pct>%`), the
   dense fine-tune as a horizontal band (± SE) and the majority label as a dotted line;
-- the merge-K ablation at 20% (igia-K0, igia = K1, igia-K2, …);
+- the merge-K ablation at 20% (igia-K0, igia = K1, igia-K2, igia-K3);
+- the keep-top-p (sparsity) ablation of the merged layer at 20% (igia-p10, igia = p20, igia-p50);
 - Kendall τ and dropped-set overlap of the early IGIA ranking against the end-of-run one.
 
     .venv/bin/python scripts/study/study_plots.py --results runs/quality-study/results.jsonl \\
@@ -17,6 +18,8 @@ import re
 from pathlib import Path
 
 ARM = re.compile(r"^(?P<method>[a-z0-9-]+)@(?P<pct>\d+)%$")
+# layer-selection methods, one line each; the igia-<variant> arms are ablations with their own figures
+METHODS = ("igia", "block-influence", "last-n", "ppl", "gradmap", "taylor", "gblm", "random")
 
 
 def _plt():
@@ -34,7 +37,7 @@ def accuracy_vs_cut(records: list[dict], task: str, path: Path) -> Path | None:
     dense = next((r for r in records if r["task"] == task and r["arm"] == "dense"), None)
     for r in records:
         m = ARM.match(r["arm"])
-        if r["task"] != task or not m or "accuracy" not in r:
+        if r["task"] != task or not m or m["method"] not in METHODS or "accuracy" not in r:
             continue
         by_method.setdefault(m["method"], []).append((int(m["pct"]), 100 * r["accuracy"], 100 * r["accuracy_se"]))
     if not by_method:
@@ -50,7 +53,7 @@ def accuracy_vs_cut(records: list[dict], task: str, path: Path) -> Path | None:
         ax.axhline(100 * dense["majority_share"], color="black", linestyle=":", linewidth=1, label="majority label")
     ax.set_xlabel("layers removed (% of 30)")
     ax.set_ylabel(f"{task} test accuracy % (± SE)")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="best")
     ax.set_title(f"{task}: accuracy after an equal recovery budget", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
@@ -58,21 +61,35 @@ def accuracy_vs_cut(records: list[dict], task: str, path: Path) -> Path | None:
     return path
 
 
-def merge_k(records: list[dict], task: str, path: Path, pct: int = 20) -> Path | None:
-    names = {f"igia-K0@{pct}%": "K=0", f"igia@{pct}%": "K=1 (default)", f"igia-K2@{pct}%": "K=2", f"igia-Kall@{pct}%": "all"}
-    found = [(label, r) for arm, label in names.items() for r in records if r["task"] == task and r["arm"] == arm]
+def ablation_bars(records: list[dict], task: str, names: dict[str, str], title: str, path: Path) -> Path | None:
+    """Accuracy ± SE per arm of one ablation (arm name -> bar label); None when fewer than two ran."""
+    found = [(label, r) for arm, label in names.items() for r in records if r["task"] == task and r["arm"] == arm and "accuracy" in r]
     if len(found) < 2:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.8, 3.4), dpi=120)
     ax.bar([f[0] for f in found], [100 * r["accuracy"] for _, r in found], yerr=[100 * r["accuracy_se"] for _, r in found], capsize=4)
+    dense = next((r for r in records if r["task"] == task and r["arm"] == "dense"), None)
+    if dense:
+        ax.axhline(100 * dense["accuracy"], color="grey", linestyle="--", linewidth=1, label="dense LoRA")
+        ax.legend(fontsize=7, loc="lower right")
     ax.set_ylabel(f"{task} test accuracy %")
     ax.set_ylim(bottom=40)
-    ax.set_title(f"merged layers, igia at {pct}% removed", fontsize=10)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def merge_k(records: list[dict], task: str, path: Path, pct: int = 20) -> Path | None:
+    names = {f"igia-K0@{pct}%": "K=0", f"igia@{pct}%": "K=1 (default)", f"igia-K2@{pct}%": "K=2", f"igia-K3@{pct}%": "K=3"}
+    return ablation_bars(records, task, names, f"merged layers, igia at {pct}% removed", path)
+
+
+def keep_top_p(records: list[dict], task: str, path: Path, pct: int = 20) -> Path | None:
+    names = {f"igia-p10@{pct}%": "keep 10%", f"igia@{pct}%": "keep 20% (default)", f"igia-p50@{pct}%": "keep 50%"}
+    return ablation_bars(records, task, names, f"merged entries kept (top-p by IGIA), igia at {pct}%", path)
 
 
 def ranking(result: dict, path: Path) -> Path:
@@ -107,6 +124,7 @@ def main() -> None:
     for task in dict.fromkeys(r["task"] for r in records):
         written.append(accuracy_vs_cut(records, task, out / f"accuracy_vs_cut_{task}.png"))
         written.append(merge_k(records, task, out / f"merge_k_{task}.png"))
+        written.append(keep_top_p(records, task, out / f"keep_top_p_{task}.png"))
     for path in args.ranking:
         result = json.loads(Path(path).read_text())
         written.append(ranking(result, out / f"ranking_stability_{result['task']}.png"))
