@@ -171,7 +171,8 @@ def write_report(results: list[dict], path: Path, *, preset: tuple, preset_name:
         f"the ledger), {steps} optimizer steps of batch 8, max {max_length} tokens, seed {results[0]['seed'] if results else 0}; "
         f"accuracy by choice log-likelihood on the first {test_rows} test rows (± binomial SE; Δ ± SE of the difference). "
         "Cost ratio = (scoring + surgery + recovery seconds) / dense LoRA fine-tune seconds; step ratio = pruned/dense "
-        "seconds per optimizer step. Measured on a shared 2-core CPU: wall times carry noise from other jobs.",
+        "seconds per optimizer step. Measured on a shared 2-core CPU: wall times carry noise from other jobs, and "
+        "docs/results.md names the arms that ran beside other jobs (their cost lines are not evidence).",
         "",
     ]
     for task in dict.fromkeys(r["task"] for r in results):
