@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ArchitectureError, ConfigError
+from .baselines import _preserved
 from .compensation import (
     DEFAULT_RIDGE,
     RegressionStats,
@@ -65,8 +66,6 @@ def biased_mlp_linears(model: nn.Module) -> list[str]:
 @contextlib.contextmanager
 def _eval(*models: nn.Module) -> Iterator[None]:
     """Eval mode inside, each model's training flags (and requires_grad) restored after: baselines._preserved, per model."""
-    from .baselines import _preserved
-
     with contextlib.ExitStack() as stack:
         for model in models:
             stack.enter_context(_preserved(model))
