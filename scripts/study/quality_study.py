@@ -1,12 +1,16 @@
 """The quality study: does a GradPruner checkpoint keep its accuracy, and what does it cost?
 
-Per task (sst2, fin_headlines from ../shared/data) with SmolLM2-135M-Instruct, every arm gets the
-same recovery budget as the dense LoRA fine-tune (`--steps` optimizer steps of batch 8 on the
+Per task (sst2, fin_headlines, pubmedqa from ../shared/data) with SmolLM2-135M-Instruct, every arm gets
+the same recovery budget as the dense LoRA fine-tune (`--steps` optimizer steps of batch 8 on the
 same training rows) and is scored on the same test rows by choice log-likelihood:
 - dense: LoRA fine-tune of the unpruned model (the reference), zero-shot accuracy beside it;
 - GradPruner (igia) at 20/30/40% of layers removed, merging K=1 dropped layer (the default);
-  at 20% (where the pruned model still works) also K=0, K=2 and distillation from the dense model;
-- block-influence, last-n and ppl at 30% (no merge: it needs IGIA).
+- baselines: block-influence, last-n, ppl, gblm, gradmap, taylor, random, and `--scorer auto`;
+- ablations: merge K (0, 1, 2, 3, all), the merge criterion (igia, gblm), keep-top-p, the probe floor;
+  recovery variants: distillation (two teachers, alpha, T, equal wall time), PrunedLoRA, compensation,
+  full fine-tuning.
+The cpu preset runs CPU_ARMS on sst2 and fin_headlines (~2.2 h here); `--arms`/`--tasks` pick others,
+`--preset gpu` runs every arm on all three tasks, `--seed N` reruns arms with another seed.
 For each arm: test accuracy ± SE, test completion loss, the checkpoint's held-out ledger
 (validation rows sliced from the training file, never trained on), wall time per phase from
 gradprune.json, the process's peak RSS, parameters. Compress cost = probe/scoring + surgery +
@@ -43,6 +47,12 @@ NUM_LAYERS = 30  # SmolLM2-135M
 PRESETS = {"cpu": (900, 100, 200, 128), "gpu": (4000, 500, 1000, 256), "smoke": (48, 4, 16, 96)}
 # pubmedqa's prompts (abstract + question) run to ~360 tokens (90th percentile ~500): 128 would drop them.
 TASK_MIN_LENGTH = {"pubmedqa": 512}
+# What a run without --tasks/--arms does. cpu: the arms behind the quality targets on the two short-prompt tasks,
+# ~2.2 h on the 2-core CPU by the arms' measured quiet times (pubmedqa's 512-token arms take ~6x longer, and at
+# this preset its dense fine-tune does not beat the majority label: 54.0%, majority 54.0%); gpu: every arm, every task.
+DEFAULT_TASKS = {"cpu": ["sst2", "fin_headlines"], "gpu": ["sst2", "fin_headlines", "pubmedqa"], "smoke": ["sst2"]}
+CPU_ARMS = ["dense", "igia@20%", "igia-K0@20%", "block-influence@20%"]
+CPU_ARMS += ["igia@30%", "block-influence@30%", "last-n@30%", "ppl@30%", "igia@40%"]
 # Arms in priority order: an interrupted study has the targets' arms first.
 ARMS = [
     {"arm": "dense"},
@@ -82,6 +92,16 @@ ARMS = [
     {"arm": "igia-kd-ft-T2@20%", "scorer": "igia", "drop": 6, "extra": ["--distill", "--teacher", "{dense}", "--distill-temperature", "2"]},
     # full fine-tuning as the recovery (same steps; its own default learning rate)
     {"arm": "igia-full@20%", "scorer": "igia", "drop": 6, "extra": ["--finetune", "full"]},
+    # the remaining layer scorers at 20% (the cut where the pruned model still works), and auto's pick
+    {"arm": "gblm@20%", "scorer": "gblm", "drop": 6},
+    {"arm": "random@20%", "scorer": "random", "drop": 6},
+    {"arm": "gradmap@20%", "scorer": "gradmap", "drop": 6},
+    {"arm": "taylor@20%", "scorer": "taylor", "drop": 6},
+    {"arm": "auto@20%", "scorer": "auto", "drop": 6},
+    # the merge: GBLM-Pruner's metric ranks the merged entries; and every dropped layer merged
+    {"arm": "igia-gblm-merge@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-criterion", "gblm"]},
+    {"arm": "igia-Kall@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-layers", "all"]},
+    {"arm": "block-influence@40%", "scorer": "block-influence", "drop": 12},
 ]
 
 
@@ -128,7 +148,9 @@ def dense_worker(out: str, train_file: str, rows: int, steps: int, max_length: i
 def run_arm(arm: dict, task: str, out: Path, preset: tuple, seed: int) -> dict:
     rows, steps, test_rows, max_length = preset
     max_length = max(max_length, TASK_MIN_LENGTH.get(task, 0)) if preset != PRESETS["smoke"] else max_length
-    ckpt, train_file = out / task / arm["arm"], SHARED / task / "train.jsonl"
+    # seed 0 keeps the plain names (earlier records); another seed gets its own checkpoints, teacher included
+    suffix = "" if seed == 0 else f"-seed{seed}"
+    ckpt, train_file = out / task / f"{arm['arm']}{suffix}", SHARED / task / "train.jsonl"
     if arm["arm"] == "dense":
         cmd = [sys.executable, __file__, "--dense-worker", str(ckpt), str(train_file), str(rows), str(steps), str(max_length), str(seed)]
     else:
@@ -160,7 +182,7 @@ def run_arm(arm: dict, task: str, out: Path, preset: tuple, seed: int) -> dict:
                 if "judge" in arm
                 else ["--scorer", arm["scorer"]]
             ),
-            *(a.replace("{dense}", str(out / task / "dense")) for a in arm.get("extra", [])),
+            *(a.replace("{dense}", str(out / task / f"dense{suffix}")) for a in arm.get("extra", [])),
         ]
     measured = run_measured(cmd)
     record = {
@@ -268,21 +290,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/quality-study")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--tasks", nargs="+", default=["sst2", "fin_headlines"])
-    parser.add_argument("--arms", nargs="+", default=None, help="only these arms (names as in ARMS)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tasks", nargs="+", default=None, help="default: the preset's (DEFAULT_TASKS)")
+    parser.add_argument("--arms", nargs="+", default=None, help="only these arms (names in ARMS; default: CPU_ARMS on cpu, all otherwise)")
+    parser.add_argument("--seed", type=int, default=0, help="another seed reruns the arms beside seed 0's (own checkpoints)")
     parser.add_argument("--report", default=str(ROOT / "docs" / "study.md"))
     args = parser.parse_args()
+    names = {a["arm"] for a in ARMS}
+    unknown = sorted(set(args.arms or []) - names)
+    if unknown:
+        parser.error(f"unknown arm(s) {', '.join(unknown)}: choose from {', '.join(sorted(names))}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    done = {(r["task"], r["arm"]) for r in read_results(results_path)}
-    plan = [(arm, task) for arm in ARMS for task in args.tasks if not args.arms or arm["arm"] in args.arms]
+    done = {(r["task"], r["arm"], r.get("seed", 0)) for r in read_results(results_path)}
+    wanted = args.arms or (CPU_ARMS if args.preset == "cpu" else sorted(names))
+    tasks = args.tasks or DEFAULT_TASKS[args.preset]
+    plan = [(arm, task) for arm in ARMS for task in tasks if arm["arm"] in wanted]
     started = time.perf_counter()
     for arm, task in plan:
-        if (task, arm["arm"]) in done:
+        if (task, arm["arm"], args.seed) in done:
             continue
-        print(f"[{time.strftime('%H:%M:%S')}] {task} {arm['arm']}", flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {task} {arm['arm']} seed {args.seed}", flush=True)
         record = run_arm(arm, task, out, PRESETS[args.preset], args.seed)
         record.update(preset=args.preset, seed=args.seed, threads=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
         with results_path.open("a") as fh:

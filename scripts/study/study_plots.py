@@ -2,7 +2,7 @@
 
 - accuracy vs share of layers removed, one line per method (arms named `<method>@<pct>%`), the
   dense fine-tune as a horizontal band (± SE) and the majority label as a dotted line;
-- the merge-K ablation at 20% (igia-K0, igia = K1, igia-K2, igia-K3);
+- the merge-K ablation at 20% (igia-K0, igia = K1, igia-K2, igia-K3, igia-Kall);
 - the keep-top-p (sparsity) ablation of the merged layer at 20% (igia-p10, igia = p20, igia-p50);
 - Kendall τ and dropped-set overlap of the early IGIA ranking against the end-of-run one.
 
@@ -83,7 +83,13 @@ def ablation_bars(records: list[dict], task: str, names: dict[str, str], title: 
 
 
 def merge_k(records: list[dict], task: str, path: Path, pct: int = 20) -> Path | None:
-    names = {f"igia-K0@{pct}%": "K=0", f"igia@{pct}%": "K=1 (default)", f"igia-K2@{pct}%": "K=2", f"igia-K3@{pct}%": "K=3"}
+    names = {
+        f"igia-K0@{pct}%": "K=0",
+        f"igia@{pct}%": "K=1 (default)",
+        f"igia-K2@{pct}%": "K=2",
+        f"igia-K3@{pct}%": "K=3",
+        f"igia-Kall@{pct}%": "K=all",
+    }
     return ablation_bars(records, task, names, f"merged layers, igia at {pct}% removed", path)
 
 
@@ -120,6 +126,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    records = [r for r in records if r.get("seed", 0) == 0]  # other seeds are in the report's seed table
     written = []
     for task in dict.fromkeys(r["task"] for r in records):
         written.append(accuracy_vs_cut(records, task, out / f"accuracy_vs_cut_{task}.png"))

@@ -161,6 +161,31 @@ def predictors(records: list[dict]) -> list[str]:
     return lines
 
 
+def seed_table(results: list[dict]) -> list[str]:
+    """Arms run with more than one seed: accuracy per seed, and the gap to the dense fine-tune of the same seed
+    (same validation slice, data order and LoRA init), with the mean and the seeds' spread."""
+    runs: dict[tuple[str, str], dict[int, dict]] = {}
+    for r in results:
+        if "accuracy" in r:
+            runs.setdefault((r["task"], r["arm"]), {})[r.get("seed", 0)] = r
+    multi = {key: seeds for key, seeds in runs.items() if len(seeds) > 1}
+    if not multi:
+        return []
+    lines = [
+        "| task | arm | accuracy % per seed | mean ± SD over seeds | Δ vs dense of the same seed | mean Δ |",
+        "|---|---|---|---:|---|---:|",
+    ]
+    for (task, arm), seeds in multi.items():
+        accs = [100 * seeds[s]["accuracy"] for s in sorted(seeds)]
+        sd = math.sqrt(sum((a - sum(accs) / len(accs)) ** 2 for a in accs) / (len(accs) - 1))
+        dense = runs.get((task, "dense"), {})
+        deltas = [100 * (seeds[s]["accuracy"] - dense[s]["accuracy"]) for s in sorted(seeds) if s in dense and arm != "dense"]
+        per_seed = ", ".join(f"{a:.1f} (seed {s})" for s, a in zip(sorted(seeds), accs))
+        delta_cells = (", ".join(f"{d:+.1f}" for d in deltas), f"{sum(deltas) / len(deltas):+.1f}") if deltas else ("–", "–")
+        lines.append(f"| {task} | {arm} | {per_seed} | {sum(accs) / len(accs):.1f} ± {sd:.1f} | {delta_cells[0]} | {delta_cells[1]} |")
+    return lines
+
+
 def write_report(results: list[dict], path: Path, *, preset: tuple, preset_name: str) -> Path:
     rows, steps, test_rows, max_length = preset
     out = [
@@ -175,6 +200,8 @@ def write_report(results: list[dict], path: Path, *, preset: tuple, preset_name:
         "docs/results.md names the arms that ran beside other jobs (their cost lines are not evidence).",
         "",
     ]
+    seeds = seed_table(results)
+    results = [r for r in results if r.get("seed", 0) == 0]  # the tables below: seed 0; other seeds at the end
     for task in dict.fromkeys(r["task"] for r in results):
         records = [r for r in results if r["task"] == task and "judge" not in r]
         by_arm = {r["arm"]: r for r in records}
@@ -193,6 +220,8 @@ def write_report(results: list[dict], path: Path, *, preset: tuple, preset_name:
         lines = predictors([r for r in results if r["task"] == task])
         if lines:
             out += ["Predictors of post-recovery quality:", ""] + lines
+    if seeds:
+        out += ["## Seeds", "", "Arms rerun with other seeds (`--seed N`):", ""] + seeds + [""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out))
     return path

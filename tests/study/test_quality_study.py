@@ -55,6 +55,16 @@ def test_smoke_study_writes_records_and_a_report(tmp_path, smollm2_dir):
     # a rerun resumes: nothing left to do
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1])["arms"] == 2
+    # another seed: its own checkpoints and records beside seed 0's, and a seed table at the end of the report
+    seeded = subprocess.run([*cmd, "--seed", "1"], capture_output=True, text=True, timeout=1800)
+    assert seeded.returncode == 0, seeded.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["arm"], r["seed"]) for r in rows) == [("dense", 0), ("dense", 1), ("igia@20%", 0), ("igia@20%", 1)]
+    assert (out / "sst2" / "igia@20%-seed1" / "gradprune.json").is_file() and (out / "sst2" / "dense-seed1").is_dir()
+    text = report.read_text()
+    seed_rows = [line for line in text.splitlines() if line.startswith("| sst2 | dense |")]
+    mean = (100 * rows[0]["accuracy"] + 100 * next(r for r in rows if r["arm"] == "dense" and r["seed"] == 1)["accuracy"]) / 2
+    assert "## Seeds" in text and len(seed_rows) == 1 and f"| {mean:.1f} ± " in seed_rows[0]
 
 
 def test_spearman_matches_scipy_with_and_without_ties():
