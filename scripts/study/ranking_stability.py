@@ -51,10 +51,22 @@ def lowest(scores: list[float], count: int) -> set[int]:
     return set(sorted(range(len(scores)), key=lambda i: (scores[i], -i))[:count])
 
 
+def second_half(snapshots: dict[int, list[float]]) -> tuple[int, list[float]] | None:
+    """IGIA accumulated over the second half of the run only (final minus the snapshot at half the steps),
+    a ranking that shares no step with an early probe; None without a snapshot at half the run."""
+    final_step = max(snapshots)
+    half = final_step // 2
+    if half not in snapshots or half == final_step:
+        return None
+    return half, [f - h for f, h in zip(snapshots[final_step], snapshots[half])]
+
+
 def stability(snapshots: dict[int, list[float]], cuts: tuple[int, ...]) -> list[dict]:
-    """Per snapshot: τ-b and dropped-set overlap against the last snapshot."""
+    """Per snapshot: τ-b and dropped-set overlap against the last snapshot (the whole run's accumulated IGIA),
+    and τ-b against the second half's IGIA alone (the whole run's sum is dominated by its early steps)."""
     final_step = max(snapshots)
     final = snapshots[final_step]
+    late = second_half(snapshots)
     rows = []
     for step in sorted(snapshots):
         scores = snapshots[step]
@@ -63,6 +75,7 @@ def stability(snapshots: dict[int, list[float]], cuts: tuple[int, ...]) -> list[
                 "informative_steps": step,
                 "fraction_of_run": step / final_step,
                 "kendall_tau": kendall_tau_b(scores, final),
+                "kendall_tau_second_half": kendall_tau_b(scores, late[1]) if late else None,
                 "dropped_overlap": {str(n): len(lowest(scores, n) & lowest(final, n)) / n for n in cuts},
                 "dropped": {str(n): sorted(lowest(scores, n)) for n in cuts},
             }
@@ -88,7 +101,7 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer("bundled:SmolLM2-135M-Instruct")
     examples = read_examples(str(SHARED / args.task / "train.jsonl"), limit=args.rows)
     features = tokenize_examples(examples, tokenizer, max_length=args.max_length)
-    snapshot_steps = tuple(sorted({*(2**k for k in range(int(math.log2(args.steps)) + 1)), args.steps}))
+    snapshot_steps = tuple(sorted({*(2**k for k in range(int(math.log2(args.steps)) + 1)), args.steps // 2, args.steps}))
     settings = TrainSettings(batch_size=8, max_steps=args.steps + 4, seed=args.seed)
     start = time.perf_counter()
     record, stats = run_probe(
@@ -109,7 +122,9 @@ def main() -> None:
     for row in result["stability"]:
         overlaps = " ".join(f"{n}:{v:.2f}" for n, v in row["dropped_overlap"].items())
         step, share = row["informative_steps"], 100 * row["fraction_of_run"]
-        print(f"after {step:>4} steps ({share:5.1f}%): τ {row['kendall_tau']:+.3f}  overlap {overlaps}")
+        late = row["kendall_tau_second_half"]
+        late_text = f"  τ vs second half {late:+.3f}" if late is not None else ""
+        print(f"after {step:>4} steps ({share:5.1f}%): τ {row['kendall_tau']:+.3f}{late_text}  overlap {overlaps}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k not in ("snapshots", "stability")} | {"out": args.out}))

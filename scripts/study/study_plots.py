@@ -104,6 +104,9 @@ def ranking(result: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=120)
     steps = [r["informative_steps"] for r in rows]
     ax.plot(steps, [r["kendall_tau"] for r in rows], marker="o", label="Kendall τ-b vs end of run")
+    if rows[0].get("kendall_tau_second_half") is not None:
+        late = [(s, r["kendall_tau_second_half"]) for s, r in zip(steps, rows) if 2 * s <= result["steps"]]
+        ax.plot([s for s, _ in late], [t for _, t in late], marker="s", label="Kendall τ-b vs the second half's IGIA alone")
     for n in rows[0]["dropped_overlap"]:
         ax.plot(steps, [r["dropped_overlap"][n] for r in rows], marker=".", linestyle="--", label=f"overlap of the {n} dropped layers")
     ax.set_xscale("log", base=2)

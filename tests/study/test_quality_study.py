@@ -105,7 +105,7 @@ def test_predictors_read_the_ledger_and_the_judge_proposals():
 
 
 def test_kendall_tau_and_dropped_overlap_against_scipy_and_by_hand():
-    from ranking_stability import kendall_tau_b, lowest, stability
+    from ranking_stability import kendall_tau_b, lowest, second_half, stability
     from scipy.stats import kendalltau
 
     rng = __import__("random").Random(1)
@@ -117,6 +117,12 @@ def test_kendall_tau_and_dropped_overlap_against_scipy_and_by_hand():
     rows = stability({1: [4.0, 3.0, 2.0, 1.0], 4: [1.0, 2.0, 3.0, 4.0]}, (2,))
     assert rows[0]["kendall_tau"] == pytest.approx(-1.0) and rows[0]["dropped_overlap"] == {"2": 0.0}
     assert rows[1]["kendall_tau"] == pytest.approx(1.0) and rows[1]["dropped"] == {"2": [0, 1]}
+    assert rows[0]["kendall_tau_second_half"] is None  # no snapshot at half the run
+    # the second half alone: final minus the snapshot at half the steps, a ranking no early step enters
+    snaps = {1: [1.0, 2.0, 3.0], 2: [2.0, 3.0, 4.0], 4: [9.0, 4.0, 5.0]}
+    assert second_half(snaps) == (2, [7.0, 1.0, 1.0])
+    rows = stability(snaps, (1,))
+    assert rows[0]["kendall_tau_second_half"] == pytest.approx(kendalltau([1.0, 2.0, 3.0], [7.0, 1.0, 1.0]).statistic)
 
 
 def test_probe_snapshots_are_the_scores_after_that_many_informative_steps(tiny_llama_dir):
