@@ -9,7 +9,7 @@ same training rows) and is scored on the same test rows by choice log-likelihood
 - ablations: merge K (0, 1, 2, 3, all), the merge criterion (igia, gblm), keep-top-p, the probe floor;
   recovery variants: distillation (two teachers, alpha, T, equal wall time), PrunedLoRA, compensation,
   full fine-tuning.
-The cpu preset runs CPU_ARMS on sst2 and fin_headlines (~2.2 h here); `--arms`/`--tasks` pick others,
+The cpu preset runs CPU_ARMS on sst2 and fin_headlines (~2.3 h here); `--arms`/`--tasks` pick others,
 `--preset gpu` runs every arm on all three tasks, `--seed N` reruns arms with another seed.
 For each arm: test accuracy ± SE, test completion loss, the checkpoint's held-out ledger
 (validation rows sliced from the training file, never trained on), wall time per phase from
@@ -47,12 +47,12 @@ NUM_LAYERS = 30  # SmolLM2-135M
 PRESETS = {"cpu": (900, 100, 200, 128), "gpu": (4000, 500, 1000, 256), "smoke": (48, 4, 16, 96)}
 # pubmedqa's prompts (abstract + question) run to ~360 tokens (90th percentile ~500): 128 would drop them.
 TASK_MIN_LENGTH = {"pubmedqa": 512}
-# What a run without --tasks/--arms does. cpu: the arms behind the quality targets on the two short-prompt tasks,
-# ~2.2 h on the 2-core CPU by the arms' measured quiet times (pubmedqa's 512-token arms take ~6x longer, and at
-# this preset its dense fine-tune does not beat the majority label: 54.0%, majority 54.0%); gpu: every arm, every task.
+# What a run without --tasks/--arms does. cpu: the arms behind the quality targets on the two short-prompt tasks;
+# their sst2 runs took 68 min in all here, and the fin_headlines arms that ran alone took 0.7-1.2x their sst2
+# counterparts, so ~2.3 h (2.5 h at 1.2x). pubmedqa's 512-token arms take ~7x longer, and at this preset its dense fine-tune does
+# not beat the majority label (54.0%, majority 54.0%). gpu: every arm on every task.
 DEFAULT_TASKS = {"cpu": ["sst2", "fin_headlines"], "gpu": ["sst2", "fin_headlines", "pubmedqa"], "smoke": ["sst2"]}
-CPU_ARMS = ["dense", "igia@20%", "igia-K0@20%", "block-influence@20%"]
-CPU_ARMS += ["igia@30%", "block-influence@30%", "last-n@30%", "ppl@30%", "igia@40%"]
+CPU_ARMS = ["dense", "igia@20%", "block-influence@20%", "igia@30%", "block-influence@30%", "last-n@30%", "ppl@30%", "igia@40%"]
 # Arms in priority order: an interrupted study has the targets' arms first.
 ARMS = [
     {"arm": "dense"},
