@@ -6,6 +6,7 @@ Pure arithmetic on the records `quality_study.py` writes (tested in tests/study/
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 
@@ -177,12 +178,12 @@ def seed_table(results: list[dict]) -> list[str]:
     ]
     for (task, arm), seeds in multi.items():
         accs = [100 * seeds[s]["accuracy"] for s in sorted(seeds)]
-        sd = math.sqrt(sum((a - sum(accs) / len(accs)) ** 2 for a in accs) / (len(accs) - 1))
         dense = runs.get((task, "dense"), {})
         deltas = [100 * (seeds[s]["accuracy"] - dense[s]["accuracy"]) for s in sorted(seeds) if s in dense and arm != "dense"]
         per_seed = ", ".join(f"{a:.1f} (seed {s})" for s, a in zip(sorted(seeds), accs))
-        delta_cells = (", ".join(f"{d:+.1f}" for d in deltas), f"{sum(deltas) / len(deltas):+.1f}") if deltas else ("–", "–")
-        lines.append(f"| {task} | {arm} | {per_seed} | {sum(accs) / len(accs):.1f} ± {sd:.1f} | {delta_cells[0]} | {delta_cells[1]} |")
+        delta_cells = (", ".join(f"{d:+.1f}" for d in deltas), f"{statistics.mean(deltas):+.1f}") if deltas else ("–", "–")
+        spread = f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}"
+        lines.append(f"| {task} | {arm} | {per_seed} | {spread} | {delta_cells[0]} | {delta_cells[1]} |")
     return lines
 
 
