@@ -67,7 +67,8 @@ class DistillTrainer(Trainer):
 
     def __init__(self, *args, teacher: torch.nn.Module, distill: DistillSettings, **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.eval().requires_grad_(False)
+        # the teacher runs where the student's batches are (Trainer moves the student, not this attribute)
+        self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
         self.distill = distill
         # compute_loss returns a per-batch mean: let Trainer divide by the accumulation steps itself
         self.model_accepts_loss_kwargs = False

@@ -62,7 +62,7 @@ def top_p_mask(importance: torch.Tensor, keep_fraction: float) -> torch.Tensor:
         raise ValueError(f"keep fraction must be in [0, 1], got {keep_fraction}")
     flat = importance.reshape(-1)
     k = round(keep_fraction * flat.numel())
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     if k > 0:
         # stable sort → deterministic ties
         order = torch.sort(flat.double(), descending=True, stable=True).indices[:k]
@@ -78,7 +78,7 @@ def same_sign_merge(
         raise ValueError(
             f"shape mismatch: kept {tuple(kept_weight.shape)}, removed {tuple(removed_weight.shape)}, F {tuple(importance.shape)}"
         )
-    top = top_p_mask(importance, keep_fraction)
+    top = top_p_mask(importance.to(kept_weight.device), keep_fraction)  # F may sit on the CPU, the weights on CUDA
     same_sign = (kept_weight * removed_weight) > 0
     add = top & same_sign
     delta = torch.where(add, removed_weight, torch.zeros_like(removed_weight))

@@ -306,13 +306,21 @@ def main() -> None:
     wanted = args.arms or (CPU_ARMS if args.preset == "cpu" else sorted(names))
     tasks = args.tasks or DEFAULT_TASKS[args.preset]
     plan = [(arm, task) for arm in ARMS for task in tasks if arm["arm"] in wanted]
-    started = time.perf_counter()
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"  # recorded beside every timing
+    started, failed = time.perf_counter(), []
     for arm, task in plan:
         if (task, arm["arm"], args.seed) in done:
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {task} {arm['arm']} seed {args.seed}", flush=True)
-        record = run_arm(arm, task, out, PRESETS[args.preset], args.seed)
-        record.update(preset=args.preset, seed=args.seed, threads=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
+        try:
+            record = run_arm(arm, task, out, PRESETS[args.preset], args.seed)
+        except RuntimeError as exc:  # one arm's failure must not cost the others; no record, so a rerun retries it
+            print(f"FAILED {task} {arm['arm']}: {exc}", file=sys.stderr, flush=True)
+            failed.append(f"{task}/{arm['arm']}")
+            continue
+        record.update(preset=args.preset, seed=args.seed, threads=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())), device=device)
         with results_path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         from study_report import write_report
@@ -324,9 +332,12 @@ def main() -> None:
                 "results": str(results_path),
                 "arms": len(read_results(results_path)),
                 "minutes_this_run": round((time.perf_counter() - started) / 60, 1),
+                "failed": failed,
             }
         )
     )
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

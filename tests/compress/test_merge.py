@@ -19,6 +19,13 @@ def test_top_p_mask_keeps_exactly_the_top_fraction():
     assert torch.equal(top_p_mask(torch.zeros(5, 5), 0.2), top_p_mask(torch.zeros(5, 5), 0.2))
 
 
+def test_top_p_mask_is_built_where_the_importance_lives():
+    """On a GPU run the mask met CUDA weights from a CPU-made zeros() (cuda:0 and cpu); the meta device
+    shows the placement without a GPU."""
+    mask = top_p_mask(torch.rand(4, 5, device="meta"), 0.2)
+    assert mask.device.type == "meta" and mask.dtype == torch.bool and mask.shape == (4, 5)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5, 1.0])
 def test_same_sign_merge_against_brute_force(p):
     torch.manual_seed(1)
