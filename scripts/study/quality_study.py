@@ -294,14 +294,23 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=None, help="only these arms (names in ARMS; default: CPU_ARMS on cpu, all otherwise)")
     parser.add_argument("--seed", type=int, default=0, help="another seed reruns the arms beside seed 0's (own checkpoints)")
     parser.add_argument("--report", default=str(ROOT / "docs" / "study.md"))
+    parser.add_argument("--report-only", action="store_true", help="rewrite --report from OUT/results.jsonl and run nothing")
     args = parser.parse_args()
     names = {a["arm"] for a in ARMS}
     unknown = sorted(set(args.arms or []) - names)
     if unknown:
         parser.error(f"unknown arm(s) {', '.join(unknown)}: choose from {', '.join(sorted(names))}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
+    if args.report_only:
+        if not results_path.is_file():
+            parser.error(f"--report-only: no {results_path}; run the study first or give the --out it wrote to")
+        from study_report import write_report
+
+        write_report(read_results(results_path), Path(args.report), preset=PRESETS[args.preset], preset_name=args.preset, out_dir=args.out)
+        print(json.dumps({"report": args.report, "arms": len(read_results(results_path))}))
+        return
+    out.mkdir(parents=True, exist_ok=True)
     done = {(r["task"], r["arm"], r.get("seed", 0)) for r in read_results(results_path)}
     wanted = args.arms or (CPU_ARMS if args.preset == "cpu" else sorted(names))
     tasks = args.tasks or DEFAULT_TASKS[args.preset]
@@ -325,7 +334,7 @@ def main() -> None:
             fh.write(json.dumps(record) + "\n")
         from study_report import write_report
 
-        write_report(read_results(results_path), Path(args.report), preset=PRESETS[args.preset], preset_name=args.preset)
+        write_report(read_results(results_path), Path(args.report), preset=PRESETS[args.preset], preset_name=args.preset, out_dir=args.out)
     print(
         json.dumps(
             {

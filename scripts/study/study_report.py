@@ -187,18 +187,29 @@ def seed_table(results: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(results: list[dict], path: Path, *, preset: tuple, preset_name: str) -> Path:
+def machine_note(results: list[dict]) -> str:
+    """Where the timings come from: the device every record names (the CPU when a record predates the field)."""
+    devices = sorted({r.get("device", "cpu") for r in results})
+    if devices == ["cpu"]:
+        return (
+            "Measured on a shared 2-core CPU: wall times carry noise from other jobs, and "
+            "docs/results.md names the arms that ran beside other jobs (their cost lines are not evidence)."
+        )
+    return f"Measured on {', '.join(devices)}; docs/results.md says what shared the device (wall times move with it)."
+
+
+def write_report(results: list[dict], path: Path, *, preset: tuple, preset_name: str, out_dir: str = "runs/quality-study") -> Path:
     rows, steps, test_rows, max_length = preset
     out = [
-        "# Quality study: GradPruner on SmolLM2-135M-Instruct (CPU preset)",
+        f"# Quality study: GradPruner on SmolLM2-135M-Instruct ({preset_name} preset)",
         "",
-        f"Command: `.venv/bin/python scripts/study/quality_study.py --out runs/quality-study --preset {preset_name}` "
+        f"Command: `.venv/bin/python scripts/study/quality_study.py --out {out_dir} --preset {preset_name}` "
         f"(resumable). Every arm: {rows} rows of the task's train.jsonl (10% seeded validation slice held out → "
         f"the ledger), {steps} optimizer steps of batch 8, max {max_length} tokens, seed {results[0]['seed'] if results else 0}; "
-        f"accuracy by choice log-likelihood on the first {test_rows} test rows (± binomial SE; Δ ± SE of the difference). "
+        f"accuracy by choice log-likelihood on the first {test_rows} test rows or all where a task has fewer (± binomial SE; "
+        "Δ ± SE of the difference). "
         "Cost ratio = (scoring + surgery + recovery seconds) / dense LoRA fine-tune seconds; step ratio = pruned/dense "
-        "seconds per optimizer step. Measured on a shared 2-core CPU: wall times carry noise from other jobs, and "
-        "docs/results.md names the arms that ran beside other jobs (their cost lines are not evidence).",
+        "seconds per optimizer step. " + machine_note(results),
         "",
     ]
     seeds = seed_table(results)
@@ -211,7 +222,7 @@ def write_report(results: list[dict], path: Path, *, preset: tuple, preset_name:
             d = by_arm["dense"]
             out += [
                 f"Zero-shot {100 * d['zero_shot_accuracy']:.1f}%, majority label {100 * d['majority_share']:.1f}% of the "
-                f"test rows, dense LoRA fine-tune {100 * d['accuracy']:.1f} ± {100 * d['accuracy_se']:.1f}%.",
+                f"{d['test_rows']} test rows, dense LoRA fine-tune {100 * d['accuracy']:.1f} ± {100 * d['accuracy_se']:.1f}%.",
                 "",
             ]
         out += task_table(records) + [""]

@@ -65,6 +65,14 @@ def test_smoke_study_writes_records_and_a_report(tmp_path, smollm2_dir):
     seed_rows = [line for line in text.splitlines() if line.startswith("| sst2 | dense |")]
     mean = (100 * rows[0]["accuracy"] + 100 * next(r for r in rows if r["arm"] == "dense" and r["seed"] == 1)["accuracy"]) / 2
     assert "## Seeds" in text and len(seed_rows) == 1 and f"| {mean:.1f} ± " in seed_rows[0]
+    assert all(r["device"] == "cpu" for r in rows) and "shared 2-core CPU" in text
+    # --report-only rewrites the report from the records alone (how the GPU run's parts are merged): the same text
+    rewritten = tmp_path / "again.md"
+    only = subprocess.run([*cmd, "--seed", "1", "--report-only", "--report", str(rewritten)], capture_output=True, text=True)
+    assert only.returncode == 0, only.stderr[-3000:]
+    assert rewritten.read_text() == text
+    missing = subprocess.run([*cmd[:2], "--out", str(tmp_path / "none"), "--report-only"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "--report-only: no " in missing.stderr and not (tmp_path / "none").exists()
 
 
 def test_spearman_matches_scipy_with_and_without_ties():
