@@ -17,9 +17,11 @@ import json
 import re
 from pathlib import Path
 
-ARM = re.compile(r"^(?P<method>[a-z0-9-]+)@(?P<pct>\d+)%$")
-# layer-selection methods, one line each; the igia-<variant> arms are ablations with their own figures
-METHODS = ("igia", "block-influence", "last-n", "ppl", "gradmap", "taylor", "gblm", "random")
+ARM = re.compile(r"^(?P<method>[A-Za-z0-9-]+)@(?P<pct>\d+)%$")
+# layer-selection methods, one line each (and IGIA's cut without the merge, the paper's no-merge limit); the other
+# igia-<variant> arms are ablations with their own figures
+METHODS = ("igia", "igia-K0", "block-influence", "last-n", "ppl", "gradmap", "taylor", "gblm", "random")
+LABELS = {"igia": "igia (GradPruner, K=1 merge)", "igia-K0": "igia, no merge (K=0)"}
 
 
 def _plt():
@@ -46,7 +48,14 @@ def accuracy_vs_cut(records: list[dict], task: str, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for method, points in sorted(by_method.items()):
         points.sort()
-        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3, label=method)
+        ax.errorbar(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            yerr=[p[2] for p in points],
+            marker="o",
+            capsize=3,
+            label=LABELS.get(method, method),
+        )
     if dense:
         acc, se = 100 * dense["accuracy"], 100 * dense["accuracy_se"]
         ax.axhspan(acc - se, acc + se, color="grey", alpha=0.25, label=f"dense LoRA {acc:.1f} ± {se:.1f}")
