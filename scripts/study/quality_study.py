@@ -307,8 +307,9 @@ def main() -> None:
             parser.error(f"--report-only: no {results_path}; run the study first or give the --out it wrote to")
         from study_report import write_report
 
-        write_report(read_results(results_path), Path(args.report), preset=PRESETS[args.preset], preset_name=args.preset, out_dir=args.out)
-        print(json.dumps({"report": args.report, "arms": len(read_results(results_path))}))
+        results = read_results(results_path)
+        write_report(results, Path(args.report), preset=PRESETS[args.preset], preset_name=args.preset, out_dir=args.out)
+        print(json.dumps({"report": args.report, "arms": len(results)}))
         return
     out.mkdir(parents=True, exist_ok=True)
     done = {(r["task"], r["arm"], r.get("seed", 0)) for r in read_results(results_path)}
