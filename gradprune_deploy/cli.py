@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 
-from .errors import GradPruneError, Interrupted
+from .errors import GradPruneError, Interrupted, raise_if_interrupted, record_signal
 
 # name → (config dataclass, function taking that config), as "module:attr" for lazy import.
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -134,6 +134,7 @@ def _signals_raise_interrupted():
     def _handler(signum, frame):
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)  # unwinding now: do not interrupt the clean-up
+        record_signal(signum)  # raised again at the next checkpoint if this raise is swallowed
         raise Interrupted(signum)
 
     previous = {sig: signal.signal(sig, _handler) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -142,6 +143,7 @@ def _signals_raise_interrupted():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        record_signal(None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
             config = build_config(config_cls, namespace, namespace._recipe)
             result = _load(COMMANDS[command][1])(config)
+            raise_if_interrupted()  # a signal whose exception was swallowed: still no success
         except GradPruneError as exc:
             if verbose:
                 logging.getLogger(__name__).debug("error detail", exc_info=True)

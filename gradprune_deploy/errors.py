@@ -56,3 +56,21 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
         self.signame = signal.Signals(signum).name
         super().__init__(self.signame)
+
+
+# The signal the CLI's handler received, if any. The handler raises Interrupted where Python happens
+# to be; if that is inside a `__del__` or a weakref callback, Python prints "Exception ignored" and
+# carries on. Recording the signal lets the next checkpoint (a training step, an output's publish)
+# raise it again, so a swallowed signal still stops the run before anything is written.
+_received_signal: int | None = None
+
+
+def record_signal(signum: int | None) -> None:
+    global _received_signal
+    _received_signal = signum
+
+
+def raise_if_interrupted() -> None:
+    """Raise Interrupted if a signal arrived whose exception was swallowed on the way."""
+    if _received_signal is not None:
+        raise Interrupted(_received_signal)

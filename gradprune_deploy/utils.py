@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import MissingDependencyError, OutputExistsError
+from .errors import MissingDependencyError, OutputExistsError, raise_if_interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool, flag: str = "-
         raise OutputExistsError(f"{flag} {out}: cannot create it ({exc.strerror}): choose a writable {flag}") from None
     try:
         yield tmp
+        raise_if_interrupted()  # never publish a run that a (swallowed) signal stopped
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
@@ -128,6 +129,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(text)
+        raise_if_interrupted()
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

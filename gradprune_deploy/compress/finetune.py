@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..data import CompletionCollator
+from ..errors import raise_if_interrupted
 from ..utils import progress_disabled
 from .probe import IGIAProbe, ProbeRecord, lora_pairs
 from .surgery import find_layer_stack
@@ -110,6 +111,13 @@ class _LogToLogger(TrainerCallback):
             )
 
 
+class _StopOnSignal(TrainerCallback):
+    """Stop at the next step if a signal arrived whose exception was swallowed (see errors.py)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        raise_if_interrupted()
+
+
 class _BarOnly(ProgressCallback):
     """The progress bar, without printing every log dict."""
 
@@ -121,7 +129,11 @@ def _trainer(model, features, tokenizer, args, callbacks=(), *, teacher=None, di
     from transformers import Trainer
 
     kwargs = dict(
-        model=model, args=args, train_dataset=features, data_collator=CompletionCollator(tokenizer.pad_token_id), callbacks=list(callbacks)
+        model=model,
+        args=args,
+        train_dataset=features,
+        data_collator=CompletionCollator(tokenizer.pad_token_id),
+        callbacks=[*callbacks, _StopOnSignal()],
     )
     if teacher is not None:
         from .distill import DistillTrainer
