@@ -126,7 +126,9 @@ def _error(message: str) -> None:
 @contextlib.contextmanager
 def _signals_raise_interrupted():
     """SIGINT and SIGTERM both raise errors.Interrupted in the main thread, so every `finally` and
-    atomic output on the way out cleans up; a second signal while unwinding is ignored."""
+    atomic output on the way out cleans up; a second signal while unwinding is ignored. A raise that
+    lands in a finaliser, where Python swallows it, is silenced and raised again at the next
+    checkpoint (errors.raise_if_interrupted: each training step, each output's publish, the end)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -137,12 +139,20 @@ def _signals_raise_interrupted():
         record_signal(signum)  # raised again at the next checkpoint if this raise is swallowed
         raise Interrupted(signum)
 
+    def _unraisable(info):
+        # Our Interrupted, raised inside a __del__ or a weakref callback: Python would print it as an
+        # "Exception ignored" traceback. It is recorded and raised again at the next checkpoint.
+        if not isinstance(info.exc_value, Interrupted):
+            previous_unraisable(info)
+
     previous = {sig: signal.signal(sig, _handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous_unraisable, sys.unraisablehook = sys.unraisablehook, _unraisable
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = previous_unraisable
         record_signal(None)
 
 

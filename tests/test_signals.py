@@ -25,26 +25,40 @@ class _SignalsInItsFinaliser:
         signal.raise_signal(signal.SIGTERM)  # the handler runs here, inside __del__: its raise is swallowed
 
 
-def _swallow_a_sigterm() -> list[BaseException]:
-    """Signal inside a finaliser; return what Python handed to sys.unraisablehook (it prints it and goes on)."""
-    swallowed = []
-    hook, sys.unraisablehook = sys.unraisablehook, lambda info: swallowed.append(info.exc_value)
-    try:
-        _SignalsInItsFinaliser()  # dropped at once: __del__ runs, the Interrupted it raises is ignored
-        gc.collect()
-    finally:
-        sys.unraisablehook = hook
-    return swallowed
+def _swallow_a_sigterm() -> None:
+    _SignalsInItsFinaliser()  # dropped at once: __del__ runs, the Interrupted it raises goes to sys.unraisablehook
+    gc.collect()
 
 
-def test_the_finaliser_really_swallows_the_signal():
+@pytest.fixture(autouse=True)
+def unraisable(monkeypatch) -> list[BaseException]:
+    """What reaches the hook Python calls for an exception it swallows (it would print a traceback)."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: seen.append(info.exc_value))
+    return seen
+
+
+def test_a_signal_in_a_finaliser_is_swallowed_quietly_and_remembered(unraisable):
+    hook = sys.unraisablehook
     with _signals_raise_interrupted():
-        swallowed = _swallow_a_sigterm()  # no exception reaches here...
-        assert [type(exc) for exc in swallowed] == [Interrupted]  # ...Python ignored it
+        _swallow_a_sigterm()  # no exception reaches here: Python swallowed it
+        assert unraisable == []  # and printed nothing: no "Exception ignored ... Traceback" for the user
         with pytest.raises(Interrupted) as caught:
             raise_if_interrupted()
     assert caught.value.signum == signal.SIGTERM
     raise_if_interrupted()  # leaving the CLI's scope forgets the signal
+    assert sys.unraisablehook is hook
+
+
+def test_other_swallowed_errors_still_reach_the_previous_hook(unraisable):
+    class BrokenFinaliser:
+        def __del__(self):
+            raise ValueError("a real bug")
+
+    with _signals_raise_interrupted():
+        BrokenFinaliser()
+        gc.collect()
+    assert [type(exc) for exc in unraisable] == [ValueError]
 
 
 def test_a_swallowed_signal_stops_the_output_from_being_published(tmp_path):

@@ -102,6 +102,9 @@ ARMS = [
     {"arm": "igia-gblm-merge@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-criterion", "gblm"]},
     {"arm": "igia-Kall@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-layers", "all"]},
     {"arm": "block-influence@40%", "scorer": "block-influence", "drop": 12},
+    # PrunedLoRA at the authors' pace within 100 steps: 16 -> 8 is 2 components every 10 steps, done by step 40
+    {"arm": "igia-prunedlora16@20%", "scorer": "igia", "drop": 6, "extra": ["--finetune", "prunedlora", "--prunedlora-start-rank", "16"]},
+    {"arm": "igia-compensate@30%", "scorer": "igia", "drop": 9, "extra": ["--compensate"]},
 ]
 
 
