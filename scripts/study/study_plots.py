@@ -2,7 +2,7 @@
 
 - accuracy vs share of layers removed, one line per method (arms named `<method>@<pct>%`), the
   dense fine-tune as a horizontal band (± SE) and the majority label as a dotted line;
-- the merge-K ablation at 20% (igia-K0, igia = K1, igia-K2, igia-K3, igia-Kall);
+- the merge-K ablation at 20% (igia-K0, igia = K1, igia-K2, igia-K3, igia-Kall), other seeds as points;
 - the keep-top-p (sparsity) ablation of the merged layer at 20% (igia-p10, igia = p20, igia-p50);
 - Kendall τ and dropped-set overlap of the early IGIA ranking against the end-of-run one.
 
@@ -71,17 +71,24 @@ def accuracy_vs_cut(records: list[dict], task: str, path: Path) -> Path | None:
 
 
 def ablation_bars(records: list[dict], task: str, names: dict[str, str], title: str, path: Path) -> Path | None:
-    """Accuracy ± SE per arm of one ablation (arm name -> bar label); None when fewer than two ran."""
-    found = [(label, r) for arm, label in names.items() for r in records if r["task"] == task and r["arm"] == arm and "accuracy" in r]
+    """Accuracy ± SE per arm of one ablation (arm name -> bar label), seed 0 as bars and any other seed of the
+    same arm as a point on its bar; None when fewer than two arms ran with seed 0."""
+    runs = [r for r in records if r["task"] == task and "accuracy" in r]
+    found = [(label, r) for arm, label in names.items() for r in runs if r["arm"] == arm and r.get("seed", 0) == 0]
     if len(found) < 2:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.8, 3.4), dpi=120)
-    ax.bar([f[0] for f in found], [100 * r["accuracy"] for _, r in found], yerr=[100 * r["accuracy_se"] for _, r in found], capsize=4)
-    dense = next((r for r in records if r["task"] == task and r["arm"] == "dense"), None)
+    labels = [f[0] for f in found]
+    ax.bar(labels, [100 * r["accuracy"] for _, r in found], yerr=[100 * r["accuracy_se"] for _, r in found], capsize=4, label="seed 0")
+    others = [(names[r["arm"]], r) for r in runs if r["arm"] in names and r.get("seed", 0) != 0 and names[r["arm"]] in labels]
+    if others:
+        xs, ys = [label for label, _ in others], [100 * r["accuracy"] for _, r in others]
+        ax.scatter(xs, ys, color="black", marker="D", zorder=3, label="other seeds")
+    dense = next((r for r in runs if r["arm"] == "dense" and r.get("seed", 0) == 0), None)
     if dense:
-        ax.axhline(100 * dense["accuracy"], color="grey", linestyle="--", linewidth=1, label="dense LoRA")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.axhline(100 * dense["accuracy"], color="grey", linestyle="--", linewidth=1, label="dense LoRA (seed 0)")
+    ax.legend(fontsize=7, loc="lower right")
     ax.set_ylabel(f"{task} test accuracy %")
     ax.set_ylim(bottom=40)
     ax.set_title(title, fontsize=10)
@@ -138,10 +145,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
-    records = [r for r in records if r.get("seed", 0) == 0]  # other seeds are in the report's seed table
+    seed0 = [r for r in records if r.get("seed", 0) == 0]  # other seeds: points on the ablation bars, and the report's seed table
     written = []
     for task in dict.fromkeys(r["task"] for r in records):
-        written.append(accuracy_vs_cut(records, task, out / f"accuracy_vs_cut_{task}.png"))
+        written.append(accuracy_vs_cut(seed0, task, out / f"accuracy_vs_cut_{task}.png"))
         written.append(merge_k(records, task, out / f"merge_k_{task}.png"))
         written.append(keep_top_p(records, task, out / f"keep_top_p_{task}.png"))
     for path in args.ranking:
