@@ -255,10 +255,26 @@ def _attach_prunedlora(model, s: TrainSettings, *, total_steps: int):
     one a rank-r LoRA with s.lora_alpha would have; plus the callback that prunes it to rank r."""
     from dataclasses import replace
 
+    from .prunedlora import PRUNE_INTERVAL, PRUNE_PER_EVENT, paper_pace_gap
     from .prunedlora_callback import PrunedLoRACallback, lora_modules
 
     if s.prunedlora_start_rank < s.lora_r:
         raise ValueError(f"prunedlora_start_rank {s.prunedlora_start_rank} is below the target rank lora_r {s.lora_r}")
+    gap = paper_pace_gap(start_rank=s.prunedlora_start_rank, target_rank=s.lora_r, total_steps=total_steps)
+    if gap is not None:
+        max_start_rank, min_steps = gap
+        logger.warning(
+            "PrunedLoRA: %d steps cannot prune rank %d to %d at the paper's pace (%d components every %d steps), so each "
+            "event prunes more (on sst2, 64 -> 8 in 100 steps ended at chance); "
+            "use --prunedlora-start-rank %d or less, or --max-steps %d or more",
+            total_steps,
+            s.prunedlora_start_rank,
+            s.lora_r,
+            PRUNE_PER_EVENT,
+            PRUNE_INTERVAL,
+            max_start_rank,
+            min_steps,
+        )
     start = replace(s, lora_r=s.prunedlora_start_rank, lora_alpha=s.lora_alpha * s.prunedlora_start_rank / s.lora_r)
     peft_model = attach_lora(model, start)
     return peft_model, PrunedLoRACallback(lora_modules(peft_model), target_rank=s.lora_r, total_steps=total_steps)

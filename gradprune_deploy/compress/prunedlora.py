@@ -48,6 +48,8 @@ No I/O: tensors in, tensors out; prunedlora_callback.PrunedLoRACallback applies 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 PRUNE_INTERVAL = 10  # K1: optimizer steps between two pruning events
@@ -177,3 +179,22 @@ def rank_schedule(
         if left == 0:
             break
     return schedule
+
+
+def paper_pace_gap(
+    *, start_rank: int, target_rank: int, total_steps: int, interval: int = PRUNE_INTERVAL, per_event: int = PRUNE_PER_EVENT
+) -> tuple[int, int] | None:
+    """None when rank_schedule keeps the paper's pace (at most `per_event` components every `interval`
+    steps); else the two ways back to it: (the largest start rank this run can prune to the target at
+    that pace, the fewest optimizer steps that prune start_rank → target_rank at that pace)."""
+    schedule = rank_schedule(
+        start_rank=start_rank, target_rank=target_rank, total_steps=total_steps, interval=interval, per_event=per_event
+    )
+    if max(schedule.values(), default=0) <= per_event:
+        return None
+    events_in_window = max(1, max(1, round(PRUNE_WINDOW * total_steps)) // interval)  # rank_schedule's events
+    events_needed = -(-(start_rank - target_rank) // per_event)
+    steps = math.ceil(events_needed * interval / PRUNE_WINDOW) - 1
+    while round(PRUNE_WINDOW * steps) < events_needed * interval:
+        steps += 1
+    return target_rank + events_in_window * per_event, steps

@@ -16,6 +16,7 @@ from gradprune_deploy.compress.prunedlora import (
     factor_curvature,
     factor_pruning_error,
     obs_remove,
+    paper_pace_gap,
     prune_components,
     rank_schedule,
 )
@@ -171,6 +172,37 @@ def test_rank_schedule_regular_pace_and_short_runs_spread_over_three_quarters():
         assert sum(rank_schedule(start_rank=64, target_rank=8, total_steps=total).values()) == 56
     with pytest.raises(ValueError):
         rank_schedule(start_rank=4, target_rank=8, total_steps=10)
+
+
+def _at_pace(start_rank: int, target_rank: int, total_steps: int) -> bool:
+    return max(rank_schedule(start_rank=start_rank, target_rank=target_rank, total_steps=total_steps).values(), default=0) <= 2
+
+
+@pytest.mark.parametrize(
+    ("start_rank", "target_rank", "total_steps"), [(64, 8, 100), (16, 8, 100), (64, 8, 1000), (8, 2, 5), (32, 4, 57), (9, 8, 3)]
+)
+def test_paper_pace_gap_is_the_brute_force_largest_rank_and_fewest_steps(start_rank, target_rank, total_steps):
+    gap = paper_pace_gap(start_rank=start_rank, target_rank=target_rank, total_steps=total_steps)
+    assert (gap is None) == _at_pace(start_rank, target_rank, total_steps)
+    if gap is None:
+        return
+    max_start_rank, min_steps = gap
+    assert max_start_rank == max(r for r in range(target_rank, start_rank + 1) if _at_pace(r, target_rank, total_steps))
+    assert min_steps == next(n for n in range(1, 10_000) if _at_pace(start_rank, target_rank, n))
+    assert all(_at_pace(start_rank, target_rank, n) for n in range(min_steps, min_steps + 50))  # and every longer run
+    assert (max_start_rank, min_steps) == {(64, 8, 100): (22, 373)}.get((start_rank, target_rank, total_steps), gap)
+
+
+def test_a_schedule_faster_than_the_paper_warns_with_the_fix(caplog):
+    s = TrainSettings(lora_r=8, lora_alpha=16, prunedlora_start_rank=64)
+    with caplog.at_level("WARNING", logger="gradprune_deploy.compress.finetune"):
+        _attach_prunedlora(_tiny_llama(), s, total_steps=100)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "rank 64 to 8" in warning and "--prunedlora-start-rank 22 or less" in warning and "--max-steps 373 or more" in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gradprune_deploy.compress.finetune"):
+        _attach_prunedlora(_tiny_llama(), TrainSettings(lora_r=8, lora_alpha=16, prunedlora_start_rank=16), total_steps=100)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 # ── training: exact zeros and the final rank ──────────────────────────────────────────────────
