@@ -105,6 +105,9 @@ ARMS = [
     # PrunedLoRA at the authors' pace within 100 steps: 16 -> 8 is 2 components every 10 steps, done by step 40
     {"arm": "igia-prunedlora16@20%", "scorer": "igia", "drop": 6, "extra": ["--finetune", "prunedlora", "--prunedlora-start-rank", "16"]},
     {"arm": "igia-compensate@30%", "scorer": "igia", "drop": 9, "extra": ["--compensate"]},
+    {"arm": "igia-prunedlora16@30%", "scorer": "igia", "drop": 9, "extra": ["--finetune", "prunedlora", "--prunedlora-start-rank", "16"]},
+    # the control for PrunedLoRA 16 -> 8: plain LoRA at rank 16 (alpha/rank as at rank 8; the probe runs at rank 16 too)
+    {"arm": "igia-lora16@20%", "scorer": "igia", "drop": 6, "extra": ["--lora-r", "16", "--lora-alpha", "32"]},
 ]
 
 
