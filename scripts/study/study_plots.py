@@ -78,7 +78,7 @@ def ablation_bars(records: list[dict], task: str, names: dict[str, str], title: 
     if len(found) < 2:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.8, 3.4), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.1 * len(found) + 0.8) + 1.6, 3.4), dpi=120)
     labels = [f[0] for f in found]
     ax.bar(labels, [100 * r["accuracy"] for _, r in found], yerr=[100 * r["accuracy_se"] for _, r in found], capsize=4, label="seed 0")
     others = [(names[r["arm"]], r) for r in runs if r["arm"] in names and r.get("seed", 0) != 0 and names[r["arm"]] in labels]
@@ -88,7 +88,7 @@ def ablation_bars(records: list[dict], task: str, names: dict[str, str], title: 
     dense = next((r for r in runs if r["arm"] == "dense" and r.get("seed", 0) == 0), None)
     if dense:
         ax.axhline(100 * dense["accuracy"], color="grey", linestyle="--", linewidth=1, label="dense LoRA (seed 0)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_ylabel(f"{task} test accuracy %")
     ax.set_ylim(bottom=40)
     ax.set_title(title, fontsize=10)
@@ -112,6 +112,17 @@ def merge_k(records: list[dict], task: str, path: Path, pct: int = 20) -> Path |
 def keep_top_p(records: list[dict], task: str, path: Path, pct: int = 20) -> Path | None:
     names = {f"igia-p10@{pct}%": "keep 10%", f"igia@{pct}%": "keep 20% (default)", f"igia-p50@{pct}%": "keep 50%"}
     return ablation_bars(records, task, names, f"merged entries kept (top-p by IGIA), igia at {pct}%", path)
+
+
+def recovery(records: list[dict], task: str, path: Path, pct: int = 20) -> Path | None:
+    names = {
+        f"igia@{pct}%": "LoRA r8\n(default)",
+        f"igia-K0@{pct}%": "r8, no\nmerge",
+        f"igia-lora16@{pct}%": "LoRA r16",
+        f"igia-prunedlora16@{pct}%": "PrunedLoRA\n16→8",
+        f"igia-prunedlora@{pct}%": "PrunedLoRA\n64→8",
+    }
+    return ablation_bars(records, task, names, f"recovery of igia's {pct}% cut (K=1 unless said)", path)
 
 
 def ranking(result: dict, path: Path) -> Path:
@@ -151,6 +162,7 @@ def main() -> None:
         written.append(accuracy_vs_cut(seed0, task, out / f"accuracy_vs_cut_{task}.png"))
         written.append(merge_k(records, task, out / f"merge_k_{task}.png"))
         written.append(keep_top_p(records, task, out / f"keep_top_p_{task}.png"))
+        written.append(recovery(records, task, out / f"recovery_{task}.png"))
     for path in args.ranking:
         result = json.loads(Path(path).read_text())
         written.append(ranking(result, out / f"ranking_stability_{result['task']}.png"))
