@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gradprune_deploy.cli_args import validate_fields
+from gradprune_deploy.config_schema import validate_fields
 from gradprune_deploy.errors import ConfigError, ExportError, first_line
 from gradprune_deploy.manifest import MANIFEST_NAME
 
@@ -77,7 +77,7 @@ def build_model_card(checkpoint_dir: str | os.PathLike, *, repo_id: str):
     """The generated model card (huggingface_hub.ModelCard) for `checkpoint_dir`; reads files only."""
     from huggingface_hub import ModelCard
 
-    from .checkpoint import inspect_checkpoint
+    from gradprune_deploy.checkpoint import inspect_checkpoint
     from .model_card import build_card_text
 
     return ModelCard(build_card_text(inspect_checkpoint(checkpoint_dir), repo_id=validate_repo_id(repo_id)))
@@ -157,7 +157,7 @@ def push_to_hub(
 
     from gradprune_deploy.loading import check_weights_cover_model
 
-    from .checkpoint import inspect_checkpoint
+    from gradprune_deploy.checkpoint import inspect_checkpoint
     from .model_card import build_card_text
 
     validate_repo_id(repo_id)
@@ -200,7 +200,7 @@ def push_to_hub(
     return commit.commit_url
 
 
-def export_hub_from_config(config: HubExportConfig) -> str:
+def export_hub(config: HubExportConfig) -> str:
     """`gradprune export hub`: push and print the commit URL."""
     return push_to_hub(
         config.checkpoint,

@@ -16,7 +16,7 @@ from typing import Any
 
 from gradprune_deploy.manifest import MANIFEST_NAME, DataRecord, Manifest, QualityLedger, QualityPoint
 
-from .checkpoint import CheckpointInfo, find_reports
+from gradprune_deploy.checkpoint import CheckpointInfo, find_reports
 
 # Data sources the compression stage bundles → the name a reader knows them by.
 BUNDLED_DATA = {"bundled:gsm8k": "GSM8K (Cobbe et al. 2021; the 1,000-problem sample bundled with gradprune-deploy)"}

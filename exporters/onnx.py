@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from gradprune_deploy.cli_args import validate_fields
+from gradprune_deploy.config_schema import validate_fields
 from gradprune_deploy.errors import ArchitectureError, ConfigError, ExportError, first_line
 from gradprune_deploy.utils import atomic_output_dir, check_output_dir, require
 
@@ -170,7 +170,7 @@ def validate_export(
     import numpy as np
     import torch
 
-    from serving.onnx_runtime import OnnxCausalLM, positions_from_mask
+    from gradprune_deploy.runtime.onnx_runtime import OnnxCausalLM, positions_from_mask
 
     lm = OnnxCausalLM(export_dir)
     tokenizer.padding_side = "left"
@@ -250,7 +250,7 @@ def export_onnx(
         raise ConfigError(f"--dtype {dtype} is not supported for ONNX: use float32 or float16")
     from gradprune_deploy.loading import check_weights_cover_model, load_model_and_tokenizer
 
-    from .checkpoint import inspect_checkpoint
+    from gradprune_deploy.checkpoint import inspect_checkpoint
 
     if new_tokens < 1:
         raise ConfigError(f"--new-tokens must be at least 1, got {new_tokens}")

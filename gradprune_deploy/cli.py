@@ -1,6 +1,6 @@
 """`gradprune`: one table of subcommands; each is a config dataclass + one library function.
 
-The dataclass is the CLI (see cli_args.py) and the YAML recipe schema (`--config recipe.yaml`).
+The dataclass is the CLI (see config_schema.py) and the YAML recipe schema (`--config recipe.yaml`).
 Only the chosen subcommand's modules are imported, so `gradprune --help` stays fast.
 A GradPruneError (a bad input) becomes one `error: ...` line on stderr and exit status 2; SIGINT
 and SIGTERM unwind through every clean-up and exit 130 / 143 (128 + the signal).
@@ -10,69 +10,103 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
-import importlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from typing import Any
 
+from .config_schema import ArgumentParser, add_dataclass_arguments, build_config
 from .errors import GradPruneError, Interrupted, raise_if_interrupted, record_signal
 
-# name → (config dataclass, function taking that config), as "module:attr" for lazy import.
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "compress": (
-        "gradprune_deploy.compress.config:CompressConfig",
-        "gradprune_deploy.compress.pipeline:compress_from_config",
-        "prune a model with GradPruner and write a smaller standard checkpoint",
-    ),
-    "inspect": (
-        "gradprune_deploy.manifest:InspectConfig",
-        "gradprune_deploy.manifest:inspect_from_config",
-        "show a compressed checkpoint's gradprune.json",
-    ),
-    "eval": (
-        "gradprune_deploy.evaluation.evaluate:EvalConfig",
-        "gradprune_deploy.evaluation.evaluate:evaluate_from_config",
-        "evaluate a checkpoint on prompt/completion data (choice, exact, loss)",
-    ),
-    "export hub": (
-        "exporters.hub:HubExportConfig",
-        "exporters.hub:export_hub_from_config",
-        "push a checkpoint to the Hugging Face Hub with a generated model card",
-    ),
-    "export onnx": (
-        "exporters.onnx:OnnxExportConfig",
-        "exporters.onnx:export_onnx_from_config",
-        "export a KV-cache ONNX graph (prefill + decode), validated against PyTorch",
-    ),
-    "export vllm": (
-        "exporters.vllm:VllmExportConfig",
-        "exporters.vllm:export_vllm_from_config",
-        "check a checkpoint is servable by vLLM and print the serve command",
-    ),
-    "serve": (
-        "serving.vllm_server:ServeConfig",
-        "serving.vllm_server:serve_from_config",
-        "serve a checkpoint with vLLM's OpenAI-compatible server",
-    ),
-    "bench": (
-        "serving.bench_config:BenchConfig",
-        "serving.bench:bench_from_config",
-        "benchmark dense vs pruned latency, throughput and memory",
-    ),
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One subcommand: its config dataclass (the CLI flags, the YAML recipe schema and the Python API's
+    argument), the library function that takes that config, and how its result is shown."""
+
+    config: type
+    run: Callable[[Any], Any]
+    present: Callable[[Any], str | None] = lambda result: _as_text(result)
+
+
+# The command table. Each entry imports its command's modules only when that command runs, so
+# `gradprune --help` stays fast; the imports are real statements, so the layering check sees them
+# (this module is the composition root: the only one in gradprune_deploy that names exporters/serving).
+def _compress() -> Command:
+    from .compress.config import CompressConfig
+    from .compress.pipeline import compress, present_compress
+
+    return Command(CompressConfig, compress, present_compress)
+
+
+def _inspect() -> Command:
+    from .manifest import InspectConfig, inspect
+
+    return Command(InspectConfig, inspect)
+
+
+def _eval() -> Command:
+    from .evaluation.evaluate import EvalConfig, evaluate
+
+    return Command(EvalConfig, evaluate)
+
+
+def _export_hub() -> Command:
+    from exporters.hub import HubExportConfig, export_hub
+
+    return Command(HubExportConfig, export_hub)
+
+
+def _export_onnx() -> Command:
+    from exporters.onnx import OnnxExportConfig, export_onnx
+
+    return Command(OnnxExportConfig, export_onnx)
+
+
+def _export_vllm() -> Command:
+    from exporters.vllm import VllmExportConfig, export_vllm
+
+    return Command(VllmExportConfig, export_vllm)
+
+
+def _serve() -> Command:
+    from serving.serve import ServeConfig, serve
+
+    return Command(ServeConfig, serve)
+
+
+def _bench() -> Command:
+    from serving.bench import bench
+    from serving.bench_config import BenchConfig
+
+    return Command(BenchConfig, bench)
+
+
+COMMANDS: dict[str, tuple[Callable[[], Command], str]] = {
+    "compress": (_compress, "prune a model with GradPruner and write a smaller standard checkpoint"),
+    "inspect": (_inspect, "show a compressed checkpoint's gradprune.json"),
+    "eval": (_eval, "evaluate a checkpoint on prompt/completion data (choice, exact, loss)"),
+    "export hub": (_export_hub, "push a checkpoint to the Hugging Face Hub with a generated model card"),
+    "export onnx": (_export_onnx, "export a KV-cache ONNX graph (prefill + decode), validated against PyTorch"),
+    "export vllm": (_export_vllm, "check a checkpoint is servable by vLLM and print the serve command"),
+    "serve": (_serve, "serve a checkpoint with vLLM's OpenAI-compatible server"),
+    "bench": (_bench, "benchmark dense vs pruned latency, throughput and memory"),
 }
 
 
-def _load(ref: str):
-    module, attr = ref.split(":")
-    return getattr(importlib.import_module(module), attr)
+def load_command(name: str) -> Command:
+    return COMMANDS[name][0]()
 
 
 def _top_level_help() -> str:
     lines = ["usage: gradprune <command> [options]   (gradprune <command> --help for its options)", "", "commands:"]
-    lines += [f"  {name:<12} {desc}" for name, (_, _, desc) in COMMANDS.items()]
+    lines += [f"  {name:<12} {desc}" for name, (_, desc) in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -85,10 +119,8 @@ def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def build_parser(command: str) -> tuple[argparse.ArgumentParser, type]:
-    from .cli_args import ArgumentParser, add_dataclass_arguments
-
-    config_ref, _, description = COMMANDS[command]
-    config_cls = _load(config_ref)
+    config_cls = load_command(command).config
+    description = COMMANDS[command][1]
     parser = ArgumentParser(
         prog=f"gradprune {command}",
         description=description + "\n\n" + (config_cls.__doc__ or ""),
@@ -174,10 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             except SystemExit as exc:  # --help
                 return exc.code if isinstance(exc.code, int) else 0
             _configure_logging(verbose=namespace._verbose, quiet=namespace._quiet)
-            from .cli_args import build_config
-
             config = build_config(config_cls, namespace, namespace._recipe)
-            result = _load(COMMANDS[command][1])(config)
+            spec = load_command(command)
+            result = spec.run(config)
             raise_if_interrupted()  # a signal whose exception was swallowed: still no success
         except GradPruneError as exc:
             if verbose:
@@ -198,13 +229,13 @@ def main(argv: list[str] | None = None) -> int:
             where = f"{exc.filename}: " if exc.filename else ""
             _error(f"{where}{exc.strerror or exc}: check the path, its permissions and the free disk space")
             return 2
-    _print_result(result)
+    text = spec.present(result)
+    if text is not None:
+        print(text)
     return 0
 
 
 def _configure_logging(*, verbose: bool, quiet: bool) -> None:
-    import os
-
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
@@ -213,19 +244,18 @@ def _configure_logging(*, verbose: bool, quiet: bool) -> None:
         os.environ["GRADPRUNE_DISABLE_PROGRESS_BARS"] = "1"
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     if quiet or os.environ.get("GRADPRUNE_DISABLE_PROGRESS_BARS") == "1":
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # noqa: PLC0415 - keeps `gradprune --help` free of transformers
 
         hf_logging.disable_progress_bar()
 
 
-def _print_result(result) -> None:
-    """Strings are printed as they are; dicts as one JSON line (machine-readable, last line)."""
+def _as_text(result: Any) -> str | None:
+    """Strings are shown as they are; dicts as one JSON line (machine-readable, last line)."""
     if result is None:
-        return
+        return None
     if isinstance(result, dict):
-        print(json.dumps(result, default=str))
-    else:
-        print(result)
+        return json.dumps(result, default=str)
+    return str(result)
 
 
 if __name__ == "__main__":

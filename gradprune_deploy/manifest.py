@@ -344,13 +344,13 @@ class InspectConfig:
     json: bool = field(default=False, metadata={"help": "print the whole manifest as JSON"})
 
     def __post_init__(self):
-        from .cli_args import validate_fields
+        from .config_schema import validate_fields
 
         validate_fields(self)
         if not self.checkpoint:
             raise GradPruneError("give the checkpoint directory: gradprune inspect DIR")
 
 
-def inspect_from_config(config: InspectConfig) -> str:
+def inspect(config: InspectConfig) -> str:
     manifest = Manifest.read(config.checkpoint)
     return manifest.to_json().rstrip() if config.json else summarize(manifest)

@@ -288,8 +288,3 @@ def bench(config: BenchConfig) -> dict[str, Any]:
         # written after every backend, so a later backend's failure keeps the ones already measured
         written = report_lib.write_report(report, out_dir, plot=config.plot)
     return written
-
-
-def bench_from_config(config: BenchConfig) -> dict[str, Any]:
-    """The `gradprune bench` subcommand: the report dict, printed as the last stdout line."""
-    return bench(config)

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gradprune_deploy.cli_args import validate_fields
+from gradprune_deploy.config_schema import validate_fields
 from gradprune_deploy.errors import ConfigError
 
 BACKENDS = ("hf", "onnx", "vllm")

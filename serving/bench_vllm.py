@@ -1,6 +1,6 @@
 """The vLLM backend of `gradprune bench`: two servers, driven by vLLM's own benchmark client.
 
-Both servers (dense, pruned) are started by `serving.vllm_server.start_server` with the same
+Both servers (dense, pruned) are started by `gradprune_deploy.runtime.vllm_server.start_server` with the same
 settings (dtype, max model length, KV-cache size) and kept alive together; requests go to one
 at a time. Each round runs, A B A B: a concurrency-1 pass over the prompts on dense, then on
 pruned, then a concurrency-N pass of `--num-requests` requests on dense, then on pruned. Every

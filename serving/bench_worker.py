@@ -121,12 +121,12 @@ class HfRunner:
 
 
 class OnnxRunner:
-    """The exported graph through serving.onnx_runtime.OnnxCausalLM (prefill, then one decode per token)."""
+    """The exported graph through gradprune_deploy.runtime.onnx_runtime.OnnxCausalLM (prefill, then one decode per token)."""
 
     def __init__(self, onnx_dir: str, *, device: str, threads: int = 0):
         import numpy as np
 
-        from serving.onnx_runtime import OnnxCausalLM
+        from gradprune_deploy.runtime.onnx_runtime import OnnxCausalLM
 
         self.np = np
         self.device = device

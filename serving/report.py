@@ -12,7 +12,7 @@ where each metric entry is
      "ratio": pruned median / dense median, "ideal_name", "ideal", "delta": ratio - ideal}
 
 Files written into `<pruned checkpoint>/bench/` by default, where the Hub exporter's model card
-looks for them (exporters/checkpoint.py `find_reports`): `report.json`, `report.md` (which embeds
+looks for them (gradprune_deploy/checkpoint.py `find_reports`): `report.json`, `report.md` (which embeds
 `report.png`), `report.png`. A run for one backend keeps the other backends' results already
 in `report.json` when it is for the same dense/pruned pair, so backends can be measured one
 command at a time (each backend records its own settings, time and load average).

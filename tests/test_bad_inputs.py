@@ -487,10 +487,9 @@ sys.exit(1)
 
 
 def test_serve_start_up_failure_is_one_line_with_the_log(tiny, tmp_path, isolated_tmp, monkeypatch, capsys):
-    import exporters.vllm
-    import serving.vllm_server as vllm_server
+    import gradprune_deploy.runtime.vllm_server as vllm_server
 
-    monkeypatch.setattr(exporters.vllm, "supported_architectures", lambda: {"LlamaForCausalLM"})
+    monkeypatch.setattr(vllm_server, "supported_architectures", lambda: {"LlamaForCausalLM"})
     monkeypatch.setattr(vllm_server, "server_command", lambda *a, **k: [sys.executable, "-c", FAKE_VLLM])
     log = tmp_path / "server.log"
     code = main(

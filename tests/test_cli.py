@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gradprune_deploy.cli import main
+from gradprune_deploy.cli import COMMANDS, build_parser, load_command, main
 from tests.conftest import SHARED_DATA
 
 SST2 = str(SHARED_DATA / "sst2")
@@ -188,14 +188,12 @@ def test_unknown_command_and_help(capsys):
     assert "compress" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", sorted(__import__("gradprune_deploy.cli", fromlist=["COMMANDS"]).COMMANDS))
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_in_the_table_resolves_and_prints_help(command, capsys):
     """The command table is the CLI: each entry's config and function import, and --help prints (a bare
     `%` in a help string once crashed `compress --help`)."""
-    from gradprune_deploy.cli import COMMANDS, _load, build_parser
-
-    config_ref, function_ref, _ = COMMANDS[command]
-    assert callable(_load(function_ref)) and _load(config_ref) is build_parser(command)[1]
+    spec = load_command(command)
+    assert callable(spec.run) and spec.config is build_parser(command)[1]
     assert main([*command.split(), "--help"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith(f"usage: gradprune {command}") and not captured.err
@@ -210,7 +208,7 @@ def test_usage_errors_are_one_line_naming_the_flag(capsys):
 
 
 def test_yaml_booleans_are_only_true_and_false(tmp_path, capsys):
-    from gradprune_deploy.cli_args import read_yaml_recipe
+    from gradprune_deploy.config_schema import read_yaml_recipe
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("overwrite: false\nplot: True\nlearning_rate: 2e-4\nsplit: on\nseed: 1_000\n")
@@ -228,7 +226,7 @@ def test_python_api_shares_the_typed_validation():
     from gradprune_deploy.compress.config import CompressConfig
     from gradprune_deploy.errors import ConfigError
     from serving.bench import BenchConfig
-    from serving.vllm_server import ServeConfig
+    from serving.serve import ServeConfig
 
     with pytest.raises(ConfigError, match=r"^--drop-layers: expected an integer or auto, got 'two'$"):
         CompressConfig(out="o", drop_layers="two")
@@ -246,7 +244,7 @@ def test_python_api_shares_the_typed_validation():
 def test_words_of_text_options_reach_the_config_as_words(tmp_path):
     """`--merge-layers none` turns the merge off (the word is a value of a text option, not "unset")."""
     from gradprune_deploy.cli import build_parser
-    from gradprune_deploy.cli_args import build_config
+    from gradprune_deploy.config_schema import build_config
 
     parser, cls = build_parser("compress")
     for words, expected in ((["--merge-layers", "none"], "none"), (["--merge-layers", "2"], "2"), ([], "1")):

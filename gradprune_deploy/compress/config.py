@@ -1,6 +1,6 @@
 """CompressConfig: every option of `gradprune compress`, its CLI flag and its YAML recipe key.
 
-The same dataclass is the CLI (cli_args.py), the YAML schema and the Python API, so all three
+The same dataclass is the CLI (config_schema.py), the YAML schema and the Python API, so all three
 validate the same way, in `__post_init__`, before any model is loaded. `train_settings()` is the
 one place that turns it into the fine-tune settings (each default lives once, in TrainSettings).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..cli_args import validate_fields
+from ..config_schema import validate_fields
 from ..errors import ConfigError
 
 DEFAULT_DROP_RATIO = 0.4

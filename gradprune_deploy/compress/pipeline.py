@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -320,10 +321,8 @@ def compress(config: CompressConfig) -> dict:
     }
 
 
-def compress_from_config(config: CompressConfig) -> str:
-    """The CLI's view: the human summary (with the quality ledger), then one JSON line."""
-    import json
-
-    result = compress(config)
+def present_compress(result: dict) -> str:
+    """The CLI's view of compress's result: the human summary (with the quality ledger), then one JSON line."""
+    result = dict(result)
     manifest = result.pop("manifest")
     return summarize(manifest) + "\n" + json.dumps(result, default=str)

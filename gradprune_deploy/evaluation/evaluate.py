@@ -76,7 +76,7 @@ class EvalConfig:
     allow_pickle: bool = field(default=False, metadata={"help": "allow pickled (.bin) weights"})
 
     def __post_init__(self):
-        from ..cli_args import validate_fields
+        from ..config_schema import validate_fields
 
         validate_fields(self)  # types, choices and booleans, as for the CLI and a YAML recipe
         if not self.data:

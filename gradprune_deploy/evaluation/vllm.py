@@ -9,7 +9,7 @@ boundary; ids rule that out, so the two backends see identical inputs. Generatio
 (`temperature=0`), the server returns the generated ids (`return_token_ids`), and both backends
 cut at the first eos id and decode with the same tokenizer (`skip_special_tokens=True`).
 
-The server comes from `serving.vllm_server.start_server(model_dir, ...)` (a context manager
+The server comes from `gradprune_deploy.runtime.vllm_server.start_server(model_dir, ...)` (a context manager
 yielding an object with `.base_url` and `.model`), or is an already running one (`server_url`).
 """
 
@@ -22,7 +22,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 
-from ..errors import ConfigError, ServingError
+from ..errors import ServingError
+from ..runtime.vllm_server import start_server
 from .hf import cut_at_eos
 
 logger = logging.getLogger(__name__)
@@ -67,15 +68,6 @@ def vllm_endpoint(model_dir: str, *, server_url: str | None, dtype: str, max_mod
     if server_url:
         yield api_root(server_url), served_model_name(server_url)
         return
-    try:
-        from serving.vllm_server import start_server
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("serving"):
-            raise ConfigError(
-                "--backend vllm needs serving/vllm_server.py from this project: reinstall gradprune-deploy, "
-                "or pass --server-url of a running vLLM server"
-            ) from None
-        raise
     with start_server(model_dir, dtype=dtype, max_model_len=max_model_len) as server:
         yield api_root(server.base_url), server.model
 

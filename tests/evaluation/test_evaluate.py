@@ -389,7 +389,7 @@ def test_vllm_exact_agrees_with_transformers(smollm2_dir):
     may flip under different kernels), and exact-match accuracy differs by at most 1/8.
     """
     pytest.importorskip("vllm")
-    pytest.importorskip("serving.vllm_server")
+    pytest.importorskip("gradprune_deploy.runtime.vllm_server")
     from gradprune_deploy.evaluation.vllm import vllm_endpoint, vllm_greedy_generate
 
     model, tokenizer = load_model_and_tokenizer(smollm2_dir, dtype="float32")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from exporters.checkpoint import inspect_checkpoint
+from gradprune_deploy.checkpoint import inspect_checkpoint
 from exporters.hub import build_model_card
 from exporters.model_card import redact
 from gradprune_deploy.errors import GradPruneError, ModelLoadError

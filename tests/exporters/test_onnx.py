@@ -16,7 +16,7 @@ from exporters import onnx as onnx_exporter  # noqa: E402
 from exporters.onnx import export_onnx, validate_export  # noqa: E402
 from gradprune_deploy.cli import main  # noqa: E402
 from gradprune_deploy.errors import ArchitectureError, ExportError, ModelLoadError, OutputExistsError  # noqa: E402
-from serving.onnx_runtime import OnnxCausalLM  # noqa: E402
+from gradprune_deploy.runtime.onnx_runtime import OnnxCausalLM  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog because", "1 2 3"]

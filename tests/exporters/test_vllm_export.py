@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from exporters.vllm import check_vllm_compatible
 from gradprune_deploy.cli import main
 from gradprune_deploy.errors import ArchitectureError, ModelLoadError
+from gradprune_deploy.runtime.vllm_server import check_vllm_compatible
 
 pytest.importorskip("vllm")
 

