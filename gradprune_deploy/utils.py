@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,6 +52,14 @@ def require(module: str, extra: str) -> None:
     """Raise a one-line error naming the extra that provides `module`."""
     if not is_available(module):
         raise MissingDependencyError(f"`{module}` is not installed: pip install 'gradprune-deploy[{extra}]'")
+
+
+def optional_import(module: str, extra: str) -> types.ModuleType:
+    """Import a heavy optional dependency (vllm, onnxruntime, onnx, matplotlib, lm_eval) where it is
+    used, raising one line that names the extra to install when it is missing. The one lazy import:
+    everything else, the project's own modules included, is imported at the top of its file."""
+    require(module, extra)
+    return importlib.import_module(module)
 
 
 def _first_existing(path: Path) -> Path:
