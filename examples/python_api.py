@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gradprune_deploy import CompressConfig, Manifest, compress, evaluate
+from gradprune_deploy import CompressConfig, EvalConfig, Manifest, compress, evaluate
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"  # ../shared/data beside the clone
 
@@ -46,7 +46,7 @@ def main() -> None:
     )
     for stage, numbers in result["quality"].items():
         print(f"validation {stage:<10} loss {numbers['loss']:.3f}  accuracy {numbers['accuracy']:.3f}")
-    test = evaluate(args.out, data=args.data, split="test", metric="choice", limit=args.test_rows)
+    test = evaluate(EvalConfig(args.out, data=args.data, split="test", metric="choice", limit=args.test_rows))
     print(f"test accuracy of the pruned model on {test['n']} rows: {test['value']:.3f}")
 
 

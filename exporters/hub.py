@@ -15,9 +15,22 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import huggingface_hub
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, constants
+from huggingface_hub.errors import HfHubHTTPError
+
+from gradprune_deploy.checkpoint import CheckpointInfo, inspect_checkpoint
 from gradprune_deploy.config_schema import validate_fields
 from gradprune_deploy.errors import ConfigError, ExportError, first_line
-from gradprune_deploy.manifest import MANIFEST_NAME
+from gradprune_deploy.layout import MANIFEST
+from gradprune_deploy.loading import check_weights_cover_model
+
+from .model_card import build_card_text, redact
+
+try:
+    import httpx2 as httpx
+except ImportError:  # older huggingface_hub releases use httpx
+    import httpx
 
 logger = logging.getLogger(__name__)
 
@@ -59,27 +72,18 @@ class HubExportConfig:
 
 
 def _resolve_token(token: str | None) -> str:
-    from huggingface_hub import get_token
-
-    token = token or get_token()  # HF_TOKEN, then the `hf auth login` cache
+    token = token or huggingface_hub.get_token()  # HF_TOKEN, then the `hf auth login` cache (looked up when called)
     if not token:
         raise ConfigError("no Hugging Face token: set HF_TOKEN, run `hf auth login`, or pass --token (nothing was uploaded)")
     return token
 
 
 def _resolve_endpoint(endpoint: str | None) -> str:
-    from huggingface_hub import constants
-
     return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
-def build_model_card(checkpoint_dir: str | os.PathLike, *, repo_id: str):
+def build_model_card(checkpoint_dir: str | os.PathLike, *, repo_id: str) -> ModelCard:
     """The generated model card (huggingface_hub.ModelCard) for `checkpoint_dir`; reads files only."""
-    from huggingface_hub import ModelCard
-
-    from gradprune_deploy.checkpoint import inspect_checkpoint
-    from .model_card import build_card_text
-
     return ModelCard(build_card_text(inspect_checkpoint(checkpoint_dir), repo_id=validate_repo_id(repo_id)))
 
 
@@ -95,10 +99,6 @@ def files_to_upload(checkpoint_dir: Path) -> list[str]:
 
 def _explain(exc: Exception, *, endpoint: str, repo_id: str, token: str) -> ExportError:
     """One line naming the fix, without the token (HTTP errors can quote request details)."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    from .model_card import redact
-
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(exc, HfHubHTTPError) and status == 401:
         msg = f"the Hub at {endpoint} rejected the token (401): check HF_TOKEN / `hf auth login` / --token"
@@ -118,10 +118,6 @@ def _explain(exc: Exception, *, endpoint: str, repo_id: str, token: str) -> Expo
 
 
 def _is_network_error(exc: BaseException) -> bool:
-    try:
-        import httpx2 as httpx
-    except ImportError:  # older huggingface_hub releases use httpx
-        import httpx
     while exc is not None:
         if isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError)):
             return True
@@ -138,33 +134,9 @@ def public_manifest(text: str) -> str:
     return _LOCAL_PATH.sub(lambda m: m.group(1) or ".", text)
 
 
-def push_to_hub(
-    checkpoint_dir: str | os.PathLike,
-    *,
-    repo_id: str,
-    token: str | None = None,
-    private: bool = False,
-    revision: str | None = None,
-    commit_message: str | None = None,
-    endpoint: str | None = None,
-) -> str:
-    """Create `repo_id` if needed and commit the checkpoint + model card in one commit; return its URL.
-
-    Everything that can be checked locally (repo id, token, checkpoint, card) is checked before the
-    first request, so a bad input uploads nothing.
-    """
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    from gradprune_deploy.loading import check_weights_cover_model
-
-    from gradprune_deploy.checkpoint import inspect_checkpoint
-    from .model_card import build_card_text
-
-    validate_repo_id(repo_id)
-    info = inspect_checkpoint(checkpoint_dir)
-    check_weights_cover_model(info.path)  # never publish a checkpoint that would load with random tensors
-    token = _resolve_token(token)
-    endpoint = _resolve_endpoint(endpoint)
+def _commit_operations(info: CheckpointInfo, *, repo_id: str, token: str) -> tuple[list[CommitOperationAdd], int]:
+    """The generated card plus every checkpoint file (gradprune.json with local paths reduced), and
+    the bytes uploaded; refuses a file that holds the token."""
     card = build_card_text(info, repo_id=repo_id, secrets=(token,))
     files = files_to_upload(info.path)
     for rel in files:  # a token must never travel inside an uploaded file
@@ -175,39 +147,36 @@ def push_to_hub(
     operations += [
         CommitOperationAdd(
             path_in_repo=rel,
-            path_or_fileobj=public_manifest((info.path / rel).read_text()).encode() if rel == MANIFEST_NAME else str(info.path / rel),
+            path_or_fileobj=public_manifest((info.path / rel).read_text()).encode() if rel == MANIFEST else str(info.path / rel),
         )
         for rel in files
     ]
-    message = commit_message or f"Upload {info.path.name} (gradprune)"
+    return operations, sum((info.path / f).stat().st_size for f in files)
+
+
+def export_hub(config: HubExportConfig) -> str:
+    """`gradprune export hub`: create the repo if needed and commit the checkpoint + model card in one
+    commit; return the commit URL.
+
+    Everything that can be checked locally (repo id, token, checkpoint, card) is checked before the
+    first request, so a bad input uploads nothing.
+    """
+    repo_id = validate_repo_id(config.repo_id)
+    info = inspect_checkpoint(config.checkpoint)
+    check_weights_cover_model(info.path)  # never publish a checkpoint that would load with random tensors
+    token = _resolve_token(config.token)
+    endpoint = _resolve_endpoint(config.endpoint)
+    operations, size = _commit_operations(info, repo_id=repo_id, token=token)
+    message = config.commit_message or f"Upload {info.path.name} (gradprune)"
 
     api = HfApi(endpoint=endpoint, token=token)
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        logger.info(
-            "pushing %d files (%.1f MB) to %s/%s",
-            len(operations),
-            sum((info.path / f).stat().st_size for f in files) / 1e6,
-            endpoint,
-            repo_id,
-        )
-        commit = api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision, repo_type="model")
+        api.create_repo(repo_id, private=config.private, exist_ok=True, repo_type="model")
+        if config.revision and config.revision != "main":
+            api.create_branch(repo_id, branch=config.revision, exist_ok=True)
+        logger.info("pushing %d files (%.1f MB) to %s/%s", len(operations), size / 1e6, endpoint, repo_id)
+        commit = api.create_commit(repo_id, operations=operations, commit_message=message, revision=config.revision, repo_type="model")
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line naming the fix
         raise _explain(exc, endpoint=endpoint, repo_id=repo_id, token=token) from None
     logger.info("pushed %s: %s", repo_id, commit.commit_url)
     return commit.commit_url
-
-
-def export_hub(config: HubExportConfig) -> str:
-    """`gradprune export hub`: push and print the commit URL."""
-    return push_to_hub(
-        config.checkpoint,
-        repo_id=config.repo_id,
-        token=config.token,
-        private=config.private,
-        revision=config.revision,
-        commit_message=config.commit_message,
-        endpoint=config.endpoint,
-    )

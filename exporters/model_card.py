@@ -14,12 +14,18 @@ import re
 from pathlib import Path
 from typing import Any
 
-from gradprune_deploy.manifest import MANIFEST_NAME, DataRecord, Manifest, QualityLedger, QualityPoint
+from huggingface_hub import EvalResult, ModelCardData
 
+from gradprune_deploy.bundled import DATA_DESCRIPTIONS, is_bundled
 from gradprune_deploy.checkpoint import CheckpointInfo, find_reports
+from gradprune_deploy.data import data_name as short_data_name
+from gradprune_deploy.data import dir_has_chat_template
+from gradprune_deploy.formatting import fmt
+from gradprune_deploy.layout import BENCH_DIR, LAYER_PLOT, MANIFEST
+from gradprune_deploy.manifest import DataRecord, Manifest, QualityLedger, QualityPoint
 
 # Data sources the compression stage bundles → the name a reader knows them by.
-BUNDLED_DATA = {"bundled:gsm8k": "GSM8K (Cobbe et al. 2021; the 1,000-problem sample bundled with gradprune-deploy)"}
+BUNDLED_DATA = DATA_DESCRIPTIONS
 STAGES = {
     "dense": "the base model, before pruning",
     "pruned": "after dropping (and merging) layers, before fine-tuning",
@@ -62,15 +68,13 @@ def hub_base_model(manifest: Manifest | None) -> str | None:
 
 
 def data_name(source: str) -> str:
-    """'../shared/data/sst2/train.jsonl' → 'sst2'; a Hub id stays as it is; bundled:gsm8k → 'GSM8K'."""
+    """How the card names a data source: bundled:gsm8k → 'GSM8K', a Hub id as it is, a local path by
+    the one short-name rule (gradprune_deploy.data.data_name: ../shared/data/sst2/train.jsonl → 'sst2')."""
     if source in BUNDLED_DATA:
         return BUNDLED_DATA[source].split(" ")[0]
-    if _is_hub_id(source) or source.startswith("bundled:"):
+    if _is_hub_id(source) or is_bundled(source):
         return source
-    p = Path(source)
-    if p.suffix and p.stem in ("train", "test", "validation", "valid", "dev", "eval"):
-        return p.parent.name or p.stem
-    return p.stem or source
+    return short_data_name(source) or source
 
 
 def _data_phrase(source: str) -> str:
@@ -79,7 +83,7 @@ def _data_phrase(source: str) -> str:
         return BUNDLED_DATA[source]
     if _is_hub_id(source):
         return f"[{source}](https://huggingface.co/datasets/{source})"
-    return f"`{data_name(source)}`" + ("" if source.startswith("bundled:") else " (a local dataset)")
+    return f"`{data_name(source)}`" + ("" if is_bundled(source) else " (a local dataset)")
 
 
 def _model_phrase(m: Manifest) -> str:
@@ -87,7 +91,7 @@ def _model_phrase(m: Manifest) -> str:
     if hub_id:
         return f"[{hub_id}](https://huggingface.co/{hub_id})"
     base = m.base_model or "a base model"
-    return f"`{base if base.startswith('bundled:') else Path(base).name or base}`"
+    return f"`{base if is_bundled(base) else Path(base).name or base}`"
 
 
 def _fmt_params(n: Any) -> str:
@@ -100,19 +104,13 @@ def _fmt_value(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _fmt(v: float | None, spec: str) -> str:
-    return "–" if v is None else format(v, spec)
-
-
 def final_point(m: Manifest) -> QualityPoint | None:
     """The ledger point measured on the model this checkpoint holds (recovered, or pruned with no fine-tune)."""
     return m.final_quality
 
 
 # ── metadata ──────────────────────────────────────────────────────────────────
-def _eval_results(info: CheckpointInfo):
-    from huggingface_hub import EvalResult
-
+def _eval_results(info: CheckpointInfo) -> list[EvalResult]:
     results = []
     m, point = info.manifest, final_point(info.manifest) if info.manifest else None
     if point and m.data.source:
@@ -152,10 +150,8 @@ def _eval_results(info: CheckpointInfo):
     return results
 
 
-def build_card_data(info: CheckpointInfo, *, repo_id: str):
+def build_card_data(info: CheckpointInfo, *, repo_id: str) -> ModelCardData:
     """ModelCardData: base_model, library_name, pipeline_tag, tags, datasets, metrics, eval results."""
-    from huggingface_hub import ModelCardData
-
     m = info.manifest
     model_name = repo_id.split("/")[-1]
     datasets = [m.data.source] if m and _is_hub_id(m.data.source) else [m.hub_dataset] if m and m.hub_dataset else None
@@ -186,7 +182,7 @@ def _summary(info: CheckpointInfo, repo_id: str) -> str:
     if m is None:
         lines.append(
             f"A {info.architecture or 'causal LM'} checkpoint with {info.num_layers} decoder layers, exported with "
-            "gradprune-deploy. It has no `gradprune.json`, so how it was compressed is not recorded."
+            f"gradprune-deploy. It has no `{MANIFEST}`, so how it was compressed is not recorded."
         )
         return "\n".join(lines)
     if m.quality and m.quality.warning:
@@ -286,7 +282,7 @@ def _data_section(m: Manifest | None) -> str:
 def _scrub(text: str, m: Manifest) -> str:
     """A free-text field with the data source's local path replaced by its display name."""
     source = m.data.source
-    if source and not _is_hub_id(source) and not source.startswith("bundled:"):
+    if source and not _is_hub_id(source) and not is_bundled(source):
         for form in {str(Path(source).expanduser().resolve()), source}:
             text = text.replace(form, data_name(source))
     return text
@@ -309,7 +305,7 @@ def _quality_section(ledger: QualityLedger | None, m: Manifest | None) -> str:
     final = final_point(m) if m else None
     for p in ledger.points:
         stage = f"**{p.stage}** (this checkpoint)" if p is final else p.stage
-        cells = [stage, STAGES.get(p.stage, ""), _fmt(p.loss, ".4f"), _fmt(p.perplexity, ".2f")]
+        cells = [stage, STAGES.get(p.stage, ""), fmt(p.loss, ".4f"), fmt(p.perplexity, ".2f")]
         if has_acc:
             cells.append("–" if p.accuracy is None else f"{100 * p.accuracy:.1f}% ± {100 * (p.accuracy_se or 0):.1f}")
         out.append("| " + " | ".join([*cells, f"{p.rows:,}"]) + " |")
@@ -321,7 +317,7 @@ def _quality_section(ledger: QualityLedger | None, m: Manifest | None) -> str:
 def _plots_section(info: CheckpointInfo, reports: dict[str, list[Path]]) -> str:
     if not reports["layer_plot"]:
         return ""
-    return "## Layer importance\n\n![Layer importance scores; dropped layers marked](layer_importance.png)"
+    return f"## Layer importance\n\n![Layer importance scores; dropped layers marked]({LAYER_PLOT})"
 
 
 def _evals_section(info: CheckpointInfo) -> str:
@@ -341,7 +337,8 @@ def _bench_section(reports: dict[str, list[Path]]) -> str:
     if reports["bench_md"]:
         text = reports["bench_md"][0].read_text()
         text = re.sub(r"^(#+)", r"#\1", text, flags=re.M)  # nest its headings under ours
-        text = re.sub(r"\]\((?![a-z]+:|/|bench/)([^)]+)\)", r"](bench/\1)", text)  # links are relative to bench/
+        bench = re.escape(BENCH_DIR)
+        text = re.sub(rf"\]\((?![a-z]+:|/|{bench}/)([^)]+)\)", rf"]({BENCH_DIR}/\1)", text)  # links are relative to bench/
         out.append(text.strip())
     elif reports["bench_json"]:
         try:
@@ -353,14 +350,12 @@ def _bench_section(reports: dict[str, list[Path]]) -> str:
             out += ["| measure | value |", "|---|---:|"] + [f"| {k} | {_fmt_value(v)} |" for k, v in scalars.items()]
     embedded = "\n".join(out)
     for plot in reports["bench_plots"]:
-        if f"bench/{plot.name}" not in embedded:
-            out.append(f"![{plot.stem}](bench/{plot.name})")
+        if f"{BENCH_DIR}/{plot.name}" not in embedded:
+            out.append(f"![{plot.stem}]({BENCH_DIR}/{plot.name})")
     return "## Benchmarks\n\n" + "\n\n".join(out) if out else ""
 
 
 def _usage_section(info: CheckpointInfo, repo_id: str) -> str:
-    from gradprune_deploy.data import dir_has_chat_template  # data imports torch: only when a card is written
-
     chat = dir_has_chat_template(info.path)
     prompt = (
         'messages = [{"role": "user", "content": "What is layer pruning?"}]\n'
@@ -434,7 +429,7 @@ def _provenance_section(info: CheckpointInfo) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in m.versions.items())
     processes = f", {m.world_size} processes" if m.world_size > 1 else ""
     out.append(f"- Seed {m.seed}{processes}" + (f"; {versions}" if versions else ""))
-    out += ["", f"The full record (scores, settings, timings, versions) is in [`{MANIFEST_NAME}`]({MANIFEST_NAME})."]
+    out += ["", f"The full record (scores, settings, timings, versions) is in [`{MANIFEST}`]({MANIFEST})."]
     return "\n".join(out)
 
 

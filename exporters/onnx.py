@@ -26,11 +26,20 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
+import torch
+import transformers
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from gradprune_deploy.checkpoint import CheckpointInfo, inspect_checkpoint
 from gradprune_deploy.config_schema import validate_fields
 from gradprune_deploy.errors import ArchitectureError, ConfigError, ExportError, first_line
-from gradprune_deploy.utils import atomic_output_dir, check_output_dir, require
+from gradprune_deploy.layout import ONNX_GRAPH, ONNX_METADATA
+from gradprune_deploy.loading import check_weights_cover_model, load_model_and_tokenizer
+from gradprune_deploy.runtime.onnx_runtime import OnnxCausalLM, positions_from_mask
+from gradprune_deploy.utils import atomic_output_dir, check_output_dir, optional_import, require
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +79,8 @@ class OnnxExportConfig:
             raise ConfigError(f"--new-tokens must be at least 1, got {self.new_tokens}")
 
 
-def _check_exportable(info) -> None:
+def _check_exportable(info: CheckpointInfo) -> None:
     """Text-only decoder LMs; checked from config.json before any weight is loaded."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     config = info.config
     if (
         config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -89,8 +96,6 @@ def _check_exportable(info) -> None:
 
 def _sample_inputs(model) -> dict:
     """A 2-token step over a 5-token left-padded prefill: every axis that varies has a size > 1."""
-    import torch
-
     vocab = model.config.vocab_size
     ids = (torch.arange(10).reshape(2, 5) * 7 + 3) % vocab
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
@@ -116,11 +121,10 @@ def _sample_inputs(model) -> dict:
 
 def _dynamic_shapes(inputs: dict) -> dict:
     """Batch, query length and past length dynamic; heads and head_dim static (faster, smaller graph)."""
-    import torch
-    from transformers.exporters.exporter_dynamo import get_auto_dynamic_shapes
-
+    # transformers.exporters imports onnx and onnxscript: the onnx extra
+    dynamo = optional_import("transformers.exporters.exporter_dynamo", "onnx")
     dyn = torch.export.Dim.DYNAMIC
-    cache_leaves = get_auto_dynamic_shapes(inputs["past_key_values"])
+    cache_leaves = dynamo.get_auto_dynamic_shapes(inputs["past_key_values"])
     return {
         "input_ids": {0: dyn, 1: dyn},
         "attention_mask": {0: dyn, 1: dyn},
@@ -144,17 +148,16 @@ def _quiet_loggers(*names: str):
 
 
 def _trace_to_onnx(model, path: Path, *, opset: int | None) -> None:
-    from transformers.exporters import OnnxConfig, OnnxExporter
-
+    exporters = optional_import("transformers.exporters", "onnx")  # it imports onnx and onnxscript
     captured = io.StringIO()
     try:
         inputs = _sample_inputs(model)
-        config = OnnxConfig(
+        config = exporters.OnnxConfig(
             dynamic=True, dynamic_shapes=_dynamic_shapes(inputs), output_path=str(path), opset_version=opset, external_data=True
         )
         # torch.onnx prints its progress, and the CLI's stdout is the result: keep it for -v instead
         with contextlib.redirect_stdout(captured), _quiet_loggers("onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
-            OnnxExporter().export(model, copy.copy(inputs), config=config)
+            exporters.OnnxExporter().export(model, copy.copy(inputs), config=config)
     except ArchitectureError:
         raise
     except Exception as exc:  # noqa: BLE001 - tracing failures are many and deep (TypeError included); report the first line
@@ -163,20 +166,8 @@ def _trace_to_onnx(model, path: Path, *, opset: int | None) -> None:
     logger.debug("exporter output:\n%s", captured.getvalue())
 
 
-def validate_export(
-    export_dir: str | os.PathLike, model, tokenizer, *, atol: float, new_tokens: int = 8, prompts: tuple[str, ...] = VALIDATION_PROMPTS
-) -> dict:
-    """Compare the export in `export_dir` with `model`; return the numbers, raise ExportError on mismatch."""
-    import numpy as np
-    import torch
-
-    from gradprune_deploy.runtime.onnx_runtime import OnnxCausalLM, positions_from_mask
-
-    lm = OnnxCausalLM(export_dir)
-    tokenizer.padding_side = "left"
-    batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    real = mask.numpy().astype(bool)
+def _torch_reference(model, ids: torch.Tensor, mask: torch.Tensor, *, new_tokens: int, lm: OnnxCausalLM):
+    """PyTorch's prompt logits and its greedy generation (tokens and per-step logits)."""
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=torch.from_numpy(positions_from_mask(mask.numpy()))).logits
         gen = model.generate(
@@ -189,15 +180,45 @@ def validate_export(
             pad_token_id=lm.pad_token_id,
             eos_token_id=lm.eos_token_id,
         )
-    prefill_diff = float(np.abs(lm.logits(ids.numpy(), mask.numpy()) - ref.float().numpy())[real].max())
+    return ref, gen
 
-    # Decode steps, teacher-forced with PyTorch's tokens, so every step compares the same inputs.
-    torch_tokens = gen.sequences[:, ids.shape[1] :].numpy()
-    logits, state = lm.prefill(ids.numpy(), mask.numpy())
-    decode_diff = 0.0
+
+def _decode_diff(lm: OnnxCausalLM, ids: np.ndarray, mask: np.ndarray, torch_tokens: np.ndarray, torch_logits) -> float:
+    """Max |Δ logits| over the decode steps, teacher-forced with PyTorch's tokens, so every step compares the same inputs."""
+    _, state = lm.prefill(ids, mask)
+    diff = 0.0
     for step in range(1, torch_tokens.shape[1]):  # finished rows get the pad token in both, so all rows compare
         logits = lm.decode(torch_tokens[:, step - 1], state)
-        decode_diff = max(decode_diff, float(np.abs(logits - gen.logits[step].float().numpy()).max()))
+        diff = max(diff, float(np.abs(logits - torch_logits[step].float().numpy()).max()))
+    return diff
+
+
+def _mismatches(report: dict, prompts: tuple[str, ...], onnx_tokens: np.ndarray, torch_tokens: np.ndarray) -> list[str]:
+    prefill_diff, decode_diff, atol = report["max_abs_diff_prefill_logits"], report["max_abs_diff_decode_logits"], report["atol"]
+    problems = []
+    if max(prefill_diff, decode_diff) > atol:
+        problems.append(f"max |Δ logits| prefill {prefill_diff:.3g}, decode {decode_diff:.3g} > atol {atol:g}")
+    if not report["greedy_tokens_identical"]:
+        row = next(r for r in range(len(prompts)) if onnx_tokens.shape != torch_tokens.shape or (onnx_tokens[r] != torch_tokens[r]).any())
+        problems.append(
+            f"greedy tokens differ for prompt {prompts[row]!r}: onnx {onnx_tokens[row].tolist()} vs torch {torch_tokens[row].tolist()}"
+        )
+    return problems
+
+
+def validate_export(
+    export_dir: str | os.PathLike, model, tokenizer, *, atol: float, new_tokens: int = 8, prompts: tuple[str, ...] = VALIDATION_PROMPTS
+) -> dict:
+    """Compare the export in `export_dir` with `model`; return the numbers, raise ExportError on mismatch."""
+    lm = OnnxCausalLM(export_dir)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    real = mask.numpy().astype(bool)
+    ref, gen = _torch_reference(model, ids, mask, new_tokens=new_tokens, lm=lm)
+    prefill_diff = float(np.abs(lm.logits(ids.numpy(), mask.numpy()) - ref.float().numpy())[real].max())
+    torch_tokens = gen.sequences[:, ids.shape[1] :].numpy()
+    decode_diff = _decode_diff(lm, ids.numpy(), mask.numpy(), torch_tokens, gen.logits)
     onnx_tokens = lm.generate(ids.numpy(), mask.numpy(), max_new_tokens=new_tokens)
     same = onnx_tokens.shape == torch_tokens.shape and bool((onnx_tokens == torch_tokens).all())
     report = {
@@ -215,14 +236,7 @@ def validate_export(
         atol,
         same,
     )
-    problems = []
-    if max(prefill_diff, decode_diff) > atol:
-        problems.append(f"max |Δ logits| prefill {prefill_diff:.3g}, decode {decode_diff:.3g} > atol {atol:g}")
-    if not same:
-        row = next(r for r in range(len(prompts)) if onnx_tokens.shape != torch_tokens.shape or (onnx_tokens[r] != torch_tokens[r]).any())
-        problems.append(
-            f"greedy tokens differ for prompt {prompts[row]!r}: onnx {onnx_tokens[row].tolist()} vs torch {torch_tokens[row].tolist()}"
-        )
+    problems = _mismatches(report, prompts, onnx_tokens, torch_tokens)
     if problems:
         raise ExportError(
             "ONNX export does not match PyTorch: "
@@ -232,78 +246,69 @@ def validate_export(
     return report
 
 
-def export_onnx(
-    checkpoint_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    dtype: str = "float32",
-    opset: int | None = None,
-    validate: bool = True,
-    overwrite: bool = False,
-    atol: float | None = None,
-    new_tokens: int = 8,
-) -> dict:
-    """Export `checkpoint_dir` to `out_dir` (atomically) and validate it; return a summary with the numbers."""
+def export_onnx(config: OnnxExportConfig) -> dict[str, Any]:
+    """`gradprune export onnx`: export `config.checkpoint` to `config.out` (atomically) and validate it;
+    return a summary with the numbers (also written to gradprune_onnx.json)."""
     for module in ("onnx", "onnxscript", "onnxruntime"):
         require(module, "onnx")
-    if dtype not in DEFAULT_ATOL:
-        raise ConfigError(f"--dtype {dtype} is not supported for ONNX: use float32 or float16")
-    from gradprune_deploy.loading import check_weights_cover_model, load_model_and_tokenizer
-
-    from gradprune_deploy.checkpoint import inspect_checkpoint
-
-    if new_tokens < 1:
-        raise ConfigError(f"--new-tokens must be at least 1, got {new_tokens}")
-    if atol is not None and not atol > 0:
-        raise ConfigError(f"--atol must be positive, got {atol}")
-    if opset is not None and not 7 <= opset <= 30:
-        raise ConfigError(f"--opset {opset}: give an ONNX opset between 7 and 30, or leave it out for the newest")
-    info = inspect_checkpoint(checkpoint_dir)
+    info = inspect_checkpoint(config.checkpoint)
     _check_exportable(info)
     check_weights_cover_model(info.path)
-    check_output_dir(out_dir, overwrite=overwrite)  # fail before the slow part
-    atol = DEFAULT_ATOL[dtype] if atol is None else atol
+    check_output_dir(config.out, overwrite=config.overwrite)  # fail before the slow part
+    atol = DEFAULT_ATOL[config.dtype] if config.atol is None else config.atol
     # The temporary sibling exists from here on: an interruption or failure anywhere below removes it.
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        model, tokenizer = load_model_and_tokenizer(info.path, dtype=dtype)
-        model.config.use_cache = True
-        start = time.perf_counter()
-        logger.info("exporting %s (%d layers, %s) to ONNX", info.path.name, model.config.num_hidden_layers, dtype)
-        _trace_to_onnx(model, tmp / "model.onnx", opset=opset)
-        export_s = time.perf_counter() - start
-        model.config.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        summary = _write_metadata(tmp, info, model, tokenizer, dtype=dtype, opset=opset, export_s=export_s)
-        if validate:
-            try:
-                summary["validation"] = validate_export(tmp, model, tokenizer, atol=atol, new_tokens=new_tokens)
-            except ExportError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - onnxruntime could not run the graph: still an export failure
-                logger.debug("validation failure", exc_info=True)
-                raise ExportError(
-                    f"the ONNX graph of {type(model).__name__} does not run in onnxruntime: {first_line(exc)} "
-                    "(nothing was written; run with -v for the trace)"
-                ) from None
+    with atomic_output_dir(config.out, overwrite=config.overwrite) as tmp:
+        model, tokenizer = load_model_and_tokenizer(info.path, dtype=config.dtype)
+        summary = _export(model, tokenizer, info, tmp, dtype=config.dtype, opset=config.opset)
+        if config.validate:
+            summary["validation"] = _validate_or_explain(tmp, model, tokenizer, atol=atol, new_tokens=config.new_tokens)
             _update_metadata(tmp, validation=summary["validation"])
-    summary["out"] = str(Path(out_dir).expanduser().resolve())
+    summary["out"] = str(Path(config.out).expanduser().resolve())
     return summary
 
 
-def _write_metadata(out: Path, info, model, tokenizer, *, dtype: str, opset: int | None, export_s: float) -> dict:
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
+def present_export_onnx(summary: dict[str, Any]) -> str:
+    """The CLI's last line: the summary as one JSON object, without the graph's input/output names
+    (dozens of KV-cache names; they are in gradprune_onnx.json)."""
+    return json.dumps({k: v for k, v in summary.items() if k not in ("inputs", "outputs")}, default=str)
 
-    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+
+def _export(model, tokenizer, info: CheckpointInfo, out: Path, *, dtype: str, opset: int | None) -> dict[str, Any]:
+    """Trace the graph into `out`, save config, generation config and tokenizer beside it, write the metadata."""
+    model.config.use_cache = True
+    start = time.perf_counter()
+    logger.info("exporting %s (%d layers, %s) to ONNX", info.path.name, model.config.num_hidden_layers, dtype)
+    _trace_to_onnx(model, out / ONNX_GRAPH, opset=opset)
+    export_s = time.perf_counter() - start
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return _write_metadata(out, info, model, tokenizer, dtype=dtype, opset=opset, export_s=export_s)
+
+
+def _validate_or_explain(out: Path, model, tokenizer, *, atol: float, new_tokens: int) -> dict[str, Any]:
+    try:
+        return validate_export(out, model, tokenizer, atol=atol, new_tokens=new_tokens)
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime could not run the graph: still an export failure
+        logger.debug("validation failure", exc_info=True)
+        raise ExportError(
+            f"the ONNX graph of {type(model).__name__} does not run in onnxruntime: {first_line(exc)} "
+            "(nothing was written; run with -v for the trace)"
+        ) from None
+
+
+def _write_metadata(out: Path, info: CheckpointInfo, model, tokenizer, *, dtype: str, opset: int | None, export_s: float) -> dict:
+    onnx = optional_import("onnx", "onnx")
+    onnxruntime = optional_import("onnxruntime", "onnx")
+    graph = onnx.load(str(out / ONNX_GRAPH), load_external_data=False)
     gen = model.generation_config
     eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
     pad = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
     summary = {
         "format": "gradprune-onnx/1",
-        "graph": "model.onnx",
+        "graph": ONNX_GRAPH,
         "source": str(info.path),
         "architecture": info.architecture,
         "num_layers": model.config.num_hidden_layers,
@@ -320,29 +325,12 @@ def _write_metadata(out: Path, info, model, tokenizer, *, dtype: str, opset: int
             "onnxruntime": onnxruntime.__version__,
         },
     }
-    (out / "gradprune_onnx.json").write_text(json.dumps(summary, indent=2))
+    (out / ONNX_METADATA).write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def _update_metadata(out: Path, **values) -> None:
-    path = out / "gradprune_onnx.json"
+    path = out / ONNX_METADATA
     data = json.loads(path.read_text())
     data.update(values)
     path.write_text(json.dumps(data, indent=2))
-
-
-def export_onnx_from_config(config: OnnxExportConfig) -> dict:
-    """`gradprune export onnx`: export, validate, print the summary (with the validation numbers) as JSON."""
-    summary = export_onnx(
-        config.checkpoint,
-        config.out,
-        dtype=config.dtype,
-        opset=config.opset,
-        validate=config.validate,
-        overwrite=config.overwrite,
-        atol=config.atol,
-        new_tokens=config.new_tokens,
-    )
-    summary.pop("inputs", None)
-    summary.pop("outputs", None)
-    return summary

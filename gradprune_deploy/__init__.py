@@ -1,9 +1,15 @@
 """gradprune-deploy: GradPruner layer pruning for fine-tuned LLMs, and the tools to ship the result.
 
-The public API (imported lazily, so `gradprune --help` stays fast):
+The public API (imported lazily, so `gradprune --help` stays fast). Each command's function takes
+its config dataclass, the same schema as its CLI flags and a YAML recipe:
 
-    from gradprune_deploy import CompressConfig, compress, evaluate, load_model_and_tokenizer, Manifest
+    from gradprune_deploy import CompressConfig, EvalConfig, Manifest, compress, evaluate, load_model_and_tokenizer
+
+    compress(CompressConfig(data="../shared/data/sst2", out="runs/sst2-pruned"))
+    evaluate(EvalConfig("runs/sst2-pruned", data="../shared/data/sst2", metric="choice"))
 """
+
+import importlib
 
 __version__ = "0.3.0"
 
@@ -11,6 +17,7 @@ __version__ = "0.3.0"
 # runs compress.pipeline.compress (see compress/__init__.py), whichever way it was imported.
 _API = {
     "CompressConfig": "gradprune_deploy.compress.config",
+    "EvalConfig": "gradprune_deploy.evaluation.evaluate",
     "evaluate": "gradprune_deploy.evaluation.evaluate",
     "load_model_and_tokenizer": "gradprune_deploy.loading",
     "Manifest": "gradprune_deploy.manifest",
@@ -19,8 +26,6 @@ __all__ = ["compress", *_API]
 
 
 def __getattr__(name: str):
-    import importlib
-
     if name in _API:
         return getattr(importlib.import_module(_API[name]), name)
     if name == "compress":

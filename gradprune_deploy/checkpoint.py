@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradprune_deploy.errors import ModelLoadError
-from gradprune_deploy.manifest import Manifest
-from gradprune_deploy.safetensors_header import LAYER_KEY as _LAYER
-from gradprune_deploy.safetensors_header import read_safetensors_header, safetensors_files
+from . import layout
+from .errors import ModelLoadError
+from .manifest import Manifest
+from .safetensors_header import LAYER_KEY as _LAYER
+from .safetensors_header import read_safetensors_header, safetensors_files
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def inspect_checkpoint(checkpoint_dir: str | os.PathLike) -> CheckpointInfo:
     tensors: dict[str, tuple[str, list[int]]] = {}
     for name in files:
         tensors.update(read_safetensors_header(path / name))
-    evals = [e for p in sorted(path.glob("eval_*.json")) if isinstance(e := _read_json(p), dict)]
+    evals = [e for p in layout.eval_reports(path) if isinstance(e := _read_json(p), dict)]
     info = CheckpointInfo(path.resolve(), config, files, tensors, evals)
     check_layers_complete(info)
     return info
@@ -141,10 +142,10 @@ def check_layers_complete(info: CheckpointInfo) -> None:
 
 def find_reports(path: Path) -> dict[str, list[Path]]:
     """Plots and benchmark reports that belong on a model card: layer importance, bench/*."""
-    bench = path / "bench"
+    bench = layout.bench_dir(path)
     return {
-        "layer_plot": [p for p in [path / "layer_importance.png"] if p.is_file()],
+        "layer_plot": [p for p in [path / layout.LAYER_PLOT] if p.is_file()],
         "bench_plots": sorted(bench.glob("*.png")) if bench.is_dir() else [],
-        "bench_md": [p for p in [bench / "report.md"] if p.is_file()],
-        "bench_json": [p for p in [bench / "report.json"] if p.is_file()],
+        "bench_md": [p for p in [bench / layout.BENCH_REPORT_MD] if p.is_file()],
+        "bench_json": [p for p in [bench / layout.BENCH_REPORT_JSON] if p.is_file()],
     }

@@ -64,9 +64,9 @@ def _export_hub() -> Command:
 
 
 def _export_onnx() -> Command:
-    from exporters.onnx import OnnxExportConfig, export_onnx
+    from exporters.onnx import OnnxExportConfig, export_onnx, present_export_onnx
 
-    return Command(OnnxExportConfig, export_onnx)
+    return Command(OnnxExportConfig, export_onnx, present_export_onnx)
 
 
 def _export_vllm() -> Command:
@@ -192,47 +192,69 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command, rest = _split_command(argv)
     if command is None:
-        if argv and argv[0] not in ("-h", "--help", "help"):
-            _error(f"unknown command {' '.join(argv[:2])!r}: choose one of {', '.join(COMMANDS)} (see `gradprune --help`)")
-            return 2
-        print(_top_level_help())
-        return 0
+        return _without_command(argv)
     verbose = "-v" in rest or "--verbose" in rest
     with _signals_raise_interrupted():
         try:
-            parser, config_cls = build_parser(command)
-            try:
-                namespace = parser.parse_args(rest)
-            except SystemExit as exc:  # --help
-                return exc.code if isinstance(exc.code, int) else 0
-            _configure_logging(verbose=namespace._verbose, quiet=namespace._quiet)
-            config = build_config(config_cls, namespace, namespace._recipe)
-            spec = load_command(command)
-            result = spec.run(config)
-            raise_if_interrupted()  # a signal whose exception was swallowed: still no success
-        except GradPruneError as exc:
-            if verbose:
-                logging.getLogger(__name__).debug("error detail", exc_info=True)
-            _error(str(exc))
-            return 2
-        except Interrupted as exc:
-            _error(f"interrupted by {exc.signame}: stopped and cleaned up; no partial output was left")
-            return 128 + exc.signum
-        except KeyboardInterrupt:
-            _error("interrupted by SIGINT: stopped and cleaned up; no partial output was left")
-            return 130
-        except OSError as exc:
-            if exc.errno not in _USER_ERRNOS:
+            outcome = _parse_and_run(command, rest)
+        except (GradPruneError, KeyboardInterrupt, OSError) as exc:
+            status = _failure_status(exc, verbose=verbose)
+            if status is None:
                 raise
-            if verbose:
-                logging.getLogger(__name__).debug("error detail", exc_info=True)
-            where = f"{exc.filename}: " if exc.filename else ""
-            _error(f"{where}{exc.strerror or exc}: check the path, its permissions and the free disk space")
-            return 2
+            return status
+    if isinstance(outcome, int):  # --help
+        return outcome
+    spec, result = outcome
     text = spec.present(result)
     if text is not None:
         print(text)
     return 0
+
+
+def _without_command(argv: list[str]) -> int:
+    """`gradprune`, `gradprune --help`: the command list; an unknown command: one error line."""
+    if argv and argv[0] not in ("-h", "--help", "help"):
+        _error(f"unknown command {' '.join(argv[:2])!r}: choose one of {', '.join(COMMANDS)} (see `gradprune --help`)")
+        return 2
+    print(_top_level_help())
+    return 0
+
+
+def _parse_and_run(command: str, rest: list[str]) -> tuple[Command, Any] | int:
+    """Flags (+ recipe) → the validated config → the command's function: (its Command, its result),
+    or the exit status of `--help`."""
+    parser, config_cls = build_parser(command)
+    try:
+        namespace = parser.parse_args(rest)
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+    _configure_logging(verbose=namespace._verbose, quiet=namespace._quiet)
+    config = build_config(config_cls, namespace, namespace._recipe)
+    spec = load_command(command)
+    result = spec.run(config)
+    raise_if_interrupted()  # a signal whose exception was swallowed: still no success
+    return spec, result
+
+
+def _failure_status(exc: BaseException, *, verbose: bool) -> int | None:
+    """The exit status of a failure the user can act on, after its one `error:` line; None for a bug
+    (an OSError that is not about a path or the machine), which the caller re-raises as a traceback."""
+    if isinstance(exc, OSError) and exc.errno not in _USER_ERRNOS:
+        return None
+    if verbose and isinstance(exc, (GradPruneError, OSError)):
+        logging.getLogger(__name__).debug("error detail", exc_info=exc)
+    if isinstance(exc, GradPruneError):
+        _error(str(exc))
+        return 2
+    if isinstance(exc, Interrupted):
+        _error(f"interrupted by {exc.signame}: stopped and cleaned up; no partial output was left")
+        return 128 + exc.signum
+    if isinstance(exc, KeyboardInterrupt):
+        _error("interrupted by SIGINT: stopped and cleaned up; no partial output was left")
+        return 130
+    where = f"{exc.filename}: " if exc.filename else ""
+    _error(f"{where}{exc.strerror or exc}: check the path, its permissions and the free disk space")
+    return 2
 
 
 def _configure_logging(*, verbose: bool, quiet: bool) -> None:

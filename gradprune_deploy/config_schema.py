@@ -1,16 +1,18 @@
-"""Config dataclasses become CLI flags and YAML recipes: one schema, no hand-written parsers.
+"""The config-schema engine: a command's config dataclass becomes its CLI flags, its YAML recipe
+schema and its validation — one schema, no hand-written parsers.
 
-Each field's `metadata["help"]` is its help text; `metadata["positional"]` makes it a positional
-argument; `metadata["flag"]` overrides the flag name. A `--config recipe.yaml` file supplies
-values for any field (keys use the field names); flags given on the command line win.
-
-One typed check serves every way in: `validate_fields(config)` (first line of a config's
-`__post_init__`) checks each value against its annotation — bool is only True/False, an int is
-an int (not 2.5, not "2", not True), a float is any real number, a Literal is one of its
-choices, None only where the field is Optional or defaults to None — and raises one ConfigError
-naming the flag: `--drop-layers: expected an integer, got 'two'`. Command-line text is parsed
-into those types first (`parse_text`); YAML and Python values must already have them. YAML
-recipes are read with YAML 1.2 booleans (only true/false) and floats (`2e-4` is a number).
+- argparse: `add_dataclass_arguments(parser, cls)` adds one flag per field. Each field's
+  `metadata["help"]` is its help text; `metadata["positional"]` makes it a positional argument;
+  `metadata["flag"]` overrides the flag name; `metadata["cli"] = False` keeps it off the CLI.
+- YAML recipe: `--config recipe.yaml` supplies values for any field (keys use the field names);
+  `build_config(cls, namespace, recipe)` merges defaults < recipe < command-line flags.
+- Validation: one typed check serves every way in. `validate_fields(config)` (first line of a
+  config's `__post_init__`) checks each value against its annotation — bool is only True/False, an
+  int is an int (not 2.5, not "2", not True), a float is any real number, a Literal is one of its
+  choices, None only where the field is Optional or defaults to None — and raises one ConfigError
+  naming the flag: `--drop-layers: expected an integer, got 'two'`. Command-line text is parsed
+  into those types first (`parse_text`); YAML and Python values must already have them. YAML
+  recipes are read with YAML 1.2 booleans (only true/false) and floats (`2e-4` is a number).
 """
 
 from __future__ import annotations
@@ -81,48 +83,79 @@ def check_value(flag: str, tp: Any, value: Any, *, none_ok: bool = False) -> Any
         if optional or none_ok:
             return None
         raise ConfigError(f"{flag}: a value is required, got null")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        hint = " (write true or false, without quotes)" if isinstance(value, str) else ""
-        raise ConfigError(f"{flag}: expected true or false, got {_show(value)}{hint}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{flag}: expected an integer, got {_show(value)}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if math.isnan(value):
-                raise ConfigError(f"{flag}: expected a number, got nan")
-            return float(value)
-        raise ConfigError(f"{flag}: expected a number, got {_show(value)}")
-    if tp is str:
-        if isinstance(value, os.PathLike):
-            return os.fspath(value)
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # YAML `split: 2024` or `drop_layers: 2` where text is accepted: its text
-        raise ConfigError(f"{flag}: expected a string, got {_show(value)} (quote it in YAML)")
-    if get_origin(tp) in (typing.Union, types.UnionType):  # e.g. int | Literal["auto"]: the first member that fits
-        for member in get_args(tp):
-            try:
-                return check_value(flag, member, value)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{flag}: expected {_describe(tp)}, got {_show(value)}")
-    if get_origin(tp) is Literal:
-        choices = get_args(tp)
-        if any(value == c and type(value) is type(c) for c in choices):
-            return value
-        raise ConfigError(f"{flag}: expected one of {_choices_text(choices)}, got {_show(value)}")
-    if get_origin(tp) in (list, tuple):
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{flag}: expected a list, got {_show(value)}")
-        inner = (get_args(tp) or (Any,))[0]
-        items = [check_value(flag, inner, v) for v in value]
-        return type(value)(items) if get_origin(tp) is list else tuple(items)
+    if isinstance(tp, type) and tp in _SCALAR_CHECKS:
+        return _SCALAR_CHECKS[tp](flag, value)
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return _check_union(flag, tp, value)
+    if origin is Literal:
+        return _check_literal(flag, tp, value)
+    if origin in (list, tuple):
+        return _check_sequence(flag, tp, value)
     return value  # a type this schema does not describe: the config's own __post_init__ judges it
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_bool(flag: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    hint = " (write true or false, without quotes)" if isinstance(value, str) else ""
+    raise ConfigError(f"{flag}: expected true or false, got {_show(value)}{hint}")
+
+
+def _check_int(flag: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"{flag}: expected an integer, got {_show(value)}")
+
+
+def _check_float(flag: str, value: Any) -> float:
+    if not _is_number(value):
+        raise ConfigError(f"{flag}: expected a number, got {_show(value)}")
+    if math.isnan(value):
+        raise ConfigError(f"{flag}: expected a number, got nan")
+    return float(value)
+
+
+def _check_str(flag: str, value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, str):
+        return value
+    if _is_number(value):
+        return str(value)  # YAML `split: 2024` or `drop_layers: 2` where text is accepted: its text
+    raise ConfigError(f"{flag}: expected a string, got {_show(value)} (quote it in YAML)")
+
+
+_SCALAR_CHECKS = {bool: _check_bool, int: _check_int, float: _check_float, str: _check_str}
+
+
+def _check_union(flag: str, tp: Any, value: Any) -> Any:
+    """e.g. int | Literal["auto"]: the first member that fits."""
+    for member in get_args(tp):
+        try:
+            return check_value(flag, member, value)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{flag}: expected {_describe(tp)}, got {_show(value)}")
+
+
+def _check_literal(flag: str, tp: Any, value: Any) -> Any:
+    choices = get_args(tp)
+    if any(value == c and type(value) is type(c) for c in choices):
+        return value
+    raise ConfigError(f"{flag}: expected one of {_choices_text(choices)}, got {_show(value)}")
+
+
+def _check_sequence(flag: str, tp: Any, value: Any) -> list | tuple:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{flag}: expected a list, got {_show(value)}")
+    inner = (get_args(tp) or (Any,))[0]
+    items = [check_value(flag, inner, v) for v in value]
+    return type(value)(items) if get_origin(tp) is list else tuple(items)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -162,33 +195,49 @@ def parse_text(flag: str, tp: Any, text: str) -> Any:
     if optional and text.lower() in ("none", "null") and tp is not str:  # a text field keeps the word: --merge-layers none
         return None
     if tp is int:
-        try:
-            return int(text.replace("_", ""))
-        except ValueError:
-            raise ConfigError(f"{flag}: expected an integer, got {text!r}") from None
+        return _parse_int(flag, text)
     if tp is float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise ConfigError(f"{flag}: expected a number, got {text!r}") from None
-        if math.isnan(value):
-            raise ConfigError(f"{flag}: expected a number, got {text!r}")
-        return value
+        return _parse_float(flag, text)
     if get_origin(tp) is Literal:
-        for choice in get_args(tp):
-            if str(choice) == text:
-                return choice
-        raise ConfigError(f"{flag}: expected one of {_choices_text(get_args(tp))}, got {text!r}")
+        return _parse_literal(flag, tp, text)
     if get_origin(tp) in (typing.Union, types.UnionType):
-        for member in get_args(tp):
-            if member is type(None):
-                continue
-            try:
-                return parse_text(flag, member, text)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{flag}: expected {_describe(tp)}, got {text!r}")
+        return _parse_union(flag, tp, text)
     return text
+
+
+def _parse_int(flag: str, text: str) -> int:
+    try:
+        return int(text.replace("_", ""))
+    except ValueError:
+        raise ConfigError(f"{flag}: expected an integer, got {text!r}") from None
+
+
+def _parse_float(flag: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{flag}: expected a number, got {text!r}") from None
+    if math.isnan(value):
+        raise ConfigError(f"{flag}: expected a number, got {text!r}")
+    return value
+
+
+def _parse_literal(flag: str, tp: Any, text: str) -> Any:
+    for choice in get_args(tp):
+        if str(choice) == text:
+            return choice
+    raise ConfigError(f"{flag}: expected one of {_choices_text(get_args(tp))}, got {text!r}")
+
+
+def _parse_union(flag: str, tp: Any, text: str) -> Any:
+    for member in get_args(tp):
+        if member is type(None):
+            continue
+        try:
+            return parse_text(flag, member, text)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{flag}: expected {_describe(tp)}, got {text!r}")
 
 
 # -- argparse -----------------------------------------------------------------------------------

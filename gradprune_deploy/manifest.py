@@ -9,25 +9,26 @@ gradprune-deploy 0.1) by converting it, and refuses a newer schema with a clear 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import platform
+import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .bundled import KNOWN_DATASET_IDS, KNOWN_HUB_IDS  # re-exported: readers import them from here
+from .config_schema import validate_fields
 from .errors import GradPruneError
+from .formatting import fmt as _fmt
+from .formatting import help_field as _f
+from .layout import MANIFEST
 
-MANIFEST_NAME = "gradprune.json"
+MANIFEST_NAME = MANIFEST  # the name readers import from here; layout.py owns it
 SCHEMA_VERSION = 2
-KNOWN_HUB_IDS = {"bundled:SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-KNOWN_DATASET_IDS = {"bundled:gsm8k": "openai/gsm8k"}
-
-
-def _f(default=None, help_text: str = "", **kwargs):
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help_text}, **kwargs)
-    return field(default=default, metadata={"help": help_text}, **kwargs)
+# the CompressConfig fields that make up the requested cut (Manifest.budget)
+BUDGET_FIELDS = ("drop_ratio", "drop_layers", "target_params", "max_quality_drop", "quality_metric", "protect_first", "protect_last")
 
 
 @dataclass
@@ -104,6 +105,42 @@ class QualityLedger:
 
 
 @dataclass
+class ProposalRecord:
+    """One candidate cut `--scorer auto` or `--drop-layers auto` judged on the validation rows."""
+
+    scorer: str = _f("", "the scorer whose ranking proposed the cut")
+    dropped: list[int] = _f([], "original indices the cut removes")
+    raw: QualityPoint | None = _f(None, "quality right after the cut (drop + merge)")
+    healed: QualityPoint | None = _f(None, "quality after a --heal-steps LoRA heal (None without one)")
+    seconds: float = _f(0.0, "wall time of the judgement")
+    within_budget: bool | None = _f(None, "--drop-layers auto: whether the judged quality stayed within --max-quality-drop")
+
+    @property
+    def judged(self) -> QualityPoint:
+        """The point the cut is ranked by: healed when there was a heal, else raw."""
+        return self.healed or self.raw
+
+
+@dataclass
+class CompensationRecord:
+    """--compensate: GradMAP's projection compensation of the pruned layers with the largest mean shift."""
+
+    method: str = _f("", "what was fitted")
+    layers: list[int] = _f([], "pruned-model indices of the compensated layers")
+    layers_original: list[int] = _f([], "their original indices")
+    dense_targets: list[int] = _f([], "original layer whose dense output each compensated layer was fitted to")
+    folded_into: str = _f("", "the linear the projection is folded into")
+    config_field: str = _f("", "the config field that gives it a bias")
+    mlp_bias_linears: list[str] = _f([], "linears of every layer that carry a bias under that field")
+    ridge: float = _f(0.0, "ridge toward identity, relative to the MLP output variance")
+    calibration_batches: int = _f(0, "batches the fit and the mean shifts were measured on")
+    calibration_tokens: int = _f(0, "tokens in those batches")
+    mean_shift_before: list[float] = _f([], "per pruned layer: mean-shift norm against the dense model, before")
+    mean_shift_after: list[float] = _f([], "the same, after the compensation")
+    calibration_loss: dict[str, float | None] = _f({}, "completion loss on the calibration rows: dense, pruned, compensated")
+
+
+@dataclass
 class Manifest:
     """gradprune.json: everything `gradprune compress` did, with the numbers, in one record."""
 
@@ -127,10 +164,10 @@ class Manifest:
     params_after: int = _f(0, "parameters after")
     params_per_layer: list[int] = _f([], "parameters of each original layer")
     scoring: dict[str, Any] = _f({}, "probe or scorer statistics (steps, seconds, overhead)")
-    proposals: list[dict[str, Any]] = _f([], "--scorer auto / --drop-layers auto: every candidate cut and its numbers")
+    proposals: list[ProposalRecord] = _f([], "--scorer auto / --drop-layers auto: every candidate cut and its numbers")
     merge: MergeRecord = _f(None, "the same-sign merge")
     finetune: FinetuneRecord = _f(None, "the recovery fine-tune")
-    compensation: dict[str, Any] | None = _f(
+    compensation: CompensationRecord | None = _f(
         None, "--compensate: layers corrected, mean-shift norms before/after on the calibration rows (None without it)"
     )
     quality: QualityLedger | None = _f(None, "held-out quality before and after (None with --no-ledger)")
@@ -195,6 +232,66 @@ class Manifest:
     def read_optional(cls, directory: str | Path) -> Manifest | None:
         return cls.read(directory) if (Path(directory) / MANIFEST_NAME).is_file() else None
 
+    # ── one compress run → its record ────────────────────────────────────
+    @classmethod
+    def from_run(
+        cls,
+        config: Any,
+        *,
+        model: Any,
+        data: DataRecord,
+        scorer: str,
+        layer_scores: list[float],
+        removal_order: list[int],
+        scoring: dict[str, Any],
+        params_per_layer: list[int],
+        params: tuple[int, int],
+        dropped: list[int],
+        proposals: list[ProposalRecord],
+        merge: MergeRecord,
+        finetune: FinetuneRecord,
+        compensation: CompensationRecord | None,
+        quality: QualityLedger | None,
+        world_size: int,
+    ) -> Manifest:
+        """The record of one `gradprune compress` run: `config` is its CompressConfig, `model` the
+        pruned model, the rest what the steps returned (`params`: before and after the cut)."""
+        num_layers = len(layer_scores)
+        return cls(
+            method="GradPruner (ICLR 2026)" if scorer == "igia" else f"layer pruning by {scorer}",
+            base_model=config.model,
+            base_model_id=KNOWN_HUB_IDS.get(config.model, _hub_id_or_none(config.model)),
+            architecture=type(model).__name__,
+            model_type=model.config.model_type,
+            data=data,
+            scorer=scorer if config.scorer != "auto" else f"auto → {scorer}",
+            layer_scores=[float(s) for s in layer_scores],
+            removal_order=removal_order,
+            budget={name: getattr(config, name) for name in BUDGET_FIELDS},
+            num_layers_before=num_layers,
+            num_layers_after=num_layers - len(dropped),
+            layers_dropped=list(dropped),
+            layers_kept=[i for i in range(num_layers) if i not in dropped],
+            params_before=params[0],
+            params_after=params[1],
+            params_per_layer=params_per_layer,
+            scoring=scoring,
+            proposals=proposals,
+            merge=dataclasses.replace(
+                merge,
+                layers_requested=config.merge_layers,
+                criterion=merge.criterion if merge.enabled else config.merge_criterion,
+                keep_top_p=config.keep_top_p if merge.enabled else None,
+            ),
+            finetune=finetune,
+            compensation=compensation,
+            quality=quality,
+            seed=config.seed,
+            world_size=world_size,
+            command=command_line(),
+            config=dataclasses.asdict(config),
+        )
+
     # ── derived facts every reader wants ─────────────────────────────────
     @property
     def hub_base_model(self) -> str | None:
@@ -212,7 +309,18 @@ class Manifest:
         return self.quality.point("recovered" if self.finetune.mode != "none" else "pruned")
 
 
-_NESTED = {"data": DataRecord, "merge": MergeRecord, "finetune": FinetuneRecord, "quality": QualityLedger}
+_NESTED = {
+    "data": DataRecord,
+    "merge": MergeRecord,
+    "finetune": FinetuneRecord,
+    "quality": QualityLedger,
+    "compensation": CompensationRecord,
+}
+
+
+def _hub_id_or_none(model: str) -> str | None:
+    """--model when it reads as a Hub id (owner/name, not a local path), else None."""
+    return model if "/" in model and not Path(model).exists() else None
 
 
 def _build(cls, record: dict[str, Any]):
@@ -225,8 +333,11 @@ def _build(cls, record: dict[str, Any]):
         for key, nested in _NESTED.items():
             if isinstance(values.get(key), dict):
                 values[key] = _build(nested, values[key])
+        values["proposals"] = [_build(ProposalRecord, p) for p in values.get("proposals") or []]
     if cls is QualityLedger:
         values["points"] = [_build(QualityPoint, p) for p in values.get("points") or []]
+    if cls is ProposalRecord:
+        values.update({k: _build(QualityPoint, values[k]) for k in ("raw", "healed") if isinstance(values.get(k), dict)})
     return cls(**values)
 
 
@@ -249,8 +360,7 @@ def _upgrade_v1(old: dict[str, Any]) -> dict[str, Any]:
 
 
 def environment_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
+    md = importlib.metadata
     versions = {"python": platform.python_version()}
     for dist in ("gradprune-deploy", "torch", "transformers", "peft", "accelerate"):
         try:
@@ -261,16 +371,10 @@ def environment_versions() -> dict[str, str]:
 
 
 def command_line() -> str:
-    import shlex
-
     prog = Path(sys.argv[0]).name
     if prog in ("gradprune", "cli.py", "__main__.py", "-m"):
         return shlex.join(["gradprune", *sys.argv[1:]])
     return shlex.join([prog, *sys.argv[1:]])
-
-
-def _fmt(value, spec: str = ".3f") -> str:
-    return "–" if value is None else format(value, spec)
 
 
 def quality_table(ledger: QualityLedger) -> list[str]:
@@ -304,10 +408,10 @@ def summarize(m: Manifest) -> str:
         f"parameters      {m.params_before:,} → {m.params_after:,}{ratio}",
     ]
     for p in m.proposals:
-        judged = p.get("healed") or p.get("raw") or {}
-        how = "healed" if p.get("healed") else "raw cut"
-        budget = "" if "within_budget" not in p else (", within budget" if p["within_budget"] else ", over budget")
-        lines.append(f"proposal        {p['scorer']} drops {p['dropped']}: {how} validation loss {_fmt(judged.get('loss'))}{budget}")
+        how = "healed" if p.healed else "raw cut"
+        budget = "" if p.within_budget is None else (", within budget" if p.within_budget else ", over budget")
+        loss = p.judged.loss if p.judged else None
+        lines.append(f"proposal        {p.scorer} drops {p.dropped}: {how} validation loss {_fmt(loss)}{budget}")
     if m.scorer == "igia" and m.scoring.get("probe_steps") is not None:
         lines.append(
             f"probe           {m.scoring.get('probe_steps')} informative steps (+{m.scoring.get('zero_gradient_steps')} "
@@ -321,8 +425,8 @@ def summarize(m: Manifest) -> str:
         )
     if m.compensation:
         c = m.compensation
-        shifts = ", ".join(f"{c['mean_shift_before'][j]:.3g}→{c['mean_shift_after'][j]:.3g}" for j in c.get("layers", []))
-        lines.append(f"compensation    {c.get('folded_into')} of original layers {c.get('layers_original')}: mean shift {shifts}")
+        shifts = ", ".join(f"{c.mean_shift_before[j]:.3g}→{c.mean_shift_after[j]:.3g}" for j in c.layers)
+        lines.append(f"compensation    {c.folded_into} of original layers {c.layers_original}: mean shift {shifts}")
     ft = m.finetune
     if ft.mode != "none":
         lines.append(
@@ -340,12 +444,10 @@ def summarize(m: Manifest) -> str:
 class InspectConfig:
     """Show the gradprune.json of a compressed checkpoint."""
 
-    checkpoint: str = field(default=None, metadata={"help": "checkpoint directory", "positional": True})
-    json: bool = field(default=False, metadata={"help": "print the whole manifest as JSON"})
+    checkpoint: str = _f(None, "checkpoint directory", positional=True)
+    json: bool = _f(False, "print the whole manifest as JSON")
 
     def __post_init__(self):
-        from .config_schema import validate_fields
-
         validate_fields(self)
         if not self.checkpoint:
             raise GradPruneError("give the checkpoint directory: gradprune inspect DIR")

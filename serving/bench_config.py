@@ -1,19 +1,20 @@
-"""`gradprune bench`'s settings: the BenchConfig schema (CLI, YAML, API) and the facts about a run that
-every backend runner needs. bench.py (orchestration) and bench_backends.py / bench_vllm.py (the
-runners) all import from here, so none of them imports another's module.
+"""`gradprune bench`'s settings: the BenchConfig schema (CLI, YAML, API). `--backend`'s choices are the
+names in the backend registry (serving/backends/), plus "all".
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
+from gradprune_deploy.bundled import DEFAULT_DATA
 from gradprune_deploy.config_schema import validate_fields
 from gradprune_deploy.errors import ConfigError
 
-BACKENDS = ("hf", "onnx", "vllm")
-DEFAULT_PROMPTS = "bundled:gsm8k"
+from .backends import BACKENDS
+
+DEFAULT_PROMPTS = DEFAULT_DATA
+BACKEND_CHOICES = (*BACKENDS, "all")
 
 
 @dataclass
@@ -23,11 +24,12 @@ class BenchConfig:
     Examples:
       gradprune bench --dense DENSE --pruned PRUNED --backend hf
       gradprune bench --dense DENSE --pruned PRUNED --backend vllm --concurrency 16 --num-requests 200
+      gradprune bench --dense DENSE --pruned PRUNED --backend vllm --device cuda --tensor-parallel-size 2
     """
 
     dense: str = field(default=None, metadata={"help": "the dense (original) checkpoint directory, or bundled:SmolLM2-135M-Instruct"})
     pruned: str = field(default=None, metadata={"help": "the pruned checkpoint directory (the report goes to PRUNED/bench unless --out)"})
-    backend: Literal["hf", "onnx", "vllm", "all"] = field(default="all", metadata={"help": "runtime(s) to measure"})
+    backend: Literal[BACKEND_CHOICES] = field(default="all", metadata={"help": "runtime(s) to measure"})
     device: Literal["cpu", "cuda"] = field(default="cpu", metadata={"help": "where the models run"})
     prompts: str = field(
         default=DEFAULT_PROMPTS,
@@ -53,6 +55,12 @@ class BenchConfig:
         metadata={
             "help": "vLLM KV-cache size in whole GiB, the same for both models (CPU: VLLM_CPU_KVCACHE_SPACE; CUDA: --kv-cache-memory-bytes)"
         },
+    )
+    tensor_parallel_size: int = field(
+        default=1, metadata={"help": "vLLM: GPUs each model's layers are split across (tensor parallel; checked against the visible GPUs)"}
+    )
+    pipeline_parallel_size: int = field(
+        default=1, metadata={"help": "vLLM: pipeline stages per model, one GPU group each (GPUs used = tensor x pipeline size)"}
     )
     onnx_dense: str | None = field(default=None, metadata={"help": "an existing ONNX export of --dense (default: export into the cache)"})
     onnx_pruned: str | None = field(default=None, metadata={"help": "an existing ONNX export of --pruned (default: export into the cache)"})
@@ -82,6 +90,8 @@ class BenchConfig:
             ("--num-requests", self.num_requests, 1),
             ("--kv-cache-gib", self.kv_cache_gib, 1),
             ("--startup-timeout-s", self.startup_timeout_s, 1),
+            ("--tensor-parallel-size", self.tensor_parallel_size, 1),
+            ("--pipeline-parallel-size", self.pipeline_parallel_size, 1),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 why = " (time per output token needs a second token)" if flag == "--output-len" else ""
@@ -90,41 +100,15 @@ class BenchConfig:
             raise ConfigError(f"--tolerance must be positive, got {self.tolerance}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype {self.dtype!r}: choose auto, float32, bfloat16 or float16")
-        if self.backend not in (*BACKENDS, "all"):
-            raise ConfigError(f"--backend {self.backend!r}: choose hf, onnx, vllm or all")
+        if self.backend not in BACKEND_CHOICES:
+            raise ConfigError(f"--backend {self.backend!r}: choose {', '.join(BACKENDS)} or all")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device {self.device!r}: choose cpu or cuda")
 
     @property
     def backends(self) -> tuple[str, ...]:
-        return BACKENDS if self.backend == "all" else (self.backend,)
+        return tuple(BACKENDS) if self.backend == "all" else (self.backend,)
 
     @property
     def torch_dtype(self) -> str:
         return ("bfloat16" if self.device == "cuda" else "float32") if self.dtype == "auto" else self.dtype
-
-    @property
-    def onnx_dtype(self) -> str:
-        """The ONNX export supports float32 and float16 (no bfloat16)."""
-        return ("float16" if self.device == "cuda" else "float32") if self.dtype == "auto" else self.dtype
-
-
-def interleaved_schedule(*, rounds: int, items: int, models: tuple[str, ...] = ("dense", "pruned")) -> list[tuple[int, int, str]]:
-    """(round, item, model) in execution order: every item is run for each model in turn, A B A B …"""
-    return [(r, i, m) for r in range(rounds) for i in range(items) for m in models]
-
-
-def settings_of(config: BenchConfig, backend: str) -> dict[str, Any]:
-    """What a backend's numbers were measured with (recorded per backend, since reports merge)."""
-    settings = {k: getattr(config, k) for k in ("input_len", "output_len", "num_prompts", "runs", "warmup", "prompts")}
-    settings["dtype"] = config.onnx_dtype if backend == "onnx" else config.torch_dtype
-    if backend != "vllm":  # vLLM binds its own CPU threads (VLLM_CPU_OMP_THREADS_BIND)
-        settings["threads"] = config.threads or os.cpu_count()
-    else:
-        settings.update(
-            concurrency=config.concurrency,
-            num_requests=config.num_requests,
-            max_model_len=config.max_model_len,
-            kv_cache_gib=config.kv_cache_gib,
-        )
-    return settings

@@ -27,27 +27,30 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 import time
 
-from gradprune_deploy.utils import peak_rss_mb
+import numpy as np
+
+from gradprune_deploy.runtime.onnx_runtime import OnnxCausalLM
+from gradprune_deploy.utils import optional_import, process_memory
 
 
-def current_rss_bytes(pid: int | str = "self") -> int:
-    with open(f"/proc/{pid}/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def current_rss_bytes() -> int:
+    return process_memory()["rss_bytes"]
 
 
 def peak_rss_bytes() -> int:
     """This process's own high-water RSS (VmHWM); ru_maxrss only where /proc has none."""
-    mb = peak_rss_mb()
-    return int(mb * 1024 * 1024) if mb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    memory = process_memory()
+    return memory["peak_rss_bytes"] if memory else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def gpu_memory_of_pid(pid: int) -> int | None:
     """GPU memory used by one process (NVML if installed, else nvidia-smi); None if unknown."""
     try:
-        import pynvml
+        import pynvml  # noqa: PLC0415 - optional (not a dependency): nvidia-smi below otherwise
 
         pynvml.nvmlInit()
         for i in range(pynvml.nvmlDeviceGetCount()):
@@ -57,8 +60,6 @@ def gpu_memory_of_pid(pid: int) -> int | None:
                     return int(proc.usedGpuMemory)
     except Exception:  # noqa: BLE001 - NVML missing or unsupported: fall back to nvidia-smi
         pass
-    import subprocess
-
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
@@ -79,10 +80,19 @@ def gpu_memory_of_pid(pid: int) -> int | None:
 class HfRunner:
     """transformers on CPU or CUDA: prefill then one forward per token with a DynamicCache."""
 
-    def __init__(self, model_dir: str, *, device: str, dtype: str):
-        import torch
-        from transformers import AutoModelForCausalLM
+    @staticmethod
+    def import_runtime(threads: int) -> None:
+        import torch  # noqa: PLC0415 - only the hf worker loads torch: the onnx worker's baseline RSS is onnxruntime's alone
+        import transformers  # noqa: F401, PLC0415 - its import is part of the runtime's footprint, not the model's
 
+        if threads:
+            torch.set_num_threads(threads)
+
+    def __init__(self, args: argparse.Namespace):
+        import torch  # noqa: PLC0415 - see import_runtime
+        from transformers import AutoModelForCausalLM  # noqa: PLC0415 - see import_runtime
+
+        model_dir, device, dtype = args.model, args.device, args.dtype
         self.torch = torch
         self.device = device
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -96,7 +106,7 @@ class HfRunner:
 
     def generate(self, prompt_ids: list[int], output_len: int) -> dict:
         torch = self.torch
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # noqa: PLC0415 - see import_runtime
 
         ids = torch.tensor([prompt_ids], device=self.device)
         tokens = []
@@ -123,17 +133,15 @@ class HfRunner:
 class OnnxRunner:
     """The exported graph through gradprune_deploy.runtime.onnx_runtime.OnnxCausalLM (prefill, then one decode per token)."""
 
-    def __init__(self, onnx_dir: str, *, device: str, threads: int = 0):
-        import numpy as np
+    @staticmethod
+    def import_runtime(threads: int) -> None:
+        optional_import("onnxruntime", "onnx")  # no torch in this process: onnxruntime serves alone
 
-        from gradprune_deploy.runtime.onnx_runtime import OnnxCausalLM
-
-        self.np = np
-        self.device = device
-        self.lm = OnnxCausalLM(onnx_dir, provider=device, intra_op_threads=threads or None)
+    def __init__(self, args: argparse.Namespace):
+        self.device = args.device
+        self.lm = OnnxCausalLM(args.onnx_dir, provider=args.device, intra_op_threads=args.threads or None)
 
     def generate(self, prompt_ids: list[int], output_len: int) -> dict:
-        np = self.np
         ids = np.asarray([prompt_ids], dtype=np.int64)
         start = time.perf_counter()
         logits, state = self.lm.prefill(ids)
@@ -164,15 +172,39 @@ def _timing(start: float, first: float, end: float, tokens: list[int]) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+# The in-process runner of each worker-based backend (serving/backends/), by its --backend name.
+RUNNERS = {"hf": HfRunner, "onnx": OnnxRunner}
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=["hf", "onnx"], required=True)
+    parser.add_argument("--backend", choices=sorted(RUNNERS), required=True)
     parser.add_argument("--model", required=True, help="checkpoint directory (hf)")
     parser.add_argument("--onnx-dir", help="exported ONNX directory (onnx)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: the runtime's default, all cores)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _answer(runner, request: dict, baseline: int) -> dict:
+    """The reply to one request line (None for "exit")."""
+    if request["op"] == "generate":
+        return runner.generate(request["prompt_ids"], request["output_len"])
+    if request["op"] == "stats":
+        return {
+            "peak_rss_bytes": peak_rss_bytes(),
+            "baseline_rss_bytes": baseline,
+            "current_rss_bytes": current_rss_bytes(),
+            **runner.stats(),
+        }
+    if request["op"] == "exit":
+        return {"event": "bye"}
+    return {"error": f"unknown op {request['op']!r}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
 
     # stdout is the protocol channel: keep a private copy, send everything else to stderr.
     channel = os.fdopen(os.dup(1), "w", buffering=1)
@@ -184,21 +216,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         # Import the runtime first: its own footprint is the baseline, not the model's memory.
-        if args.backend == "onnx":
-            import onnxruntime  # noqa: F401 - no torch in this process: onnxruntime serves alone
-        else:
-            import torch
-            import transformers  # noqa: F401
-
-            if args.threads:
-                torch.set_num_threads(args.threads)
+        runner_cls = RUNNERS[args.backend]
+        runner_cls.import_runtime(args.threads)
         baseline = current_rss_bytes()
         start = time.perf_counter()
-        runner = (
-            OnnxRunner(args.onnx_dir, device=args.device, threads=args.threads)
-            if args.backend == "onnx"
-            else HfRunner(args.model, device=args.device, dtype=args.dtype)
-        )
+        runner = runner_cls(args)
         send({"event": "ready", "pid": os.getpid(), "baseline_rss_bytes": baseline, "load_s": time.perf_counter() - start})
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises a ServingError
         send({"error": f"{type(exc).__name__}: {exc}"})
@@ -209,24 +231,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         request = json.loads(line)
         try:
-            if request["op"] == "generate":
-                send(runner.generate(request["prompt_ids"], request["output_len"]))
-            elif request["op"] == "stats":
-                send(
-                    {
-                        "peak_rss_bytes": peak_rss_bytes(),
-                        "baseline_rss_bytes": baseline,
-                        "current_rss_bytes": current_rss_bytes(),
-                        **runner.stats(),
-                    }
-                )
-            elif request["op"] == "exit":
-                send({"event": "bye"})
-                break
-            else:
-                send({"error": f"unknown op {request['op']!r}"})
+            send(_answer(runner, request, baseline))
         except Exception as exc:  # noqa: BLE001
             send({"error": f"{type(exc).__name__}: {exc}"})
+        if request.get("op") == "exit":
+            break
     return 0
 
 

@@ -28,14 +28,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
+from gradprune_deploy.formatting import fmt
+from gradprune_deploy.layout import BENCH_REPORT_JSON, BENCH_REPORT_MD, BENCH_REPORT_PNG
 from gradprune_deploy.utils import atomic_write_text
 
+from .backends import BACKENDS
 from .ideal import ideal_for_metric
 
 logger = logging.getLogger(__name__)
 
 REPORT_SCHEMA = "gradprune-bench/1"
-REPORT_FILES = {"json": "report.json", "markdown": "report.md", "png": "report.png"}
+REPORT_FILES = {"json": BENCH_REPORT_JSON, "markdown": BENCH_REPORT_MD, "png": BENCH_REPORT_PNG}
 
 # metric → (unit, label); the order is the table order.
 METRICS: dict[str, tuple[str, str]] = {
@@ -138,22 +143,55 @@ def merge_reports(old: Mapping[str, Any] | None, new: dict[str, Any]) -> dict[st
 # -- rendering -----------------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, unit: str) -> str:
-    if value is None:
-        return "–"
-    if unit == "s":
+def _fmt_measure(value: float | None, unit: str) -> str:
+    """A value in its unit: ms or s, MiB, tok/s; "–" when there is none."""
+    if value is not None and unit == "s":
         return f"{value * 1000:.1f} ms" if value < 10 else f"{value:.1f} s"
-    if unit == "bytes":
+    if value is not None and unit == "bytes":
         return f"{value / 2**20:.0f} MiB"
-    if unit == "tok/s":
-        return f"{value:.1f}"
-    return f"{value:.4g}"
+    return fmt(value, ".1f" if unit == "tok/s" else ".4g")
 
 
 def _span(summary: Mapping[str, Any], unit: str) -> str:
     if summary["n"] <= 1:
-        return _fmt(summary["median"], unit)
-    return f"{_fmt(summary['median'], unit)} ({_fmt(summary['min'], unit)}–{_fmt(summary['max'], unit)})"
+        return _fmt_measure(summary["median"], unit)
+    return f"{_fmt_measure(summary['median'], unit)} ({_fmt_measure(summary['min'], unit)}–{_fmt_measure(summary['max'], unit)})"
+
+
+def _backend_lines(name: str, backend: Mapping[str, Any]) -> list[str]:
+    """One backend's section: its settings, the metric table, the TPOT split, failures and notes."""
+    s = backend.get("settings", {})
+    lines = [
+        "",
+        f"### {name} ({backend.get('device', '?')}{', ' + backend['device_name'] if backend.get('device_name') else ''})",
+        "",
+        f"input {s.get('input_len')} tokens, output {s.get('output_len')} tokens, {s.get('num_prompts')} prompts × "
+        f"{s.get('runs')} runs (+{s.get('warmup')} warm-up), dense and pruned interleaved"
+        + (f"; concurrency {s['concurrency']} with {s['num_requests']} requests" if s.get("concurrency") else ""),
+        "",
+        "| metric | dense | pruned | ratio | ideal | ratio − ideal |",
+        "|---|---|---|---|---|---|",
+    ]
+    for metric, e in backend["metrics"].items():
+        unit, label = e["unit"], METRICS.get(metric, ("", metric))[1]
+        ratio = fmt(e["ratio"], ".3f")
+        ideal = f"{e['ideal']:.3f} ({e['ideal_name']})" if e["ideal"] is not None else "–"
+        delta = fmt(e["delta"], "+.3f")
+        lines.append(f"| {label} | {_span(e['dense'], unit)} | {_span(e['pruned'], unit)} | {ratio} | {ideal} | {delta} |")
+    split = backend.get("tpot_decomposition")
+    if split:
+        lines += [
+            "",
+            f"Time per output token = {split['fixed_s'] * 1000:.2f} ms fixed + {split['per_layer_s'] * 1000:.3f} ms × layers "
+            f"(from the two models); the fixed part is {split['fixed_share_measured']:.0%} of the dense time, against "
+            f"{split['fixed_share_ideal']:.0%} of the bytes read (embedding row, final norm, lm_head).",
+        ]
+    failed = backend.get("failed_requests")
+    if failed is not None:
+        lines += ["", f"Failed requests: dense {failed.get('dense', 0)}, pruned {failed.get('pruned', 0)}."]
+    for note in backend.get("notes", []):
+        lines.append(f"- {note}")
+    return lines
 
 
 def to_markdown(report: Mapping[str, Any], *, plot: str | None = None) -> str:
@@ -175,37 +213,7 @@ def to_markdown(report: Mapping[str, Any], *, plot: str | None = None) -> str:
         "Values are median (min–max) over runs; ratio = pruned median / dense median; a rate's ideal is 1/cost ratio.",
     ]
     for name, backend in report["backends"].items():
-        s = backend.get("settings", {})
-        lines += [
-            "",
-            f"### {name} ({backend.get('device', '?')}{', ' + backend['device_name'] if backend.get('device_name') else ''})",
-            "",
-            f"input {s.get('input_len')} tokens, output {s.get('output_len')} tokens, {s.get('num_prompts')} prompts × "
-            f"{s.get('runs')} runs (+{s.get('warmup')} warm-up), dense and pruned interleaved"
-            + (f"; concurrency {s['concurrency']} with {s['num_requests']} requests" if s.get("concurrency") and name == "vllm" else ""),
-            "",
-            "| metric | dense | pruned | ratio | ideal | ratio − ideal |",
-            "|---|---|---|---|---|---|",
-        ]
-        for metric, e in backend["metrics"].items():
-            unit, label = e["unit"], METRICS.get(metric, ("", metric))[1]
-            ratio = f"{e['ratio']:.3f}" if e["ratio"] is not None else "–"
-            ideal = f"{e['ideal']:.3f} ({e['ideal_name']})" if e["ideal"] is not None else "–"
-            delta = f"{e['delta']:+.3f}" if e["delta"] is not None else "–"
-            lines.append(f"| {label} | {_span(e['dense'], unit)} | {_span(e['pruned'], unit)} | {ratio} | {ideal} | {delta} |")
-        split = backend.get("tpot_decomposition")
-        if split:
-            lines += [
-                "",
-                f"Time per output token = {split['fixed_s'] * 1000:.2f} ms fixed + {split['per_layer_s'] * 1000:.3f} ms × layers "
-                f"(from the two models); the fixed part is {split['fixed_share_measured']:.0%} of the dense time, against "
-                f"{split['fixed_share_ideal']:.0%} of the bytes read (embedding row, final norm, lm_head).",
-            ]
-        failed = backend.get("failed_requests")
-        if failed is not None:
-            lines += ["", f"Failed requests: dense {failed.get('dense', 0)}, pruned {failed.get('pruned', 0)}."]
-        for note in backend.get("notes", []):
-            lines.append(f"- {note}")
+        lines += _backend_lines(name, backend)
     checks = tpot_check(report)
     if checks:
         lines += [
@@ -231,19 +239,15 @@ def to_markdown(report: Mapping[str, Any], *, plot: str | None = None) -> str:
 
 def save_plot(report: Mapping[str, Any], path: str | Path) -> Path:
     """One bar per (backend, metric): the measured pruned/dense ratio, the ideal as a black tick."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [
         (f"{b}\n{METRICS.get(m, ('', m))[1]}", e["ratio"], e["ideal"])
         for b, backend in report["backends"].items()
         for m, e in backend["metrics"].items()
         if e["ratio"] is not None
     ]
-    fig, ax = plt.subplots(figsize=(7, 0.42 * max(len(rows), 3) + 1.2), dpi=120)
-    palette = {"hf": "#1f77b4", "onnx": "#2ca02c", "vllm": "#ff7f0e"}
+    fig = Figure(figsize=(7, 0.42 * max(len(rows), 3) + 1.2), dpi=120)  # no pyplot: no global state, no GUI backend
+    ax = fig.subplots()
+    palette = {name: backend.colour for name, backend in BACKENDS.items()}
     for i, (label, ratio, ideal) in enumerate(rows):
         ax.barh(i, ratio, color=palette.get(label.split("\n")[0], "#7f7f7f"), height=0.6)
         ax.text(ratio, i, f" {ratio:.2f}", va="center", fontsize=7)
@@ -263,7 +267,6 @@ def save_plot(report: Mapping[str, Any], path: str | Path) -> Path:
     )
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)
 
 

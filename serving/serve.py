@@ -21,6 +21,7 @@ from gradprune_deploy.data import dir_has_chat_template
 from gradprune_deploy.errors import ConfigError, ServingError
 from gradprune_deploy.runtime.vllm_server import (
     check_max_model_len,
+    check_parallel_sizes,
     check_vllm_compatible,
     port_in_use,
     start_server,
@@ -40,6 +41,12 @@ class ServeConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "vLLM --dtype"})
     max_model_len: int = field(default=2048, metadata={"help": "longest prompt + completion, in tokens"})
     kv_cache_gib: int = field(default=2, metadata={"help": "KV cache GiB on CPU builds (VLLM_CPU_KVCACHE_SPACE)"})
+    tensor_parallel_size: int = field(
+        default=1, metadata={"help": "GPUs the model's layers are split across (vLLM tensor parallel; checked against the visible GPUs)"}
+    )
+    pipeline_parallel_size: int = field(
+        default=1, metadata={"help": "pipeline stages, one GPU group each (vLLM pipeline parallel; GPUs used = tensor x pipeline size)"}
+    )
     served_model_name: str | None = field(default=None, metadata={"help": "model name in API requests (default: directory name)"})
     startup_timeout_s: float = field(default=600.0, metadata={"help": "give up if /health has not answered by then"})
     log_file: str | None = field(default=None, metadata={"help": "server log (default: a file in the temp directory)"})
@@ -52,6 +59,12 @@ class ServeConfig:
             raise ConfigError(f"--max-model-len must be at least 16, got {self.max_model_len}")
         if self.kv_cache_gib < 1:
             raise ConfigError(f"--kv-cache-gib must be a whole number of GiB, at least 1, got {self.kv_cache_gib}")
+        for flag, size in (
+            ("--tensor-parallel-size", self.tensor_parallel_size),
+            ("--pipeline-parallel-size", self.pipeline_parallel_size),
+        ):
+            if size < 1:
+                raise ConfigError(f"{flag} must be an integer ≥ 1, got {size!r}")
         if not self.startup_timeout_s > 0:
             raise ConfigError(f"--startup-timeout-s must be positive, got {self.startup_timeout_s}")
         if not self.host.strip():
@@ -79,7 +92,8 @@ def usage_examples(base_url: str, model: str, *, chat: bool) -> str:
 
 def serve(config: ServeConfig) -> str:
     """`gradprune serve`: runs until Ctrl-C or SIGTERM, then stops the server and its children."""
-    # Everything that reads files or sockets first: a bad input never waits for vLLM to import.
+    # Everything that reads files, devices or sockets first: a bad input never waits for vLLM to import.
+    check_parallel_sizes(config.tensor_parallel_size, config.pipeline_parallel_size)
     inspect_checkpoint(config.checkpoint)
     check_max_model_len(config.checkpoint, config.max_model_len)
     if port_in_use(config.host, config.port):
@@ -103,6 +117,8 @@ def serve(config: ServeConfig) -> str:
             dtype=config.dtype,
             max_model_len=config.max_model_len,
             kv_cache_gib=config.kv_cache_gib,
+            tensor_parallel_size=config.tensor_parallel_size,
+            pipeline_parallel_size=config.pipeline_parallel_size,
             startup_timeout_s=config.startup_timeout_s,
             log_path=config.log_file,
             served_model_name=config.served_model_name,

@@ -9,12 +9,18 @@ import os
 import socket
 from pathlib import Path
 
-import pytest
-import torch
-
+# Before anything imports huggingface_hub, which reads HF_HUB_OFFLINE once, at import.
 os.environ.setdefault("GRADPRUNE_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from gradprune_deploy.compress.surgery import drop_layers  # noqa: E402
+from gradprune_deploy.loading import default_model_dir  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the clone
 SMOLLM2_DROP = list(range(17, 29))  # 12 of 30 layers, first and last kept: a fixed cut for exporter/bench tests
@@ -22,8 +28,6 @@ SMOLLM2_DROP = list(range(17, 29))  # 12 of 30 layers, first and last kept: a fi
 
 def tiny_config(arch: str = "llama", *, num_hidden_layers: int = 6, vocab_size: int = 49152):
     """A tiny random config of a supported architecture (hidden 64, 4 heads, 2 KV heads)."""
-    import transformers as tf
-
     common = dict(
         hidden_size=64,
         intermediate_size=128,
@@ -56,8 +60,6 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
 
 
 def tiny_model(arch: str = "llama", *, seed: int = 0, **kwargs):
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **kwargs))
     return model.eval()
@@ -66,15 +68,11 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, **kwargs):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The bundled SmolLM2-135M-Instruct as a float32 safetensors checkpoint (converted once)."""
-    from gradprune_deploy.loading import default_model_dir
-
     return default_model_dir()
 
 
 @pytest.fixture(scope="session")
 def tokenizer(smollm2_dir):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
@@ -90,10 +88,6 @@ def tiny_llama_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def pruned_smollm2_dir(tmp_path_factory, smollm2_dir, tokenizer):
     """SmolLM2 with 12 of 30 layers removed by surgery alone (no merge, no fine-tune)."""
-    from transformers import AutoModelForCausalLM
-
-    from gradprune_deploy.compress.surgery import drop_layers
-
     out = tmp_path_factory.mktemp("smollm2-pruned")
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     drop_layers(model, SMOLLM2_DROP)

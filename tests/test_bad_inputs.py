@@ -25,11 +25,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+import gradprune_deploy.runtime.vllm_server as vllm_server
 from gradprune_deploy.cli import main
+from gradprune_deploy.errors import ServingError
+from serving.backends import worker as bench_workers
 from tests.conftest import free_port, tiny_model
+from tests.serving.test_bench import FakeWorker
 
 PROJECT = Path(__file__).resolve().parents[1]
 FAST = [
@@ -74,6 +80,57 @@ def tiny_mistral(tmp_path_factory, tokenizer) -> Path:
     return out
 
 
+def _edit_config(d: Path, **changes) -> None:
+    config = json.loads((d / "config.json").read_text())
+    config.update(changes)
+    (d / "config.json").write_text(json.dumps(config))
+
+
+def _edit_weights(d: Path, edit) -> None:
+    weights = d / "model.safetensors"
+    save_file(edit(load_file(weights)), weights, metadata={"format": "pt"})
+
+
+def _no_lm_head(d: Path) -> None:
+    """Untied config, no lm_head stored: a base-model checkpoint."""
+    model = tiny_model("llama")
+    model.config.tie_word_embeddings = False
+    model.model.save_pretrained(d)
+    _edit_config(d, architectures=["LlamaForCausalLM"], tie_word_embeddings=False)
+
+
+def _pickled(d: Path) -> None:
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"not really a pickle")
+
+
+T5_CONFIG = {
+    "model_type": "t5",
+    "architectures": ["T5ForConditionalGeneration"],
+    "is_encoder_decoder": True,
+    "d_model": 64,
+    "num_layers": 2,
+}
+
+# kind → how a copy of the tiny checkpoint is damaged
+DAMAGE = {
+    "missing_layer": lambda d: _edit_weights(d, lambda sd: {k: v for k, v in sd.items() if ".layers.1." not in k}),
+    "unexpected_key": lambda d: _edit_weights(d, lambda sd: {**sd, "model.extra_adapter.weight": torch.zeros(4)}),
+    "wrong_shape": lambda d: _edit_weights(d, lambda sd: {**sd, "model.norm.weight": torch.ones(3)}),
+    "no_lm_head": _no_lm_head,
+    "zero_layers": lambda d: tiny_model("llama", num_hidden_layers=0).save_pretrained(d),
+    "layer_count": lambda d: _edit_config(d, num_hidden_layers=7),
+    "config_not_json": lambda d: (d / "config.json").write_text("{not json"),
+    "no_weights": lambda d: (d / "model.safetensors").unlink(),
+    "pickled": _pickled,
+    "corrupt_weights": lambda d: (d / "model.safetensors").write_bytes(b"garbage, not safetensors"),
+    "remote_code": lambda d: _edit_config(d, model_type="acme-lm", auto_map={"AutoConfig": "acme.Config"}),
+    "encoder_decoder": lambda d: (d / "config.json").write_text(json.dumps(T5_CONFIG)),
+    "unknown_arch": lambda d: _edit_config(d, architectures=["AcmeForCausalLM"]),
+    "manifest_corrupt": lambda d: (d / "gradprune.json").write_text("{half a manifest"),
+}
+
+
 class Ctx:
     def __init__(self, work: Path, tiny: Path, tiny_mistral: Path):
         self.work, self.tiny_dir, self._mistral = work, tiny, tiny_mistral
@@ -105,65 +162,10 @@ class Ctx:
         return str(self.out)
 
     def broken(self, kind: str) -> str:
-        """A copy of the tiny checkpoint, damaged in one way."""
-        from safetensors.torch import load_file, save_file
-
+        """A copy of the tiny checkpoint, damaged in one way (DAMAGE[kind])."""
         d = self.work / f"ckpt-{kind}"
         shutil.copytree(self.tiny_dir, d)
-        weights = d / "model.safetensors"
-        config = json.loads((d / "config.json").read_text())
-        if kind in ("missing_layer", "unexpected_key", "wrong_shape"):
-            sd = load_file(weights)
-            if kind == "missing_layer":
-                sd = {k: v for k, v in sd.items() if ".layers.1." not in k}
-            elif kind == "unexpected_key":
-                sd["model.extra_adapter.weight"] = torch.zeros(4)
-            else:
-                sd["model.norm.weight"] = torch.ones(3)
-            save_file(sd, weights, metadata={"format": "pt"})
-        elif kind == "no_lm_head":  # untied config, no lm_head stored: a base-model checkpoint
-            model = tiny_model("llama")
-            model.config.tie_word_embeddings = False
-            model.model.save_pretrained(d)
-            config = json.loads((d / "config.json").read_text())
-            config.update(architectures=["LlamaForCausalLM"], tie_word_embeddings=False)
-            (d / "config.json").write_text(json.dumps(config))
-        elif kind == "zero_layers":
-            tiny_model("llama", num_hidden_layers=0).save_pretrained(d)
-        elif kind == "layer_count":
-            config["num_hidden_layers"] = 7
-            (d / "config.json").write_text(json.dumps(config))
-        elif kind == "config_not_json":
-            (d / "config.json").write_text("{not json")
-        elif kind == "no_weights":
-            weights.unlink()
-        elif kind == "pickled":
-            weights.unlink()
-            (d / "pytorch_model.bin").write_bytes(b"not really a pickle")
-        elif kind == "corrupt_weights":
-            weights.write_bytes(b"garbage, not safetensors")
-        elif kind == "remote_code":
-            config.update(model_type="acme-lm", auto_map={"AutoConfig": "acme.Config"})
-            (d / "config.json").write_text(json.dumps(config))
-        elif kind == "encoder_decoder":
-            (d / "config.json").write_text(
-                json.dumps(
-                    {
-                        "model_type": "t5",
-                        "architectures": ["T5ForConditionalGeneration"],
-                        "is_encoder_decoder": True,
-                        "d_model": 64,
-                        "num_layers": 2,
-                    }
-                )
-            )
-        elif kind == "unknown_arch":
-            config["architectures"] = ["AcmeForCausalLM"]
-            (d / "config.json").write_text(json.dumps(config))
-        elif kind == "manifest_corrupt":
-            (d / "gradprune.json").write_text("{half a manifest")
-        else:
-            raise ValueError(kind)
+        DAMAGE[kind](d)
         return str(d)
 
     def report(self, *, dense: str, pruned: str, backends=("hf",)) -> str:
@@ -445,8 +447,6 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_written(name, tiny, tin
     ctx = Ctx(work, tiny, tiny_mistral)
     monkeypatch.chdir(work)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    import huggingface_hub
-
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)  # export-hub/no-token: no login cache either
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -487,8 +487,6 @@ sys.exit(1)
 
 
 def test_serve_start_up_failure_is_one_line_with_the_log(tiny, tmp_path, isolated_tmp, monkeypatch, capsys):
-    import gradprune_deploy.runtime.vllm_server as vllm_server
-
     monkeypatch.setattr(vllm_server, "supported_architectures", lambda: {"LlamaForCausalLM"})
     monkeypatch.setattr(vllm_server, "server_command", lambda *a, **k: [sys.executable, "-c", FAKE_VLLM])
     log = tmp_path / "server.log"
@@ -595,15 +593,11 @@ def test_signal_mid_run_cleans_up_and_exits_128_plus_signal(name, tiny, tmp_path
 
 
 def test_bench_leaves_no_temp_folder_and_keeps_reports_unless_overwrite(tiny, tmp_path, isolated_tmp, monkeypatch, capsys):
-    from gradprune_deploy.errors import ServingError
-    from serving import bench_backends
-    from tests.serving.test_bench import FakeWorker
-
     class FailingWorker(FakeWorker):
         def call(self, request):
             raise ServingError("the pruned benchmark worker exited with status 1: RuntimeError: out of memory")
 
-    monkeypatch.setattr(bench_backends, "SETTLE_S", 0)
+    monkeypatch.setattr(bench_workers, "SETTLE_S", 0)
     out = tmp_path / "report"
     args = [
         "bench",
@@ -629,12 +623,12 @@ def test_bench_leaves_no_temp_folder_and_keeps_reports_unless_overwrite(tiny, tm
         "-q",
     ]
 
-    monkeypatch.setattr(bench_backends, "Worker", FailingWorker)
+    monkeypatch.setattr(bench_workers, "Worker", FailingWorker)
     assert main(args) == 2
     assert_one_error_line(capsys.readouterr().err, "out of memory")
     assert not out.exists() and not list(isolated_tmp.iterdir())  # the worker log folder is gone too
 
-    monkeypatch.setattr(bench_backends, "Worker", FakeWorker)
+    monkeypatch.setattr(bench_workers, "Worker", FakeWorker)
     FakeWorker.calls = []
     assert main(args) == 0
     capsys.readouterr()

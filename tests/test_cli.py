@@ -6,8 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 from gradprune_deploy.cli import COMMANDS, build_parser, load_command, main
+from gradprune_deploy.compress.config import CompressConfig
+from gradprune_deploy.config_schema import build_config, read_yaml_recipe
+from gradprune_deploy.errors import ConfigError
+from serving.bench_config import BenchConfig
+from serving.serve import ServeConfig
 from tests.conftest import SHARED_DATA
 
 SST2 = str(SHARED_DATA / "sst2")
@@ -46,8 +52,6 @@ def test_compress_end_to_end_via_console_script(tiny_llama_dir, tmp_path):
     assert manifest["params_after"] < manifest["params_before"]
     assert (out / "layer_importance.png").stat().st_size > 1000
     assert not list(tmp_path.glob(".pruned.tmp-*"))  # no temporary leftovers
-
-    from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert model.config.num_hidden_layers == 4 and not info["missing_keys"] and not info["unexpected_keys"]
@@ -100,52 +104,28 @@ def _data(tmp_path, name, text):
     return str(p)
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "missing_model",
-        "corrupt_model",
-        "pickled",
-        "remote_code",
-        "ratio_zero",
-        "ratio_one",
-        "drop_all",
-        "over_protected",
-        "empty_data",
-        "malformed_data",
-        "label_less",
-        "too_long",
-        "bad_recipe_key",
-    ],
-)
+# Each bad input: (model, data, extra flags) from (the tiny checkpoint, sst2, tmp_path); None keeps the default.
+BAD_INPUTS = {
+    "missing_model": lambda ckpt, tmp: (str(tmp / "nope"), None, []),
+    "corrupt_model": lambda ckpt, tmp: (str(_corrupt_dir(tmp, ckpt)), None, []),
+    "pickled": lambda ckpt, tmp: (str(_bad_pickle_dir(tmp, ckpt)), None, []),
+    "remote_code": lambda ckpt, tmp: (str(_remote_code_dir(tmp)), None, []),
+    "ratio_zero": lambda ckpt, tmp: (None, None, ["--drop-ratio", "0"]),
+    "ratio_one": lambda ckpt, tmp: (None, None, ["--drop-ratio", "1.0"]),
+    "drop_all": lambda ckpt, tmp: (None, None, ["--drop-layers", "6"]),
+    "over_protected": lambda ckpt, tmp: (None, None, ["--drop-layers", "3", "--protect-first", "2", "--protect-last", "2"]),
+    "empty_data": lambda ckpt, tmp: (None, _data(tmp, "empty.jsonl", ""), []),
+    "malformed_data": lambda ckpt, tmp: (None, _data(tmp, "bad.jsonl", '{"prompt": "a", "completion": "b"}\n{not json\n'), []),
+    "label_less": lambda ckpt, tmp: (None, _data(tmp, "nolabel.jsonl", '{"prompt": "a"}\n'), []),
+    "too_long": lambda ckpt, tmp: (None, None, ["--max-length", "16"]),
+    "bad_recipe_key": lambda ckpt, tmp: (None, None, ["--config", _data(tmp, "r.yaml", "drop_ratioo: 0.3\n")]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_one_line_error_nothing_written(case, tiny_llama_dir, tmp_path, capsys):
-    model, data, extra = str(tiny_llama_dir), SST2, []
-    if case == "missing_model":
-        model = str(tmp_path / "nope")
-    elif case == "corrupt_model":
-        model = str(_corrupt_dir(tmp_path, tiny_llama_dir))
-    elif case == "pickled":
-        model = str(_bad_pickle_dir(tmp_path, tiny_llama_dir))
-    elif case == "remote_code":
-        model = str(_remote_code_dir(tmp_path))
-    elif case == "ratio_zero":
-        extra = ["--drop-ratio", "0"]
-    elif case == "ratio_one":
-        extra = ["--drop-ratio", "1.0"]
-    elif case == "drop_all":
-        extra = ["--drop-layers", "6"]
-    elif case == "over_protected":
-        extra = ["--drop-layers", "3", "--protect-first", "2", "--protect-last", "2"]
-    elif case == "empty_data":
-        data = _data(tmp_path, "empty.jsonl", "")
-    elif case == "malformed_data":
-        data = _data(tmp_path, "bad.jsonl", '{"prompt": "a", "completion": "b"}\n{not json\n')
-    elif case == "label_less":
-        data = _data(tmp_path, "nolabel.jsonl", '{"prompt": "a"}\n')
-    elif case == "too_long":
-        extra = ["--max-length", "16"]
-    elif case == "bad_recipe_key":
-        extra = ["--config", _data(tmp_path, "r.yaml", "drop_ratioo: 0.3\n")]
+    model, data, extra = BAD_INPUTS[case](tiny_llama_dir, tmp_path)
+    model, data = model or str(tiny_llama_dir), data or SST2
     out = tmp_path / "out"
     code = main(["compress", "--model", model, "--data", data, "--out", str(out), *FAST, *extra])
     err = capsys.readouterr().err.strip().splitlines()
@@ -208,8 +188,6 @@ def test_usage_errors_are_one_line_naming_the_flag(capsys):
 
 
 def test_yaml_booleans_are_only_true_and_false(tmp_path, capsys):
-    from gradprune_deploy.config_schema import read_yaml_recipe
-
     recipe = tmp_path / "r.yaml"
     recipe.write_text("overwrite: false\nplot: True\nlearning_rate: 2e-4\nsplit: on\nseed: 1_000\n")
     assert read_yaml_recipe(recipe) == {"overwrite": False, "plot": True, "learning_rate": 2e-4, "split": "on", "seed": 1000}
@@ -223,11 +201,6 @@ def test_yaml_booleans_are_only_true_and_false(tmp_path, capsys):
 
 
 def test_python_api_shares_the_typed_validation():
-    from gradprune_deploy.compress.config import CompressConfig
-    from gradprune_deploy.errors import ConfigError
-    from serving.bench import BenchConfig
-    from serving.serve import ServeConfig
-
     with pytest.raises(ConfigError, match=r"^--drop-layers: expected an integer or auto, got 'two'$"):
         CompressConfig(out="o", drop_layers="two")
     with pytest.raises(ConfigError, match=r"^--overwrite: expected true or false"):
@@ -243,9 +216,6 @@ def test_python_api_shares_the_typed_validation():
 
 def test_words_of_text_options_reach_the_config_as_words(tmp_path):
     """`--merge-layers none` turns the merge off (the word is a value of a text option, not "unset")."""
-    from gradprune_deploy.cli import build_parser
-    from gradprune_deploy.config_schema import build_config
-
     parser, cls = build_parser("compress")
     for words, expected in ((["--merge-layers", "none"], "none"), (["--merge-layers", "2"], "2"), ([], "1")):
         config = build_config(cls, parser.parse_args(["--out", str(tmp_path / "o"), *words]))

@@ -1,8 +1,9 @@
 import json
 
 import pytest
+from datasets import Dataset, DatasetDict
 
-from gradprune_deploy.data import IGNORE_INDEX, CompletionCollator, Example, encode_prompt, read_examples, tokenize_examples
+from gradprune_deploy.data import IGNORE_INDEX, CompletionCollator, Example, data_name, encode_prompt, read_examples, tokenize_examples
 from gradprune_deploy.errors import DataError
 from tests.conftest import SHARED_DATA
 
@@ -15,8 +16,6 @@ ROWS = [
 def test_jsonl_csv_split_folder_and_datasets_dir_agree(tmp_path):
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
     (tmp_path / "rows.csv").write_text("prompt,completion,choices\nIs water wet?,yes,yes|no\nIs fire cold?,no,yes|no\n")
-    from datasets import Dataset, DatasetDict
-
     DatasetDict({"train": Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "hfds"))
     expected = [(r["prompt"], r["completion"], tuple(r["choices"])) for r in ROWS]
     for source in (tmp_path / "train.jsonl", tmp_path, tmp_path / "rows.csv", tmp_path / "hfds"):
@@ -77,11 +76,6 @@ def test_bad_data(tmp_path, text, message):
 
 
 def test_malformed_rows_are_one_line_data_errors(tmp_path):
-    import pytest
-
-    from gradprune_deploy.data import read_examples
-    from gradprune_deploy.errors import DataError
-
     cases = {
         "choices.jsonl": ('{"prompt": "a", "completion": "b", "choices": 5}\n', "`choices` must be a list of strings"),
         "choices2.jsonl": ('{"prompt": "a", "completion": "b", "choices": ["b", 3]}\n', "`choices` must be a list of strings"),
@@ -94,3 +88,11 @@ def test_malformed_rows_are_one_line_data_errors(tmp_path):
     (tmp_path / "binary.jsonl").write_bytes(b'{"prompt": "\xff"}\n')
     with pytest.raises(DataError, match="not UTF-8"):
         read_examples(tmp_path / "binary.jsonl")
+
+
+def test_data_name_is_the_short_name_eval_files_use():
+    """One rule (eval's result files; the model card builds its display name on it)."""
+    assert data_name("bundled:gsm8k") == "gsm8k"
+    assert data_name(SHARED_DATA / "sst2") == "sst2"
+    assert data_name(SHARED_DATA / "sst2" / "test.jsonl") == "sst2"  # a file named for a split: its folder
+    assert data_name("my data/headlines.csv") == "headlines"

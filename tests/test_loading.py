@@ -1,11 +1,15 @@
 import json
 import shutil
 
+import huggingface_hub.constants as constants
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from gradprune_deploy.errors import ModelLoadError
-from gradprune_deploy.loading import load_model_and_tokenizer, resolve_source
+from gradprune_deploy.loading import check_weights_cover_model, load_model_and_tokenizer, resolve_source
+from tests.conftest import ARCHITECTURES, tiny_model
 
 
 def test_local_dir_loads(tiny_llama_dir):
@@ -20,8 +24,6 @@ def test_cached_hub_id_resolves_offline(tiny_llama_dir, tmp_path, monkeypatch):
     (tmp_path / "hub" / "models--acme--tiny-llama" / "refs").mkdir()
     (tmp_path / "hub" / "models--acme--tiny-llama" / "refs" / "main").write_text("0123abcd")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    import huggingface_hub.constants as constants
-
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     assert resolve_source("acme/tiny-llama").path == snapshot.resolve()
     model, _ = load_model_and_tokenizer("acme/tiny-llama")
@@ -33,8 +35,6 @@ def test_cached_hub_id_resolves_offline(tiny_llama_dir, tmp_path, monkeypatch):
 
 
 def test_pickled_weights_refused_unless_allowed(tiny_llama_dir, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # a pickled checkpoint
     (tmp_path / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
@@ -60,8 +60,6 @@ def test_remote_code_needs_the_flag(tmp_path):
 
 
 def _save(model, path, *, drop=(), add=None):
-    from safetensors.torch import load_file, save_file
-
     model.save_pretrained(path)
     sd = {k: v for k, v in load_file(path / "model.safetensors").items() if not any(d in k for d in drop)}
     sd.update(add or {})
@@ -71,9 +69,6 @@ def _save(model, path, *, drop=(), add=None):
 
 def test_weights_must_cover_the_model(tmp_path):
     """transformers fills gaps with random values and only warns: refuse, naming the keys and the count."""
-    from gradprune_deploy.loading import check_weights_cover_model
-    from tests.conftest import tiny_model
-
     check_weights_cover_model(_save(tiny_model("llama", num_hidden_layers=2), tmp_path / "ok"))  # tied lm_head absent: fine
     with pytest.raises(ModelLoadError, match=r"9 missing \(model\.layers\.1\.input_layernorm\.weight, .*, \.\.\.\)"):
         check_weights_cover_model(_save(tiny_model("llama", num_hidden_layers=2), tmp_path / "a", drop=[".layers.1."]))
@@ -85,9 +80,6 @@ def test_weights_must_cover_the_model(tmp_path):
 
 def test_base_model_checkpoint_without_lm_head(tmp_path):
     """Tied: the bare base model (keys without `model.`) is complete. Untied: no LM head is refused."""
-    from gradprune_deploy.loading import check_weights_cover_model
-    from tests.conftest import tiny_model
-
     tied = tiny_model("llama", num_hidden_layers=2)
     tied.model.save_pretrained(tmp_path / "tied")
     check_weights_cover_model(tmp_path / "tied")
@@ -101,9 +93,6 @@ def test_base_model_checkpoint_without_lm_head(tmp_path):
 
 
 def test_every_architecture_and_smollm2_are_complete(tmp_path, smollm2_dir):
-    from gradprune_deploy.loading import check_weights_cover_model
-    from tests.conftest import ARCHITECTURES, tiny_model
-
     for arch in ARCHITECTURES:
         tiny_model(arch, num_hidden_layers=2, vocab_size=256).save_pretrained(tmp_path / arch)
         check_weights_cover_model(tmp_path / arch)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gradprune_deploy.cli import main
 from tests.conftest import SHARED_DATA
@@ -11,8 +12,6 @@ from tests.conftest import SHARED_DATA
 
 @pytest.mark.slow
 def test_compress_smollm2_drops_12_of_30_and_reloads(tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out = tmp_path / "smollm2-pruned"
     code = main(
         [

@@ -13,6 +13,7 @@ pure; `DistillTrainer` wires it into `transformers.Trainer` with teacher logits 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ class DistillSettings:
     alpha: float = 0.5
     temperature: float = 1.0
     top_k: int | None = None
+    teacher_device: str = "same"  # same: the teacher runs where the student's batches are; cpu: it stays on the CPU
 
 
 def completion_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -62,13 +64,38 @@ def distillation_loss(
     return total, kl
 
 
+def frozen_copy(model: torch.nn.Module, *, dtype: torch.dtype | None = None, device: str | None = None) -> torch.nn.Module:
+    """A frozen deep copy of `model` (the teacher: the dense model before pruning). With `dtype` or `device`
+    each parameter is made directly in that dtype on that device, one at a time, so a half-precision or
+    offloaded teacher never holds a full-precision copy on the way; buffers are moved, never cast."""
+    if dtype is None and device is None:
+        return copy.deepcopy(model).eval().requires_grad_(False)
+    memo = {
+        id(p): torch.nn.Parameter(
+            p.detach().to(device=device or p.device, dtype=dtype if dtype and p.is_floating_point() else p.dtype, copy=True),
+            requires_grad=False,
+        )
+        for p in model.parameters()
+    }
+    teacher = copy.deepcopy(model, memo)
+    return (teacher.to(device) if device else teacher).eval().requires_grad_(False)
+
+
+def teacher_forward(teacher: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """The teacher's logits on a batch, computed on the teacher's own device."""
+    device = next(teacher.parameters()).device
+    return teacher(input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device), use_cache=False).logits
+
+
 class DistillTrainer(Trainer):
     """A Trainer whose loss mixes the student's CE with KL to a frozen teacher's logits."""
 
     def __init__(self, *args, teacher: torch.nn.Module, distill: DistillSettings, **kwargs):
         super().__init__(*args, **kwargs)
-        # the teacher runs where the student's batches are (Trainer moves the student, not this attribute)
-        self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
+        # the teacher runs where the student's batches are (Trainer moves the student, not this attribute),
+        # unless it was offloaded (--teacher-device cpu): then its inputs go to it and its logits come back
+        teacher = teacher.eval().requires_grad_(False)
+        self.teacher = teacher.to(self.args.device) if distill.teacher_device == "same" else teacher
         self.distill = distill
         # compute_loss returns a per-batch mean: let Trainer divide by the accumulation steps itself
         self.model_accepts_loss_kwargs = False
@@ -76,6 +103,6 @@ class DistillTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+            teacher_logits = teacher_forward(self.teacher, inputs).to(outputs.logits.device)
         loss, _ = distillation_loss(outputs.logits, teacher_logits, inputs["labels"], outputs.loss, self.distill)
         return (loss, outputs) if return_outputs else loss

@@ -1,7 +1,11 @@
 """Trainer + peft set-up for the two fine-tunes GradPruner runs: the short LoRA probe on the dense
 model, and the recovery fine-tune of the pruned model (LoRA merged at the end, or full).
 
-Both go through `transformers.Trainer`, so `accelerate launch` (DDP/FSDP) scales them out.
+Both go through `transformers.Trainer`, so `accelerate launch` scales them out: DDP (tested on CPU),
+FSDP2 on GPUs. Under FSDP the Trainer trains a `training_twin` of the model (sharded by accelerate),
+and the trained parameters are gathered back into the caller's plain model (distributed.py): no
+function outside the Trainer ever sees a sharded parameter, and the saved checkpoint is a standard
+full state dict. check_launch (distributed.py) refuses the launches that cannot work.
 """
 
 from __future__ import annotations
@@ -10,16 +14,23 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-from transformers import TrainerCallback
+from accelerate import PartialState
+from peft import LoraConfig, get_peft_model
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..data import CompletionCollator
 from ..errors import raise_if_interrupted
 from ..utils import progress_disabled
-from .probe import IGIAProbe, ProbeRecord, lora_pairs
+from .config import CompressConfig
+from .distill import DistillTrainer
+from .distributed import copy_trained, fsdp_requested, training_twin
+from .igia.probe import IGIAProbe, ProbeRecord, lora_pairs
+from .prunedlora.callback import PrunedLoRACallback, lora_modules
+from .prunedlora.pruning import PRUNE_INTERVAL, PRUNE_PER_EVENT, paper_pace_gap
 from .surgery import find_layer_stack
 
 logger = logging.getLogger(__name__)
@@ -47,9 +58,25 @@ class TrainSettings:
     sampling: str = "random"  # Trainer's train_sampling_strategy; "sequential" for reproducible tests
 
 
-def world_size() -> int:
-    from accelerate import PartialState
+def train_settings(config: CompressConfig) -> TrainSettings:
+    """The fine-tune settings (probe and recovery) a CompressConfig asks for."""
+    return TrainSettings(
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        learning_rate=config.learning_rate,
+        epochs=config.epochs,
+        max_steps=config.max_steps,
+        warmup_ratio=config.warmup_ratio,
+        lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        prunedlora_start_rank=config.prunedlora_start_rank,
+        seed=config.seed,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
 
+
+def world_size() -> int:
     return PartialState().num_processes
 
 
@@ -64,8 +91,6 @@ def planned_steps(num_examples: int, s: TrainSettings) -> int:
 def _training_args(
     output_dir: str, s: TrainSettings, *, max_steps: int, max_grad_norm: float, learning_rate: float, disable_tqdm: bool | None = None
 ):
-    from transformers import TrainingArguments
-
     return TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=s.batch_size,
@@ -92,8 +117,6 @@ def _training_args(
 
 
 def attach_lora(model, s: TrainSettings):
-    from peft import LoraConfig, get_peft_model
-
     torch.manual_seed(s.seed)  # LoRA A init: same on every process
     config = LoraConfig(
         r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules="all-linear", task_type="CAUSAL_LM", bias="none"
@@ -126,8 +149,6 @@ class _BarOnly(ProgressCallback):
 
 
 def _trainer(model, features, tokenizer, args, callbacks=(), *, teacher=None, distill=None):
-    from transformers import Trainer
-
     kwargs = dict(
         model=model,
         args=args,
@@ -136,8 +157,6 @@ def _trainer(model, features, tokenizer, args, callbacks=(), *, teacher=None, di
         callbacks=[*callbacks, _StopOnSignal()],
     )
     if teacher is not None:
-        from .distill import DistillTrainer
-
         trainer = DistillTrainer(**kwargs, teacher=teacher, distill=distill)
     else:
         trainer = Trainer(**kwargs)
@@ -161,7 +180,8 @@ def run_probe(
     """
     num_layers = len(find_layer_stack(model)[1])
     model.config.use_cache = False
-    peft_model = attach_lora(model, s)
+    sharded = fsdp_requested()  # the Trainer shards what it trains: give it a twin, keep `model` plain
+    peft_model = attach_lora(training_twin(model) if sharded else model, s)
     probe = IGIAProbe(lora_pairs(peft_model), num_layers, probe_steps, keep_factors=keep_factors, snapshot_steps=snapshot_steps)
     # The probe is the start of the planned fine-tune (same LR schedule, warm-up included); the
     # callback stops it after `probe_steps` informative steps. Zero-gradient steps are expected
@@ -177,7 +197,8 @@ def run_probe(
         seconds = time.perf_counter() - start
     if not probe.done:
         raise RuntimeError(f"the probe recorded {probe.record.informative_steps} informative steps of {probe_steps}")
-    peft_model.unload()  # removes the LoRA wrappers; base weights were never modified
+    if not sharded:
+        peft_model.unload()  # removes the LoRA wrappers; base weights were never modified
     model.config.use_cache = True
     for p in model.parameters():
         p.grad = None
@@ -196,30 +217,33 @@ def run_probe(
 
 
 def recovery_finetune(
-    model, features, tokenizer, s: TrainSettings, *, mode: str, steps: int | None = None, teacher=None, distill=None, quiet: bool = False
+    model,
+    features,
+    tokenizer,
+    s: TrainSettings,
+    *,
+    mode: str,
+    steps: int | None = None,
+    teacher=None,
+    distill=None,
+    quiet: bool = False,
+    merge: bool = True,
 ):
     """Fine-tune the pruned model. mode: 'lora' (merged into the weights at the end), 'prunedlora'
     (LoRA started at s.prunedlora_start_rank and pruned to s.lora_r during the run, then merged;
-    see prunedlora.py) or 'full'.
+    see prunedlora/) or 'full'.
 
     With `teacher` (a frozen dense model) and `distill` (DistillSettings) the loss is logit
     distillation mixed with CE (distill.py). `steps` overrides the planned length (short heals).
+    `merge=False` returns the peft model with its LoRA unmerged (a judged heal removes it afterwards).
     """
     if mode not in DEFAULT_LEARNING_RATE:
         raise ValueError(mode)
     lr = s.learning_rate or DEFAULT_LEARNING_RATE[mode]
     model.config.use_cache = False
-    callbacks = []
-    if mode == "lora":
-        train_model = attach_lora(model, s)
-    elif mode == "prunedlora":
-        train_model, pruner = _attach_prunedlora(model, s, total_steps=steps or planned_steps(len(features), s))
-        callbacks.append(pruner)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        train_model = model
     steps = steps or planned_steps(len(features), s)
+    sharded = fsdp_requested()  # the Trainer shards what it trains: give it a twin, keep `model` plain
+    train_model, callbacks = _trainable(model, s, mode=mode, steps=steps, twin=sharded)
     with tempfile.TemporaryDirectory(prefix="gradprune-finetune-") as tmp:
         args = _training_args(tmp, s, max_steps=steps, max_grad_norm=s.max_grad_norm, learning_rate=lr, disable_tqdm=quiet or None)
         trainer = _trainer(train_model, features, tokenizer, args, callbacks, teacher=teacher, distill=distill)
@@ -228,8 +252,10 @@ def recovery_finetune(
         seconds = time.perf_counter() - start
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     prunedlora = callbacks[0].stats() if mode == "prunedlora" else None
+    if sharded:
+        train_model = _gather_trained(train_model, model, s, mode=mode)
     if mode in ("lora", "prunedlora"):
-        model = train_model.merge_and_unload()
+        model = train_model.merge_and_unload() if merge else train_model
     else:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -250,14 +276,32 @@ def recovery_finetune(
     return model, stats
 
 
+def _trainable(model, s: TrainSettings, *, mode: str, steps: int, twin: bool):
+    """(the model the Trainer trains, its callbacks): the model with LoRA attached, or itself made trainable
+    (mode full). `twin`: a training_twin of it instead, for the Trainer to shard (FSDP)."""
+    if mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    base = training_twin(model) if twin else model
+    if mode == "lora":
+        return attach_lora(base, s), []
+    if mode == "prunedlora":
+        peft_model, pruner = _attach_prunedlora(base, s, total_steps=steps)
+        return peft_model, [pruner]
+    return base, []
+
+
+def _gather_trained(trained, model, s: TrainSettings, *, mode: str):
+    """The sharded twin's trained parameters gathered (full tensors, every rank) into the plain `model`:
+    into a LoRA attached to it the same way (mode lora; the caller merges it), else into its own weights."""
+    target = attach_lora(model, s) if mode == "lora" else model
+    copy_trained(trained, target)
+    return target
+
+
 def _attach_prunedlora(model, s: TrainSettings, *, total_steps: int):
     """LoRA at the start rank R0, with alpha scaled by R0/r so the LoRA scaling (alpha/rank) is the
     one a rank-r LoRA with s.lora_alpha would have; plus the callback that prunes it to rank r."""
-    from dataclasses import replace
-
-    from .prunedlora import PRUNE_INTERVAL, PRUNE_PER_EVENT, paper_pace_gap
-    from .prunedlora_callback import PrunedLoRACallback, lora_modules
-
     if s.prunedlora_start_rank < s.lora_r:
         raise ValueError(f"prunedlora_start_rank {s.prunedlora_start_rank} is below the target rank lora_r {s.lora_r}")
     gap = paper_pace_gap(start_rank=s.prunedlora_start_rank, target_rank=s.lora_r, total_steps=total_steps)

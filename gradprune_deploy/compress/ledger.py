@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..data import Example, read_examples
 from ..errors import DataError
+from ..evaluation.evaluate import evaluate_model
 from ..manifest import QualityLedger, QualityPoint
 
 logger = logging.getLogger(__name__)
@@ -82,8 +83,6 @@ def binomial_se(p: float, n: int) -> float:
 
 def measure(model, tokenizer, rows: Sequence[Example], *, stage: str, batch_size: int = 8) -> QualityPoint:
     """Completion loss (and choice accuracy when every row has choices) of `model` on `rows`."""
-    from ..evaluation.evaluate import evaluate_model
-
     start = time.perf_counter()
     was_training = model.training
     model.eval()

@@ -62,32 +62,38 @@ def select_layers_to_drop(
     if target_params is not None:
         if layer_params is None or total_params is None:
             raise ValueError("target_params needs layer_params and total_params")
-        if target_params >= total_params:
-            raise ConfigError(f"--target-params {target_params:,} is not below the model's {total_params:,} parameters: lower it")
-        dropped, remaining = [], total_params
-        for i in order:
-            if remaining <= target_params:
-                break
-            if len(dropped) == num_layers - 1:
-                break
-            dropped.append(i)
-            remaining -= layer_params[i]
-        if remaining > target_params:
-            raise ConfigError(
-                f"--target-params {target_params:,} is out of reach: dropping every allowed layer leaves {remaining:,}; "
-                "raise it or protect fewer layers"
-            )
-        return sorted(dropped)
-
+        return _drop_to_target_params(order, target_params, layer_params, total_params, num_layers)
     if drop_ratio is not None:
         drop_count = drop_count_from_ratio(drop_ratio, num_layers)
+    _check_drop_count(drop_count, num_layers, len(candidates))
+    return sorted(order[:drop_count])
+
+
+def _drop_to_target_params(order: Sequence[int], target_params: int, layer_params: Sequence[int], total_params: int, num_layers: int):
+    """The least important layers of `order` until at most `target_params` parameters remain (one layer always kept)."""
+    if target_params >= total_params:
+        raise ConfigError(f"--target-params {target_params:,} is not below the model's {total_params:,} parameters: lower it")
+    dropped, remaining = [], total_params
+    for i in order:
+        if remaining <= target_params or len(dropped) == num_layers - 1:
+            break
+        dropped.append(i)
+        remaining -= layer_params[i]
+    if remaining > target_params:
+        raise ConfigError(
+            f"--target-params {target_params:,} is out of reach: dropping every allowed layer leaves {remaining:,}; "
+            "raise it or protect fewer layers"
+        )
+    return sorted(dropped)
+
+
+def _check_drop_count(drop_count: int, num_layers: int, candidates: int) -> None:
     if drop_count < 1:
         raise ConfigError(f"--drop-layers must be at least 1, got {drop_count}")
     if drop_count >= num_layers:
         raise ConfigError(f"--drop-layers {drop_count} would leave no layer of {num_layers}: lower it")
-    if drop_count > len(candidates):
+    if drop_count > candidates:
         raise ConfigError(
-            f"cannot drop {drop_count} layers: only {len(candidates)} of {num_layers} are not protected; "
+            f"cannot drop {drop_count} layers: only {candidates} of {num_layers} are not protected; "
             "lower --protect-first/--protect-last or drop fewer"
         )
-    return sorted(order[:drop_count])

@@ -89,15 +89,20 @@ def drop_layers(model: nn.Module, drop: Sequence[int]) -> nn.Module:
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_idx
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, attr, new_stack)
+    replace_layer_stack(model, path, new_stack)
 
     for key, value in new_config.items():
         if model.config.to_dict().get(key) != value:
             setattr(model.config, key, value)
     logger.info("dropped layers %s: %d → %d layers", drop, n, len(kept))
     return model
+
+
+def replace_layer_stack(model: nn.Module, path: str, stack: nn.ModuleList) -> None:
+    """Put `stack` where the layer stack at `path` (find_layer_stack's) is; the config is the caller's."""
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, stack)
 
 
 def count_parameters(model: nn.Module) -> int:

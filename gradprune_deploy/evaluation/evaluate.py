@@ -14,38 +14,46 @@ i.e. the chat template when the tokenizer has one):
 - `loss`: mean negative log-likelihood per completion token over the set, and perplexity.
 
 The result is a dict (the CLI prints it as one JSON line) and, when the checkpoint is a local
-directory or --out-dir is given, `eval_<data>_<split>_<metric>.json` in that directory.
+directory or --out-dir is given, `eval_<data>_<split>_<metric>.json` in that directory (the name comes
+from layout.eval_report_name; <data> is data.data_name of --data).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+from transformers import AutoTokenizer
+
+from ..bundled import DEFAULT_DATA, DEFAULT_MODEL
+from ..config_schema import validate_fields
+from ..data import Example, data_name, encode_example, encode_prompt, read_examples
 from ..errors import ConfigError, DataError
+from ..layout import eval_report_name
+from ..loading import ModelSource, load_model_and_tokenizer, resolve_source
+from ..utils import atomic_write_text, check_output_dir, tqdm
+from .hf import completion_logprobs, eos_token_ids, greedy_generate
+from .metrics import accuracy, argmax, choice_scores, confusion_counts, exact_match, mean_token_loss, uses_final_answer
+from .vllm import vllm_endpoint, vllm_greedy_generate
 
 logger = logging.getLogger(__name__)
 
 GENERATION_MARGIN_TOKENS = 16
-_SPLIT_LIKE_STEMS = ("train", "test", "dev", "validation", "valid", "eval")
 
 
 @dataclass
 class EvalConfig:
     """Evaluate a checkpoint by choice log-likelihood, exact match of greedy generations, or loss."""
 
-    checkpoint: str = field(
-        metadata={"help": "checkpoint directory, .gguf file, cached Hub id or bundled:SmolLM2-135M-Instruct", "positional": True}
-    )
+    checkpoint: str = field(metadata={"help": f"checkpoint directory, .gguf file, cached Hub id or {DEFAULT_MODEL}", "positional": True})
     data: str | None = field(
-        default=None, metadata={"help": "prompt/completion data: a .jsonl/.csv file, a folder of splits, or bundled:gsm8k"}
+        default=None, metadata={"help": f"prompt/completion data: a .jsonl/.csv file, a folder of splits, or {DEFAULT_DATA}"}
     )
     split: str = field(default="test", metadata={"help": "split to read when --data is a folder or a dataset"})
     metric: Literal["choice", "exact", "loss"] = field(
@@ -76,11 +84,9 @@ class EvalConfig:
     allow_pickle: bool = field(default=False, metadata={"help": "allow pickled (.bin) weights"})
 
     def __post_init__(self):
-        from ..config_schema import validate_fields
-
         validate_fields(self)  # types, choices and booleans, as for the CLI and a YAML recipe
         if not self.data:
-            raise ConfigError("--data is required: a .jsonl/.csv file, a folder with {split}.jsonl, or bundled:gsm8k")
+            raise ConfigError(f"--data is required: a .jsonl/.csv file, a folder with {{split}}.jsonl, or {DEFAULT_DATA}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit {self.limit}: give a positive number of rows, or leave --limit out for all")
         if self.batch_size < 1:
@@ -95,96 +101,63 @@ class EvalConfig:
             raise ConfigError("--server-url is for --backend vllm")
 
 
-def evaluate_from_config(config: EvalConfig) -> dict[str, Any]:
-    return evaluate(**dataclasses.asdict(config))
-
-
-def evaluate(
-    checkpoint: str,
-    *,
-    data: str,
-    split: str = "test",
-    metric: str = "choice",
-    batch_size: int = 8,
-    limit: int | None = None,
-    length_normalize: bool = False,
-    max_new_tokens: int | None = None,
-    backend: str = "hf",
-    case_fold: bool = False,
-    final_answer: str = "auto",
-    dtype: str = "float32",
-    out_dir: str | None = None,
-    save: bool = True,
-    server_url: str | None = None,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-) -> dict[str, Any]:
-    """Load `checkpoint`, evaluate it on `data` and return (and save) the summary dict."""
-    config = EvalConfig(
-        checkpoint,
-        data=data,
-        split=split,
-        metric=metric,
-        batch_size=batch_size,
-        limit=limit,  # validates
-        length_normalize=length_normalize,
-        max_new_tokens=max_new_tokens,
-        backend=backend,
-        case_fold=case_fold,
-        final_answer=final_answer,
-        dtype=dtype,
-        out_dir=out_dir,
-        save=save,
-        server_url=server_url,
-        trust_remote_code=trust_remote_code,
-        allow_pickle=allow_pickle,
-    )
-    from ..data import read_examples
-    from ..loading import resolve_source
-    from ..utils import check_output_dir
-
-    if save and out_dir:
-        check_output_dir(out_dir, overwrite=True, flag="--out-dir")  # an unwritable --out-dir fails before any work
-    source = resolve_source(checkpoint, allow_pickle=allow_pickle)  # a missing checkpoint fails first
-    examples = read_examples(data, split=split, limit=limit)
-    check_examples(examples, metric)
-    started = time.perf_counter()
-    if backend == "vllm":
-        summary, _ = _evaluate_vllm(source, examples, config)
-        load_seconds = 0.0
-    else:
-        model, tokenizer = _load_hf(checkpoint, config)
-        load_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        summary, _ = evaluate_model(
-            model,
-            tokenizer,
-            examples,
-            metric=metric,
-            batch_size=batch_size,
-            length_normalize=length_normalize,
-            max_new_tokens=max_new_tokens,
-            case_fold=case_fold,
-            final_answer=final_answer,
-        )
+def evaluate(config: EvalConfig) -> dict[str, Any]:
+    """Load `config.checkpoint`, evaluate it on `config.data` and return (and save) the summary dict."""
+    if config.save and config.out_dir:
+        check_output_dir(config.out_dir, overwrite=True, flag="--out-dir")  # an unwritable --out-dir fails before any work
+    source = resolve_source(config.checkpoint, allow_pickle=config.allow_pickle)  # a missing checkpoint fails first
+    examples = read_examples(config.data, split=config.split, limit=config.limit)
+    check_examples(examples, config.metric)
+    summary, load_seconds, seconds = _run_backend(source, examples, config)
     summary.update(
         n=len(examples),
-        data=str(data),
-        split=split,
-        limit=limit,
-        backend=backend,
-        dtype=dtype,
+        data=str(config.data),
+        split=config.split,
+        limit=config.limit,
+        backend=config.backend,
+        dtype=config.dtype,
         model=str(source.path),
-        model_source=str(checkpoint),
-        seconds=round(time.perf_counter() - started, 3),
+        model_source=str(config.checkpoint),
+        seconds=round(seconds, 3),
         load_seconds=round(load_seconds, 3),
     )
-    target = _result_dir(checkpoint, out_dir, source)
-    summary["saved_to"] = str(write_result(summary, target, data=data, split=split, metric=metric)) if save and target else None
-    if save and target is None:
-        logger.info("not saving the result: %s is not a checkpoint directory; pass --out-dir to keep it", checkpoint)
-    logger.info("%s on %s (%s, n=%d): %.4f", metric, data, split, len(examples), summary["value"])
+    summary["saved_to"] = _save(summary, config, source)
+    logger.info("%s on %s (%s, n=%d): %.4f", config.metric, config.data, config.split, len(examples), summary["value"])
     return summary
+
+
+def _run_backend(source: ModelSource, examples: Sequence[Example], config: EvalConfig) -> tuple[dict[str, Any], float, float]:
+    """(summary, seconds loading the model, seconds evaluating) on the configured backend."""
+    started = time.perf_counter()
+    if config.backend == "vllm":
+        summary, _ = _evaluate_vllm(source, examples, config)
+        return summary, 0.0, time.perf_counter() - started
+    model, tokenizer = _load_hf(config)
+    load_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    summary, _ = evaluate_model(
+        model,
+        tokenizer,
+        examples,
+        metric=config.metric,
+        batch_size=config.batch_size,
+        length_normalize=config.length_normalize,
+        max_new_tokens=config.max_new_tokens,
+        case_fold=config.case_fold,
+        final_answer=config.final_answer,
+    )
+    return summary, load_seconds, time.perf_counter() - started
+
+
+def _save(summary: dict[str, Any], config: EvalConfig, source: ModelSource) -> str | None:
+    """Write the result file when asked and there is somewhere to write it; its path, or None."""
+    if not config.save:
+        return None
+    target = _result_dir(config.checkpoint, config.out_dir, source)
+    if target is None:
+        logger.info("not saving the result: %s is not a checkpoint directory; pass --out-dir to keep it", config.checkpoint)
+        return None
+    return str(write_result(summary, target, data=config.data, split=config.split, metric=config.metric))
 
 
 def check_examples(examples: Sequence, metric: str) -> None:
@@ -249,11 +222,6 @@ def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list
 
 
 def _eval_choice(model, tokenizer, examples, *, batch_size: int, length_normalize: bool):
-    from ..data import Example, encode_example
-    from ..utils import tqdm
-    from .hf import completion_logprobs
-    from .metrics import accuracy, argmax, choice_scores, confusion_counts
-
     encoded = [[encode_example(tokenizer, Example(ex.prompt, choice)) for choice in ex.choices] for ex in examples]
     results: list[list[tuple[float, int]]] = [[] for _ in examples]
     with tqdm(total=len(examples), desc="eval choice", unit="row") as bar:
@@ -279,11 +247,6 @@ def _eval_choice(model, tokenizer, examples, *, batch_size: int, length_normaliz
 
 
 def _eval_loss(model, tokenizer, examples, *, batch_size: int):
-    from ..data import encode_example
-    from ..utils import tqdm
-    from .hf import completion_logprobs
-    from .metrics import mean_token_loss
-
     encoded = [encode_example(tokenizer, ex) for ex in examples]
     results: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     with tqdm(total=len(examples), desc="eval loss", unit="row") as bar:
@@ -297,8 +260,6 @@ def _eval_loss(model, tokenizer, examples, *, batch_size: int):
 
 
 def _hf_generator(model, tokenizer) -> Callable[[list[list[int]], int], list[list[int]]]:
-    from .hf import eos_token_ids, greedy_generate
-
     eos = eos_token_ids(model, tokenizer)
     return lambda prompts, max_new: greedy_generate(
         model, prompts, max_new_tokens=max_new, pad_token_id=tokenizer.pad_token_id, eos_ids=eos
@@ -310,10 +271,6 @@ def default_max_new_tokens(tokenizer, examples) -> int:
 
 
 def _eval_exact(tokenizer, examples, generate, *, batch_size: int, max_new_tokens: int | None, case_fold: bool, final_answer: str):
-    from ..data import encode_prompt
-    from ..utils import tqdm
-    from .metrics import accuracy, exact_match, uses_final_answer
-
     max_new = max_new_tokens or default_max_new_tokens(tokenizer, examples)
     prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
     outputs: list[list[int]] = [[] for _ in examples]
@@ -347,40 +304,29 @@ def _eval_exact(tokenizer, examples, generate, *, batch_size: int, max_new_token
     return summary, rows
 
 
-def _load_hf(checkpoint: str, config: EvalConfig):
-    import torch
-
-    from ..loading import load_model_and_tokenizer
-
+def _load_hf(config: EvalConfig):
     model, tokenizer = load_model_and_tokenizer(
-        checkpoint, dtype=config.dtype, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle
+        config.checkpoint, dtype=config.dtype, trust_remote_code=config.trust_remote_code, allow_pickle=config.allow_pickle
     )
     if torch.cuda.is_available():
         model.to("cuda")
     return model.eval(), tokenizer
 
 
-def _evaluate_vllm(source, examples, config: EvalConfig):
-    from transformers import AutoTokenizer
-
-    from .vllm import vllm_endpoint, vllm_greedy_generate
-
+def _evaluate_vllm(source: ModelSource, examples: Sequence[Example], config: EvalConfig):
     if source.gguf_file:
         raise ConfigError(
             "--backend vllm needs a safetensors checkpoint directory, not a .gguf file: save the model with "
-            "save_pretrained first (bundled:SmolLM2-135M-Instruct is already converted)"
+            f"save_pretrained first ({DEFAULT_MODEL} is already converted)"
         )
-    from ..data import encode_prompt
-
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=config.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     max_new = config.max_new_tokens or default_max_new_tokens(tokenizer, examples)
     longest_prompt = max(len(encode_prompt(tokenizer, ex.prompt)) for ex in examples)
     eos = [i for i in {tokenizer.eos_token_id, *_generation_eos(source.path)} if i is not None]
-    vllm_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(config.dtype, config.dtype)
     with vllm_endpoint(
-        str(source.path), server_url=config.server_url, dtype=vllm_dtype, max_model_len=max(2048, longest_prompt + max_new)
+        str(source.path), server_url=config.server_url, dtype=config.dtype, max_model_len=max(2048, longest_prompt + max_new)
     ) as (base_url, served):
         generate = lambda prompts, n: vllm_greedy_generate(base_url, served, prompts, max_new_tokens=n, eos_ids=eos)  # noqa: E731
         return evaluate_model(
@@ -404,27 +350,12 @@ def _generation_eos(model_dir: Path) -> list[int]:
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
-def data_name(data: str) -> str:
-    """Short name of a data source for file names: sst2 for ../shared/data/sst2 or .../sst2/test.jsonl."""
-    if data.startswith("bundled:"):
-        name = data.split(":", 1)[1]
-    else:
-        path = Path(data).expanduser()
-        name = path.stem if path.suffix else path.name
-        if path.suffix and name in _SPLIT_LIKE_STEMS:
-            name = path.resolve().parent.name
-    return _safe_name(name) or "data"
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^\w.-]+", "-", text).strip("-")
-
-
 def result_filename(data: str, split: str, metric: str) -> str:
-    return f"eval_{data_name(data)}_{_safe_name(split)}_{metric}.json"
+    """eval_<data>_<split>_<metric>.json: the data's short name (data.data_name), the name layout.py gives a report."""
+    return eval_report_name(data_name(data), split, metric)
 
 
-def _result_dir(checkpoint: str, out_dir: str | None, source) -> Path | None:
+def _result_dir(checkpoint: str, out_dir: str | None, source: ModelSource) -> Path | None:
     if out_dir:
         return Path(out_dir).expanduser()
     path = Path(str(checkpoint)).expanduser()
@@ -433,8 +364,6 @@ def _result_dir(checkpoint: str, out_dir: str | None, source) -> Path | None:
 
 def write_result(summary: dict[str, Any], directory: Path, *, data: str, split: str, metric: str) -> Path:
     """Write the summary as JSON (atomically: a reader never sees half a file)."""
-    from ..utils import atomic_write_text
-
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / result_filename(data, split, metric)
     atomic_write_text(path, json.dumps({**summary, "saved_to": str(path)}, indent=2, default=str) + "\n")

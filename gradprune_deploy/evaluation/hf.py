@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 
 import torch
+from transformers import GenerationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +94,6 @@ def greedy_generate(
     model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_token_id: int, eos_ids: Sequence[int]
 ) -> list[list[int]]:
     """Greedy continuations of `prompts` (token ids), one left-padded batch; eos and after removed."""
-    from transformers import GenerationConfig
-
     device = _device(model)
     input_ids, attention_mask = left_pad(prompts, pad_token_id)
     config = GenerationConfig(

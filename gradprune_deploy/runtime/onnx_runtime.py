@@ -27,13 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from gradprune_deploy.errors import MissingDependencyError, ModelLoadError
-from gradprune_deploy.utils import require
+from ..errors import MissingDependencyError, ModelLoadError
+from ..layout import ONNX_GRAPH, ONNX_METADATA
+from ..utils import optional_import
 
 logger = logging.getLogger(__name__)
 
-METADATA = "gradprune_onnx.json"
-GRAPH = "model.onnx"
 _PAST = re.compile(r"past_key_values\.layers\.(\d+)\.(keys|values)$")
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -66,9 +65,7 @@ class DecodeState:
 
 
 def _providers(provider: str) -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
+    available = optional_import("onnxruntime", "onnx").get_available_providers()
     if provider == "cpu":
         return ["CPUExecutionProvider"]
     if provider == "cuda":
@@ -91,14 +88,12 @@ class OnnxCausalLM:
     """A causal LM exported by `gradprune export onnx`, run with onnxruntime (greedy, KV cache)."""
 
     def __init__(self, export_dir: str | os.PathLike, provider: str = "cpu", *, intra_op_threads: int | None = None):
-        require("onnxruntime", "onnx")
-        import onnxruntime as ort
-
+        ort = optional_import("onnxruntime", "onnx")
         self.export_dir = Path(export_dir)
-        graph = self.export_dir / GRAPH
+        graph = self.export_dir / ONNX_GRAPH
         if not graph.is_file():
             raise ModelLoadError(f"{graph} not found: pass a directory written by `gradprune export onnx`")
-        meta_path = self.export_dir / METADATA
+        meta_path = self.export_dir / ONNX_METADATA
         self.metadata = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         options = ort.SessionOptions()
         if intra_op_threads:

@@ -33,12 +33,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig
 
 from ..checkpoint import inspect_checkpoint
 from ..errors import ArchitectureError, ConfigError, MissingDependencyError, ModelLoadError, ServingError, first_line
 from ..loading import check_weights_cover_model
-from ..utils import is_available
+from ..utils import is_available, optional_import, process_memory, process_tree_pids
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +62,7 @@ class VllmServer:
 
     def pids(self) -> list[int]:
         """The API server process and all its descendants (vLLM's engine core runs in a child)."""
-        try:
-            import psutil
-        except ImportError:
-            return [self.pid]
-        try:
-            root = psutil.Process(self.pid)
-            return [self.pid] + [child.pid for child in root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
+        return process_tree_pids(self.pid)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -102,9 +95,8 @@ def supported_architectures() -> set[str]:
     """Architectures vLLM implements (imports vLLM's model registry: a few seconds, once)."""
     if not is_available("vllm"):
         raise MissingDependencyError(vllm_install_hint())
-    from vllm.model_executor.models.registry import ModelRegistry
-
-    return set(ModelRegistry.get_supported_archs())
+    registry = optional_import("vllm.model_executor.models.registry", "vllm")
+    return set(registry.ModelRegistry.get_supported_archs())
 
 
 def check_vllm_compatible(checkpoint_dir: str | os.PathLike) -> dict:
@@ -259,18 +251,21 @@ def stop_server(server: VllmServer, *, grace_s: float = STOP_GRACE_S) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        import psutil
-
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except ImportError:
-        return Path(f"/proc/{pid}").exists()
-    except Exception:  # noqa: BLE001 - NoSuchProcess and friends
-        return False
+    """Still running: /proc has its memory lines (a zombie or a reaped process has none)."""
+    return process_memory(pid) is not None
 
 
 def server_command(
-    model_dir: Path, *, served_model_name: str, host: str, port: int, dtype: str, max_model_len: int, extra_args: Sequence[str] = ()
+    model_dir: Path,
+    *,
+    served_model_name: str,
+    host: str,
+    port: int,
+    dtype: str,
+    max_model_len: int,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    extra_args: Sequence[str] = (),
 ) -> list[str]:
     """The vLLM OpenAI server command line (the CPU build's `vllm` console script is broken)."""
     return [
@@ -289,8 +284,42 @@ def server_command(
         dtype,
         "--max-model-len",
         str(max_model_len),
+        "--tensor-parallel-size",
+        str(tensor_parallel_size),
+        "--pipeline-parallel-size",
+        str(pipeline_parallel_size),
         *extra_args,
     ]
+
+
+def check_parallel_sizes(tensor_parallel_size: int, pipeline_parallel_size: int, *, device: str | None = None) -> None:
+    """Refuse, before vLLM starts, a tensor x pipeline parallel layout the visible devices cannot hold.
+
+    vLLM places tensor_parallel_size x pipeline_parallel_size workers, one GPU each, and would only
+    find out after minutes of start-up. `device` is "cuda" or "cpu" (None: CUDA if torch sees a GPU).
+    """
+    for flag, size in (("--tensor-parallel-size", tensor_parallel_size), ("--pipeline-parallel-size", pipeline_parallel_size)):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ConfigError(f"{flag} must be an integer ≥ 1, got {size!r}")
+    wanted = tensor_parallel_size * pipeline_parallel_size
+    if wanted == 1:
+        return
+    sizes = f"--tensor-parallel-size {tensor_parallel_size} x --pipeline-parallel-size {pipeline_parallel_size}"
+    where = f"--device {device}"
+    if device is None:
+        device, where = ("cuda", "") if torch.cuda.is_available() else ("cpu", "no CUDA GPU is visible")
+    if device != "cuda":
+        raise ConfigError(
+            f"{sizes} splits the model across {wanted} devices, which vLLM's CPU build cannot do here ({where}): "
+            f"pass --tensor-parallel-size 1 --pipeline-parallel-size 1, or run on {wanted} GPUs"
+        )
+    visible = torch.cuda.device_count()
+    if wanted > visible:
+        raise ConfigError(
+            f"{sizes} needs {wanted} GPUs but {visible} {'is' if visible == 1 else 'are'} visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
+            f"lower them so that their product is at most {visible}"
+        )
 
 
 def check_max_model_len(model_dir: str | os.PathLike, max_model_len: int) -> None:
@@ -308,6 +337,29 @@ def check_max_model_len(model_dir: str | os.PathLike, max_model_len: int) -> Non
         )
 
 
+def _log_file(log_path: str | os.PathLike | None, port: int) -> Path:
+    """The server's log: the path given, else a new file in the temp directory."""
+    if log_path is None:
+        fd, log_path = tempfile.mkstemp(prefix=f"gradprune-vllm-{port}-", suffix=".log")
+        os.close(fd)
+    return Path(log_path)
+
+
+def _launch(cmd: list[str], log_path: Path, *, kv_cache_gib: int) -> subprocess.Popen:
+    """Start the server in its own session (one killpg stops it all), its output appended to `log_path`."""
+    logger.info("starting vLLM: %s (log: %s)", " ".join(cmd), log_path)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_server_env(kv_cache_gib),
+            start_new_session=True,
+            preexec_fn=_die_with_parent_preexec(),
+        )
+
+
 @contextlib.contextmanager
 def start_server(
     model_dir: str | os.PathLike,
@@ -317,6 +369,8 @@ def start_server(
     dtype: str = "auto",
     max_model_len: int = 2048,
     kv_cache_gib: int = 2,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
     extra_args: Sequence[str] = (),
     startup_timeout_s: float = 600,
     log_path: str | os.PathLike | None = None,
@@ -333,6 +387,7 @@ def start_server(
         raise ConfigError(f"--kv-cache-gib must be a whole number of GiB, at least 1, got {kv_cache_gib}")
     if not is_available("vllm"):
         raise MissingDependencyError(vllm_install_hint())
+    check_parallel_sizes(tensor_parallel_size, pipeline_parallel_size)
     if check:
         check_vllm_compatible(model_dir)
     model_dir = Path(model_dir).expanduser().resolve()
@@ -342,24 +397,19 @@ def start_server(
     elif port_in_use(host, port):
         raise ServingError(f"port {port} on {host} is in use: pass another --port (or stop what listens there)")
     name = served_model_name or model_dir.name
-    if log_path is None:
-        fd, log_path = tempfile.mkstemp(prefix=f"gradprune-vllm-{port}-", suffix=".log")
-        os.close(fd)
-    log_path = Path(log_path)
+    log_path = _log_file(log_path, port)
     cmd = server_command(
-        model_dir, served_model_name=name, host=host, port=port, dtype=dtype, max_model_len=max_model_len, extra_args=extra_args
+        model_dir,
+        served_model_name=name,
+        host=host,
+        port=port,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
+        extra_args=extra_args,
     )
-    logger.info("starting vLLM: %s (log: %s)", " ".join(cmd), log_path)
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=_server_env(int(kv_cache_gib)),
-            start_new_session=True,
-            preexec_fn=_die_with_parent_preexec(),
-        )
+    process = _launch(cmd, log_path, kv_cache_gib=int(kv_cache_gib))
     url_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     server = VllmServer(process, f"http://{url_host}:{port}", name, log_path)
     try:

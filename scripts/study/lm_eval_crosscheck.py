@@ -50,6 +50,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# after the environment above: huggingface_hub reads HF_HUB_OFFLINE when it is first imported
+from transformers import AutoTokenizer  # noqa: E402
+
+from gradprune_deploy.data import Example, encode_example, has_chat_template, read_examples  # noqa: E402
+from gradprune_deploy.evaluation.evaluate import evaluate_model  # noqa: E402
+from gradprune_deploy.loading import load_model_and_tokenizer  # noqa: E402
+from gradprune_deploy.utils import optional_import  # noqa: E402
+
 TASK_PREFIX = "gradprune_crosscheck"
 VARIANTS = ("matched", "stock")
 
@@ -123,10 +131,9 @@ def run_gradprune_cli(checkpoint: str, data: Path, limit: int, batch_size: int) 
 
 
 def run_lm_eval(checkpoint: str, task_dir: Path, tasks: list[str], limit: int, batch_size: int, chat: bool) -> dict:
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    lm_eval = optional_import("lm_eval", "study")
+    tasks_module = optional_import("lm_eval.tasks", "study")
+    manager = tasks_module.TaskManager(include_path=str(task_dir), include_defaults=False)
     return lm_eval.simple_evaluate(
         model="hf",
         model_args=f"pretrained={checkpoint},dtype=float32",
@@ -162,8 +169,6 @@ def _lm_eval_pair(tokenizer, context: str, continuation: str) -> tuple[list[int]
 def token_audit(tokenizer, examples, samples: list[dict]) -> dict:
     """Requests whose lm-eval continuation is not exactly gradprune's completion tokens, allowing a
     prefix that is the tail of gradprune's prompt (whitespace lm-eval moved; shared by all choices)."""
-    from gradprune_deploy.data import Example, encode_example
-
     mismatched, extra = 0, set()
     by_id = {ex.id: ex for ex in examples}
     for sample in samples:
@@ -190,9 +195,6 @@ def lm_eval_rows(samples: list[dict]) -> dict[str, dict]:
 
 def per_row(checkpoint: str, examples, lm_rows: dict[str, dict], batch_size: int) -> dict:
     """gradprune's evaluate_model in-process (the CLI's code path) against lm-eval, row by row."""
-    from gradprune_deploy.evaluation.evaluate import evaluate_model
-    from gradprune_deploy.loading import load_model_and_tokenizer
-
     model, tokenizer = load_model_and_tokenizer(checkpoint, dtype="float32")
     summary, rows = evaluate_model(model.eval(), tokenizer, examples, metric="choice", batch_size=batch_size)
     disagree, margin_gap = [], 0.0
@@ -208,7 +210,7 @@ def per_row(checkpoint: str, examples, lm_rows: dict[str, dict], batch_size: int
     return {"gradprune_in_process": summary["accuracy"], "disagreeing_rows": disagree, "max_margin_gap": margin_gap}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="checkpoint directories (safetensors + tokenizer)")
     parser.add_argument(
@@ -220,45 +222,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.5, help="points; a larger matched gap triggers --per-row")
     parser.add_argument("--per-row", action="store_true", help="also run gradprune in-process and list rows where the two disagree")
     parser.add_argument("--task-dir", type=Path, help="write the generated task YAMLs here (default: a temporary directory)")
-    args = parser.parse_args(argv)
+    return parser
 
-    from transformers import AutoTokenizer
 
-    from gradprune_deploy.data import has_chat_template, read_examples
-
-    data = args.data.expanduser().resolve()
-    if data.is_dir():
-        data = data / "test.jsonl"
-    variants = [v for v in args.variants.split(",") if v]
-    if any(v not in VARIANTS for v in variants) or not variants:
-        parser.error(f"--variants: choose from {', '.join(VARIANTS)}")
-    examples = read_examples(data, split="test", limit=args.limit)
-    report, table = {}, []
-    for checkpoint in args.checkpoints:
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        chat = has_chat_template(tokenizer)
-        if not chat:  # gradprune then scores completion + eos, tokenised apart from the prompt
-            print(f"warning: {checkpoint} has no chat template; only the chat path is verified", file=sys.stderr)
-        suffix = end_of_turn_suffix(tokenizer) if chat else (tokenizer.eos_token or "")
-        with tempfile.TemporaryDirectory(prefix="lm_eval_tasks_") as tmp:
-            task_dir = args.task_dir or Path(tmp)
-            names = write_tasks(task_dir, data, suffix)
-            gradprune_acc = run_gradprune_cli(checkpoint, data, args.limit, args.batch_size)
-            out = run_lm_eval(checkpoint, task_dir, [names[v] for v in variants], args.limit, args.batch_size, chat)
-        entry = {"gradprune": gradprune_acc, "choice_suffix": suffix}
+def crosscheck_checkpoint(checkpoint: str, args: argparse.Namespace, data: Path, variants: list[str], examples, table: list) -> dict:
+    """Both evaluations of one checkpoint, the token audit per variant and (when asked or the gap is
+    over --tolerance) the per-row comparison; appends the checkpoint's table rows to `table`."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    chat = has_chat_template(tokenizer)
+    if not chat:  # gradprune then scores completion + eos, tokenised apart from the prompt
+        print(f"warning: {checkpoint} has no chat template; only the chat path is verified", file=sys.stderr)
+    suffix = end_of_turn_suffix(tokenizer) if chat else (tokenizer.eos_token or "")
+    with tempfile.TemporaryDirectory(prefix="lm_eval_tasks_") as tmp:
+        task_dir = args.task_dir or Path(tmp)
+        names = write_tasks(task_dir, data, suffix)
+        gradprune_acc = run_gradprune_cli(checkpoint, data, args.limit, args.batch_size)
+        out = run_lm_eval(checkpoint, task_dir, [names[v] for v in variants], args.limit, args.batch_size, chat)
+    entry = {"gradprune": gradprune_acc, "choice_suffix": suffix}
+    for v in variants:
+        acc = float(out["results"][names[v]]["acc,none"])
+        key = "lm_eval" if v == variants[0] else f"lm_eval_{v}"
+        entry[key] = acc
+        entry["diff_points" if v == variants[0] else f"diff_points_{v}"] = round(100 * (acc - gradprune_acc), 2)
+        entry[f"token_audit_{v}"] = token_audit(tokenizer, examples, out["samples"][names[v]])
+        table.append((checkpoint, v, acc, gradprune_acc, round(100 * (acc - gradprune_acc), 2)))
+    entry["lm_eval_variant"] = variants[0]
+    if args.per_row or abs(entry["diff_points"]) > args.tolerance:
         for v in variants:
-            acc = float(out["results"][names[v]]["acc,none"])
-            key = "lm_eval" if v == variants[0] else f"lm_eval_{v}"
-            entry[key] = acc
-            entry["diff_points" if v == variants[0] else f"diff_points_{v}"] = round(100 * (acc - gradprune_acc), 2)
-            entry[f"token_audit_{v}"] = token_audit(tokenizer, examples, out["samples"][names[v]])
-            table.append((checkpoint, v, acc, gradprune_acc, round(100 * (acc - gradprune_acc), 2)))
-        entry["lm_eval_variant"] = variants[0]
-        if args.per_row or abs(entry["diff_points"]) > args.tolerance:
-            for v in variants:
-                entry[f"per_row_{v}"] = per_row(checkpoint, examples, lm_eval_rows(out["samples"][names[v]]), args.batch_size)
-        report[checkpoint] = entry
+            entry[f"per_row_{v}"] = per_row(checkpoint, examples, lm_eval_rows(out["samples"][names[v]]), args.batch_size)
+    return entry
 
+
+def print_summary(report: dict, table: list, variants: list[str]) -> None:
+    """The table of accuracies, one token-audit line per checkpoint and variant, then the JSON line."""
     width = max(len(c) for c, *_ in table)
     print(f"\n{'checkpoint':<{width}}  {'lm-eval task':<12}  {'lm-eval acc':>11}  {'gradprune acc':>13}  {'diff (points)':>13}")
     for checkpoint, variant, acc, gp, diff in table:
@@ -269,6 +265,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"token audit {checkpoint} [{v}]: {audit['mismatched']}/{audit['requests']} requests differ from gradprune's "
                   f"completion tokens; shared prefix moved from the context: {audit['shared_prefixes']}")  # fmt: skip
     print(json.dumps(report, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    data = args.data.expanduser().resolve()
+    if data.is_dir():
+        data = data / "test.jsonl"
+    variants = [v for v in args.variants.split(",") if v]
+    if any(v not in VARIANTS for v in variants) or not variants:
+        parser.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    examples = read_examples(data, split="test", limit=args.limit)
+    report, table = {}, []
+    for checkpoint in args.checkpoints:
+        report[checkpoint] = crosscheck_checkpoint(checkpoint, args, data, variants, examples, table)
+    print_summary(report, table, variants)
     return 0
 
 

@@ -35,7 +35,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
+from gradprune_deploy.compress.finetune import TrainSettings, recovery_finetune
+from gradprune_deploy.compress.ledger import split_slice
+from gradprune_deploy.data import read_examples, tokenize_examples
+from gradprune_deploy.loading import load_model_and_tokenizer
 from gradprune_deploy.utils import peak_rss_mb
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # study_report lives beside this script
+from study_report import write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
@@ -133,11 +142,6 @@ def last_json(stdout: str) -> dict:
 
 def dense_worker(out: str, train_file: str, rows: int, steps: int, max_length: int, seed: int) -> None:
     """The dense reference: the same LoRA fine-tune (rows, steps, settings) without any pruning."""
-    from gradprune_deploy.compress.finetune import TrainSettings, recovery_finetune
-    from gradprune_deploy.compress.ledger import split_slice
-    from gradprune_deploy.data import read_examples, tokenize_examples
-    from gradprune_deploy.loading import load_model_and_tokenizer
-
     examples = read_examples(train_file, limit=rows)
     train_idx, _ = split_slice(len(examples), fraction=0.1, max_rows=128, seed=seed)  # as compress holds out
     model, tokenizer = load_model_and_tokenizer("bundled:SmolLM2-135M-Instruct")
@@ -311,8 +315,6 @@ def main() -> None:
     if args.report_only:
         if not results_path.is_file():
             parser.error(f"--report-only: no {results_path}; run the study first or give the --out it wrote to")
-        from study_report import write_report
-
         results = read_results(results_path)
         write_report(results, Path(args.report), preset=PRESETS[args.preset], preset_name=args.preset, out_dir=args.out)
         print(json.dumps({"report": args.report, "arms": len(results)}))
@@ -322,8 +324,6 @@ def main() -> None:
     wanted = args.arms or (CPU_ARMS if args.preset == "cpu" else sorted(names))
     tasks = args.tasks or DEFAULT_TASKS[args.preset]
     plan = [(arm, task) for arm in ARMS for task in tasks if arm["arm"] in wanted]
-    import torch
-
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"  # recorded beside every timing
     started, failed = time.perf_counter(), []
     for arm, task in plan:
@@ -339,8 +339,6 @@ def main() -> None:
         record.update(preset=args.preset, seed=args.seed, threads=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())), device=device)
         with results_path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
-        from study_report import write_report
-
         write_report(read_results(results_path), Path(args.report), preset=PRESETS[args.preset], preset_name=args.preset, out_dir=args.out)
     print(
         json.dumps(
@@ -357,5 +355,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
     main()

@@ -22,6 +22,10 @@ import os
 import time
 from pathlib import Path
 
+from gradprune_deploy.compress.finetune import TrainSettings, run_probe
+from gradprune_deploy.data import read_examples, tokenize_examples
+from gradprune_deploy.loading import load_model_and_tokenizer
+
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -93,10 +97,6 @@ def main() -> None:
     parser.add_argument("--out", default="runs/ranking-stability.json")
     args = parser.parse_args()
     os.environ.setdefault("GRADPRUNE_DISABLE_PROGRESS_BARS", "1")
-
-    from gradprune_deploy.compress.finetune import TrainSettings, run_probe
-    from gradprune_deploy.data import read_examples, tokenize_examples
-    from gradprune_deploy.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer("bundled:SmolLM2-135M-Instruct")
     examples = read_examples(str(SHARED / args.task / "train.jsonl"), limit=args.rows)

@@ -17,20 +17,16 @@ import json
 import re
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
 ARM = re.compile(r"^(?P<method>[A-Za-z0-9-]+)@(?P<pct>\d+)%$")
 # layer-selection methods, one line each (and IGIA's cut without the merge, the paper's no-merge limit); the other
 # igia-<variant> arms are ablations with their own figures
 METHODS = ("igia", "igia-K0", "block-influence", "last-n", "ppl", "gradmap", "taylor", "gblm", "random")
 LABELS = {"igia": "igia (GradPruner, K=1 merge)", "igia-K0": "igia, no merge (K=0)"}
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def accuracy_vs_cut(records: list[dict], task: str, path: Path) -> Path | None:
@@ -44,7 +40,6 @@ def accuracy_vs_cut(records: list[dict], task: str, path: Path) -> Path | None:
         by_method.setdefault(m["method"], []).append((int(m["pct"]), 100 * r["accuracy"], 100 * r["accuracy_se"]))
     if not by_method:
         return None
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for method, points in sorted(by_method.items()):
         points.sort()
@@ -77,7 +72,6 @@ def ablation_bars(records: list[dict], task: str, names: dict[str, str], title: 
     found = [(label, r) for arm, label in names.items() for r in runs if r["arm"] == arm and r.get("seed", 0) == 0]
     if len(found) < 2:
         return None
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(max(4.8, 1.1 * len(found) + 0.8) + 1.6, 3.4), dpi=120)
     labels = [f[0] for f in found]
     ax.bar(labels, [100 * r["accuracy"] for _, r in found], yerr=[100 * r["accuracy_se"] for _, r in found], capsize=4, label="seed 0")
@@ -126,7 +120,6 @@ def recovery(records: list[dict], task: str, path: Path, pct: int = 20) -> Path 
 
 
 def ranking(result: dict, path: Path) -> Path:
-    plt = _plt()
     rows = result["stability"]
     fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=120)
     steps = [r["informative_steps"] for r in rows]

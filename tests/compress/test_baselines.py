@@ -6,17 +6,15 @@ import copy
 
 import pytest
 import torch
+from transformers.masking_utils import create_causal_mask
 
-from gradprune_deploy.compress.baselines import (
-    SCORERS,
-    block_influence,
-    gradmap,
-    last_n,
-    layer_gradients,
-    random_scores,
-    ranks_from_removal_order,
-    taylor,
-)
+from gradprune_deploy.compress.gradmap.ranking import ranks_from_removal_order
+from gradprune_deploy.compress.gradmap.score import gradmap
+from gradprune_deploy.compress.scorers.block_influence import block_influence
+from gradprune_deploy.compress.scorers.common import layer_gradients
+from gradprune_deploy.compress.scorers.data_free import last_n, random_scores
+from gradprune_deploy.compress.scorers.registry import SCORERS
+from gradprune_deploy.compress.scorers.taylor import taylor
 from gradprune_deploy.compress.surgery import drop_layers
 from gradprune_deploy.data import CompletionCollator, read_examples, tokenize_examples
 from gradprune_deploy.errors import DataError
@@ -61,8 +59,6 @@ def _reference_grads(model, batches):
 
 def _manual_block_influence(model, batches):
     """Run the decoder layers one by one (embedding, rotary, causal mask by hand)."""
-    from transformers.masking_utils import create_causal_mask
-
     inner = model.model
     sums = torch.zeros(len(inner.layers), dtype=torch.float64)
     count = 0

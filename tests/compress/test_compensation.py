@@ -9,10 +9,20 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from gradprune_deploy.compress import compensation as cmath
-from gradprune_deploy.compress.compensate import add_zero_biases, biased_mlp_linears, compensate_cut, fit_layer, fold, measure_shifts
+from exporters.onnx import OnnxExportConfig, export_onnx
+from gradprune_deploy.cli import main
 from gradprune_deploy.compress.config import DEFAULT_COMPENSATE_RIDGE
+from gradprune_deploy.compress.gradmap import compensation as cmath
+from gradprune_deploy.compress.gradmap.compensate import (
+    add_zero_biases,
+    biased_mlp_linears,
+    compensate_cut,
+    fit_layer,
+    fold,
+    measure_shifts,
+)
 from gradprune_deploy.compress.surgery import drop_layers, find_layer_stack
 from gradprune_deploy.errors import ConfigError
 from gradprune_deploy.manifest import Manifest
@@ -149,15 +159,15 @@ def test_compensation_removes_the_mean_shift_it_measures_and_matches_brute_force
     assert shifts[0] == pytest.approx(0.0, abs=1e-6)  # before the cut nothing differs
 
     record = compensate_cut(pruned, dense, batches, kept=KEPT, num_layers=NUM_LAYERS, layers=1)
-    (j,) = record["layers"]
+    (j,) = record.layers
     assert j == max(range(len(shifts)), key=shifts.__getitem__)
-    assert record["mean_shift_before"] == pytest.approx(shifts)
-    assert record["mean_shift_before"][j] > 1e-3
-    assert record["mean_shift_after"][j] < 1e-5 * record["mean_shift_before"][j] + 1e-6
-    assert record["mean_shift_after"][j] == pytest.approx(
+    assert record.mean_shift_before == pytest.approx(shifts)
+    assert record.mean_shift_before[j] > 1e-3
+    assert record.mean_shift_after[j] < 1e-5 * record.mean_shift_before[j] + 1e-6
+    assert record.mean_shift_after[j] == pytest.approx(
         float((_tokens(pruned, batches, j) - _tokens(dense, batches, targets[j])).mean(0).norm()), abs=1e-6
     )
-    assert pruned.config.mlp_bias is True and record["layers_original"] == [KEPT[j]]
+    assert pruned.config.mlp_bias is True and record.layers_original == [KEPT[j]]
 
     # the folded weights are the paper-formula fit on brute-force token matrices
     m = _tokens(untouched, batches, j, mlp_out=True)
@@ -174,14 +184,12 @@ def test_compensation_removes_the_mean_shift_it_measures_and_matches_brute_force
 def test_two_layers_are_fitted_in_turn_and_both_shifts_vanish():
     dense, pruned = _dense_and_pruned(seed=6)
     record = compensate_cut(pruned, dense, _batches(seed=2), kept=KEPT, num_layers=NUM_LAYERS, layers=2, ridge=0.5)
-    assert len(record["layers"]) == 2
-    for j in record["layers"]:
-        assert record["mean_shift_after"][j] < 1e-4 * record["mean_shift_before"][j] + 1e-6
+    assert len(record.layers) == 2
+    for j in record.layers:
+        assert record.mean_shift_after[j] < 1e-4 * record.mean_shift_before[j] + 1e-6
 
 
 def test_round_trip_through_save_pretrained_keeps_the_logits(tmp_path):
-    from transformers import AutoModelForCausalLM
-
     dense, pruned = _dense_and_pruned(seed=7)
     batches = _batches(seed=3)
     compensate_cut(pruned, dense, batches, kept=KEPT, num_layers=NUM_LAYERS, layers=2)
@@ -205,10 +213,6 @@ def test_config_default_ridge_is_the_library_default():
 
 # ── the CLI ───────────────────────────────────────────────────────────────────────────────────
 def test_compress_with_compensate_writes_a_standard_checkpoint_and_its_record(tiny_llama_dir, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from gradprune_deploy.cli import main
-
     out = tmp_path / "ckpt"
     argv = ["compress", "--model", str(tiny_llama_dir), "--data", str(SHARED_DATA / "sst2" / "train.jsonl"), "--max-examples", "24"]
     argv += ["--max-length", "64", "--batch-size", "4", "--max-steps", "2", "--probe-steps", "2", "--drop-layers", "2"]
@@ -216,18 +220,18 @@ def test_compress_with_compensate_writes_a_standard_checkpoint_and_its_record(ti
     assert main(argv) == 0
     m = Manifest.read(out)
     rec = m.compensation
-    assert rec["calibration_batches"] == 3 and len(rec["layers"]) == 2 and "compensate_seconds" in m.timings
-    assert len(rec["mean_shift_before"]) == m.num_layers_after == 4
-    assert rec["layers_original"] == [m.layers_kept[j] for j in rec["layers"]]
-    for j in rec["layers"]:
-        assert rec["mean_shift_after"][j] < 1e-3 * rec["mean_shift_before"][j] + 1e-6
+    assert rec.calibration_batches == 3 and len(rec.layers) == 2 and "compensate_seconds" in m.timings
+    assert len(rec.mean_shift_before) == m.num_layers_after == 4
+    assert rec.layers_original == [m.layers_kept[j] for j in rec.layers]
+    for j in rec.layers:
+        assert rec.mean_shift_after[j] < 1e-3 * rec.mean_shift_before[j] + 1e-6
     assert Manifest.from_json(m.to_json()).compensation == rec  # the record survives the manifest round trip
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.mlp_bias is True and model.config.num_hidden_layers == 4
     assert all(layer.mlp.down_proj.bias is not None for layer in model.model.layers)
     # LoRA recovery ran on top and was merged: the compensated layers' biases are non-zero, the others zero
     biased = {j for j, layer in enumerate(model.model.layers) if layer.mlp.down_proj.bias.abs().max() > 0}
-    assert biased == set(rec["layers"])
+    assert biased == set(rec.layers)
 
 
 def test_old_manifests_without_the_field_still_read():
@@ -241,14 +245,13 @@ def test_compensated_checkpoint_exports_to_onnx_and_matches_torch(tmp_path, toke
     """~30 s: the exporter's own check (prefill and decode logits, greedy tokens) passes with the MLP biases."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from exporters.onnx import export_onnx
 
     dense = tiny_model("llama", num_hidden_layers=3, seed=1)
     pruned = drop_layers(copy.deepcopy(dense), [1])
     record = compensate_cut(pruned, dense, _batches(), kept=[0, 2], num_layers=3, layers=2)
-    assert all(record["mean_shift_after"][j] < 1e-6 for j in record["layers"])
+    assert all(record.mean_shift_after[j] < 1e-6 for j in record.layers)
     ckpt = tmp_path / "ckpt"
     pruned.save_pretrained(ckpt)
     tokenizer.save_pretrained(ckpt)
-    validation = export_onnx(ckpt, tmp_path / "onnx", new_tokens=4)["validation"]
+    validation = export_onnx(OnnxExportConfig(str(ckpt), out=str(tmp_path / "onnx"), new_tokens=4))["validation"]
     assert validation["greedy_tokens_identical"] and validation["max_abs_diff_prefill_logits"] < 1e-4

@@ -1,5 +1,5 @@
-"""The probe under `accelerate launch` (2 CPU processes, gloo DDP) gives the same layer scores as
-one process on the same global batches."""
+"""The probe under `accelerate launch --config_file examples/accelerate/ddp.yaml` (2 CPU processes,
+gloo DDP) gives the same layer scores as one process on the same global batches."""
 
 import json
 import subprocess
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 WORKER = Path(__file__).with_name("ddp_probe_worker.py")
+DDP_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "accelerate" / "ddp.yaml"
 
 
 @pytest.mark.slow
@@ -16,25 +17,9 @@ def test_probe_scores_identical_under_ddp(smollm2_dir, tmp_path):
     bin_dir = Path(sys.executable).parent
     single, ddp = tmp_path / "single.json", tmp_path / "ddp.json"
     subprocess.run([sys.executable, str(WORKER), str(smollm2_dir), "4", str(single)], check=True, capture_output=True, timeout=300)
-    # --multi_gpu selects accelerate's torchrun launcher; with no CUDA device the processes use gloo on CPU.
+    # The shipped DDP config (distributed_type MULTI_GPU): with no CUDA device the processes use gloo on CPU.
     proc = subprocess.run(
-        [
-            str(bin_dir / "accelerate"),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(WORKER),
-            str(smollm2_dir),
-            "2",
-            str(ddp),
-        ],
+        [str(bin_dir / "accelerate"), "launch", "--config_file", str(DDP_CONFIG), str(WORKER), str(smollm2_dir), "2", str(ddp)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -10,11 +10,16 @@ import types
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from gradprune_deploy.compress.baselines import SCORERS, gblm, gblm_importance
-from gradprune_deploy.compress.gblm import GRADIENT_SCALE, gblm_metric, layer_total
-from gradprune_deploy.compress.merge import merge_targets
-from gradprune_deploy.compress.scoring import Scores, apply_cut, batches_of
+from gradprune_deploy.cli import main
+from gradprune_deploy.compress.cut import apply_cut
+from gradprune_deploy.compress.igia.merge import merge_targets
+from gradprune_deploy.compress.scorers.gblm import gblm, gblm_importance
+from gradprune_deploy.compress.scorers.gblm_metric import GRADIENT_SCALE, gblm_metric, layer_total
+from gradprune_deploy.compress.scorers.registry import SCORERS
+from gradprune_deploy.compress.scoring import Scores, batches_of
 from gradprune_deploy.compress.surgery import find_layer_stack
 from gradprune_deploy.data import CompletionCollator, read_examples, tokenize_examples
 from gradprune_deploy.manifest import Manifest
@@ -44,8 +49,6 @@ def _rows(batches):
 
 def _linear_inputs_by_hand(model, ids):
     """{(layer, linear name): its input [n, in]} for one unpadded row, each decoder layer computed by hand."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     inner, cfg = model.model, model.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = cfg.hidden_size // heads
@@ -198,7 +201,7 @@ def test_merge_with_gblm_criterion_picks_top_p_by_the_gblm_metric(batches):
 
     scores = Scores("igia", values, record=record, gblm_batches=batches)
     merge = apply_cut(model, scores, dropped, 1, 0.3)
-    assert merge["criterion"] == "gblm" and merge["targets"] == {"3": 1} and sorted(scores.gblm_cache) == [3]
+    assert merge.criterion == "gblm" and merge.targets == {"3": 1} and sorted(scores.gblm_cache) == [3]
 
     expected = _brute_force_merge(dense, dropped, [3], _brute_force_gblm(dense, batches), 0.3)
     got = find_layer_stack(model)[1]
@@ -214,15 +217,13 @@ def test_merge_with_gblm_criterion_picks_top_p_by_the_gblm_metric(batches):
     apply_cut(again, scores, dropped, 1, 0.3)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
     igia_cut = apply_cut(copy.deepcopy(dense), Scores("igia", values, record=record), dropped, 1, 0.3)
-    assert igia_cut["criterion"] == "igia"
+    assert igia_cut.criterion == "igia"
 
 
 # ------------------------------------------------------------------ the CLI
 
 
 def _compress(model_dir, out, *extra: str) -> int:
-    from gradprune_deploy.cli import main
-
     argv = ["compress", "--model", str(model_dir), "--data", str(SST2_TRAIN), "--max-examples", "12", "--max-length", "64"]
     argv += ["--batch-size", "4", "--scorer-batches", "2", "--drop-layers", "2", "--no-ledger", "--out", str(out), "-q", *extra]
     return main(argv)
@@ -234,8 +235,6 @@ def _scoring_batches(tokenizer):
 
 
 def _load(out):
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
 
 

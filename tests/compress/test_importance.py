@@ -4,10 +4,11 @@ import copy
 
 import pytest
 import torch
+from transformers import get_linear_schedule_with_warmup
 
 from gradprune_deploy.compress.finetune import TrainSettings, attach_lora, run_probe
-from gradprune_deploy.compress.importance import igia_matrix, igia_step_total, layer_scores
-from gradprune_deploy.compress.probe import lora_pairs
+from gradprune_deploy.compress.igia.importance import igia_matrix, igia_step_total, layer_scores
+from gradprune_deploy.compress.igia.probe import lora_pairs
 from gradprune_deploy.data import CompletionCollator, read_examples, tokenize_examples
 from tests.conftest import SHARED_DATA, tiny_model
 
@@ -45,8 +46,6 @@ def sst2_features(tokenizer):
 def _manual_probe(model, features, tokenizer, settings: TrainSettings, steps: int, total_steps: int):
     """Brute force: the same LoRA fine-tune written out by hand; G_t = ∇B·∇A read from autograd,
     F accumulated densely for every linear."""
-    from transformers import get_linear_schedule_with_warmup
-
     peft_model = attach_lora(model, settings)
     peft_model.train()
     pairs = lora_pairs(peft_model)

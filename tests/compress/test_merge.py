@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gradprune_deploy.compress.merge import merge_targets, same_sign_merge, top_p_mask
+from gradprune_deploy.compress.igia.merge import merge_targets, same_sign_merge, top_p_mask
 
 
 def test_merge_targets_nearest_preceding_else_following():

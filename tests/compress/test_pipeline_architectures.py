@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from gradprune_deploy.compress.config import CompressConfig
 from gradprune_deploy.compress.pipeline import compress
@@ -12,8 +13,6 @@ from tests.conftest import ARCHITECTURES, SHARED_DATA, tiny_model
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_compress_each_architecture(arch, tokenizer, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     src = tmp_path / "src"
     tiny_model(arch, seed=2).save_pretrained(src)
     tokenizer.save_pretrained(src)

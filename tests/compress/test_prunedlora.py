@@ -7,10 +7,14 @@ import json
 
 import pytest
 import torch
-from transformers import TrainerCallback
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, TrainerCallback
 
+from gradprune_deploy.cli import main
 from gradprune_deploy.compress.finetune import TrainSettings, _attach_prunedlora, _trainer, _training_args, recovery_finetune
-from gradprune_deploy.compress.prunedlora import (
+from gradprune_deploy.compress.prunedlora.callback import lora_modules
+from gradprune_deploy.compress.prunedlora.pruning import (
     DEFAULT_DAMPING,
     component_scores,
     factor_curvature,
@@ -20,7 +24,6 @@ from gradprune_deploy.compress.prunedlora import (
     prune_components,
     rank_schedule,
 )
-from gradprune_deploy.compress.prunedlora_callback import lora_modules
 from gradprune_deploy.data import CompletionCollator, read_examples, tokenize_examples
 from tests.conftest import SHARED_DATA, tiny_config
 
@@ -29,8 +32,6 @@ SST2 = SHARED_DATA / "sst2"
 
 def _tiny_llama(seed: int = 0):
     """A tiny random Llama: hidden 32, 2 layers."""
-    from transformers import AutoModelForCausalLM
-
     config = tiny_config("llama", num_hidden_layers=2)
     config.hidden_size, config.intermediate_size = 32, 64
     torch.manual_seed(seed)
@@ -113,9 +114,6 @@ def test_recovery_step_changes_the_loss_as_the_quadratic_model_predicts(tokenize
     criterion reads. The model is exact to first order (its H is an empirical Fisher, not the Hessian),
     so LoRA weights are kept small (std 0.002) and everything runs in float64; at std 0.05 the
     curvature the Fisher misses dominates and the prediction is off by up to 5x."""
-    import torch.nn.functional as F
-    from peft import LoraConfig, get_peft_model
-
     model = get_peft_model(
         _tiny_llama().double(), LoraConfig(r=4, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     )
@@ -260,10 +258,6 @@ def test_recovery_finetune_ends_at_the_target_rank_and_merges(tokenizer):
 
 # ── the CLI ───────────────────────────────────────────────────────────────────────────────────
 def test_cli_compress_prunedlora_writes_a_loadable_checkpoint(tiny_llama_dir, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from gradprune_deploy.cli import main
-
     out = tmp_path / "pruned"
     argv = ["compress", "--model", str(tiny_llama_dir), "--data", str(SST2), "--out", str(out), "--drop-layers", "2"]
     argv += ["--finetune", "prunedlora", "--prunedlora-start-rank", "8", "--lora-r", "2", "--max-examples", "32", "--max-steps", "12"]

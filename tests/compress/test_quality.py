@@ -11,12 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradprune_deploy.compress.baselines import ppl
+from gradprune_deploy.cli import main
 from gradprune_deploy.compress.distill import DistillSettings, distillation_loss, kl_on_completion
+from gradprune_deploy.compress.igia.apply_merge import merge_dropped_layers
+from gradprune_deploy.compress.igia.merge import layers_to_merge, merge_targets, same_sign_merge
 from gradprune_deploy.compress.ledger import split_slice, verdict
-from gradprune_deploy.compress.merge import layers_to_merge, merge_dropped_layers, merge_targets, same_sign_merge
+from gradprune_deploy.compress.scorers.ppl import ppl
 from gradprune_deploy.compress.surgery import drop_layers, find_layer_stack
 from gradprune_deploy.data import CompletionCollator, read_examples, tokenize_examples
+from gradprune_deploy.evaluation.evaluate import EvalConfig, evaluate
 from gradprune_deploy.manifest import Manifest, QualityPoint
 from tests.conftest import SHARED_DATA, tiny_model
 
@@ -49,7 +52,7 @@ def test_merge_of_k_layers_touches_exactly_k_targets_and_matches_brute_force(k):
     before = copy.deepcopy(model)
     record = merge_dropped_layers(layers, igia.__getitem__, dropped, merged, keep_top_p=0.3)
 
-    assert sorted(int(s) for s in record["targets"]) == merged
+    assert sorted(int(s) for s in record.targets) == merged
     # brute force: apply each merge by hand, in order, onto a copy
     expected = copy.deepcopy(before)
     _, exp_layers = find_layer_stack(expected)
@@ -67,7 +70,7 @@ def test_merge_of_k_layers_touches_exactly_k_targets_and_matches_brute_force(k):
             if not torch.equal(p, o):
                 changed.add(i)
     assert changed == {merge_targets(dropped, 8)[m] for m in merged}
-    assert len(record["targets"]) == k
+    assert len(record.targets) == k
 
 
 # ── distillation ──────────────────────────────────────────────────────────────────────────────
@@ -156,9 +159,6 @@ def test_verdict_warns_when_far_worse():
 def test_ledger_rows_are_never_trained_on_and_its_numbers_recompute(tiny_llama_dir, tmp_path, tokenizer):
     """compress on a single file: the seeded validation slice is held out of training; the
     ledger's dense and recovered numbers equal an independent evaluation of the two models."""
-    from gradprune_deploy.cli import main
-    from gradprune_deploy.evaluation.evaluate import evaluate
-
     out = tmp_path / "ckpt"
     code = main(
         [
@@ -201,8 +201,8 @@ def test_ledger_rows_are_never_trained_on_and_its_numbers_recompute(tiny_llama_d
     points = {p.stage: p for p in m.quality.points}
     assert set(points) == {"dense", "pruned", "recovered"}
     for ckpt, stage in ((tiny_llama_dir, "dense"), (out, "recovered")):
-        loss = evaluate(str(ckpt), data=str(held_file), metric="loss", save=False)
-        acc = evaluate(str(ckpt), data=str(held_file), metric="choice", save=False)
+        loss = evaluate(EvalConfig(str(ckpt), data=str(held_file), metric="loss", save=False))
+        acc = evaluate(EvalConfig(str(ckpt), data=str(held_file), metric="choice", save=False))
         assert points[stage].loss == pytest.approx(loss["value"], rel=1e-4)
         assert points[stage].accuracy == pytest.approx(acc["value"])
 
@@ -210,8 +210,6 @@ def test_ledger_rows_are_never_trained_on_and_its_numbers_recompute(tiny_llama_d
 def test_auto_picks_the_proposal_its_criterion_ranks_best(tiny_llama_dir, tmp_path):
     """--scorer auto judging raw cuts (--heal-steps 0): the four scorers propose different cuts with
     different validation losses, and the checkpoint is the proposal with the lowest one."""
-    from gradprune_deploy.cli import main
-
     out = tmp_path / "auto"
     code = main(
         [
@@ -245,18 +243,16 @@ def test_auto_picks_the_proposal_its_criterion_ranks_best(tiny_llama_dir, tmp_pa
     )
     assert code == 0
     m = Manifest.read(out)
-    assert [p["scorer"] for p in m.proposals] == ["igia", "block-influence", "last-n", "ppl"]
-    assert len({round(p["raw"]["loss"], 6) for p in m.proposals}) > 1  # the choice matters
-    best = min(m.proposals, key=lambda p: p["raw"]["loss"])
-    assert m.layers_dropped == best["dropped"]
-    assert m.scorer == f"auto → {best['scorer']}"
+    assert [p.scorer for p in m.proposals] == ["igia", "block-influence", "last-n", "ppl"]
+    assert len({round(p.raw.loss, 6) for p in m.proposals}) > 1  # the choice matters
+    best = min(m.proposals, key=lambda p: p.raw.loss)
+    assert m.layers_dropped == best.dropped
+    assert m.scorer == f"auto → {best.scorer}"
     recovered_or_pruned = m.quality.point("pruned")
-    assert recovered_or_pruned.loss == pytest.approx(best["raw"]["loss"], rel=1e-5)
+    assert recovered_or_pruned.loss == pytest.approx(best.raw.loss, rel=1e-5)
 
 
 def _auto_cut(model_dir, out, max_drop: float) -> int:
-    from gradprune_deploy.cli import main
-
     return main(
         [
             "compress",
@@ -293,14 +289,14 @@ def test_drop_layers_auto_keeps_the_largest_cut_within_the_quality_budget(tiny_l
     assert _auto_cut(tiny_llama_dir, tmp_path / "loose", 10.0) == 0  # everything within: the deepest cut
     loose = Manifest.read(tmp_path / "loose")
     dense = loose.quality.point("dense").loss
-    losses = [p["raw"]["loss"] for p in loose.proposals]
-    assert [len(p["dropped"]) for p in loose.proposals] == [1, 2, 3, 4, 5] and loose.num_layers_after == 1
+    losses = [p.raw.loss for p in loose.proposals]
+    assert [len(p.dropped) for p in loose.proposals] == [1, 2, 3, 4, 5] and loose.num_layers_after == 1
 
     budget = max(losses[:2]) / dense - 1 + 1e-6  # the first two cuts fit by construction
     assert _auto_cut(tiny_llama_dir, tmp_path / "tight", budget) == 0
     tight = Manifest.read(tmp_path / "tight")
     first_over = next((i for i, loss in enumerate(losses) if loss > dense * (1 + budget)), len(losses))
     assert len(tight.proposals) == min(first_over + 1, 5)
-    assert [p["within_budget"] for p in tight.proposals] == [loss <= dense * (1 + budget) for loss in losses[: len(tight.proposals)]]
-    assert tight.layers_dropped == loose.proposals[first_over - 1]["dropped"]
+    assert [p.within_budget for p in tight.proposals] == [loss <= dense * (1 + budget) for loss in losses[: len(tight.proposals)]]
+    assert tight.layers_dropped == loose.proposals[first_over - 1].dropped
     assert tight.quality.point("pruned").loss == pytest.approx(losses[first_over - 1], rel=1e-5)

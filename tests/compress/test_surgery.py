@@ -1,11 +1,13 @@
 """Surgery per architecture: pruned logits == the original with those layers skipped; save →
 from_pretrained → identical logits, no missing/unexpected keys; config and KV-cache indices."""
 
+import copy
 import json
 
 import pytest
 import torch
 import torch.nn as nn
+from transformers import AutoModelForCausalLM
 
 from gradprune_deploy.compress.surgery import drop_layers, find_layer_stack, prune_config_dict
 from gradprune_deploy.errors import ArchitectureError, ConfigError
@@ -34,10 +36,6 @@ def _skipping(model, drop):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_pruned_equals_skipped_and_reloads_identically(arch, tmp_path):
-    import copy
-
-    from transformers import AutoModelForCausalLM
-
     original = tiny_model(arch, seed=5, vocab_size=512)
     skipped = _skipping(copy.deepcopy(original), DROP)
     pruned = drop_layers(copy.deepcopy(original), DROP)

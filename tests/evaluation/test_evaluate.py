@@ -19,11 +19,9 @@ from gradprune_deploy.errors import ConfigError, DataError, ModelLoadError
 from gradprune_deploy.evaluation.evaluate import EvalConfig, evaluate, evaluate_model, result_filename
 from gradprune_deploy.evaluation.hf import eos_token_ids, greedy_generate
 from gradprune_deploy.evaluation.metrics import exact_match, extract_final_answer, mean_token_loss
+from gradprune_deploy.evaluation.vllm import vllm_endpoint, vllm_greedy_generate
 from gradprune_deploy.loading import load_model_and_tokenizer
-from tests.conftest import (
-    SHARED_DATA,  # noqa: E402
-    tiny_model,
-)
+from tests.conftest import SHARED_DATA, tiny_model
 
 ROWS = [  # unequal prompt lengths and choice lengths (1-3 tokens), so padding is exercised
     {"id": "a", "prompt": "Is the sky blue?", "completion": "yes", "choices": ["yes", "no", "maybe"]},
@@ -134,7 +132,7 @@ def test_choice_does_not_depend_on_batch_size(tiny):
 
 
 def test_evaluate_writes_the_result_into_the_checkpoint(ckpt, toy_data):
-    result = evaluate(str(ckpt), data=str(toy_data), limit=4, batch_size=2)
+    result = evaluate(EvalConfig(str(ckpt), data=str(toy_data), limit=4, batch_size=2))
     path = ckpt / "eval_toy_test_choice.json"
     assert result["saved_to"] == str(path) and path.is_file()
     on_disk = json.loads(path.read_text())
@@ -146,10 +144,10 @@ def test_evaluate_writes_the_result_into_the_checkpoint(ckpt, toy_data):
 
 def test_evaluate_honours_out_dir_and_no_save(ckpt, toy_data, tmp_path):
     out = tmp_path / "results"
-    result = evaluate(str(ckpt), data=str(toy_data / "test.jsonl"), metric="loss", limit=2, out_dir=str(out))
+    result = evaluate(EvalConfig(str(ckpt), data=str(toy_data / "test.jsonl"), metric="loss", limit=2, out_dir=str(out)))
     assert Path(result["saved_to"]) == out / "eval_toy_test_loss.json"
     assert not list(ckpt.glob("eval_*.json"))
-    assert evaluate(str(ckpt), data=str(toy_data), metric="loss", limit=2, save=False)["saved_to"] is None
+    assert evaluate(EvalConfig(str(ckpt), data=str(toy_data), metric="loss", limit=2, save=False))["saved_to"] is None
     assert not list(ckpt.glob("eval_*.json"))
 
 
@@ -285,12 +283,14 @@ def test_vllm_backend_sends_the_hf_prompt_ids_and_agrees_with_hf(ckpt, tiny, tmp
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/v1"
         via_vllm = evaluate(
-            str(ckpt), data=str(data), metric="exact", backend="vllm", server_url=url, batch_size=2, max_new_tokens=3, save=False
+            EvalConfig(
+                str(ckpt), data=str(data), metric="exact", backend="vllm", server_url=url, batch_size=2, max_new_tokens=3, save=False
+            )
         )
     finally:
         server.shutdown()
         server.server_close()
-    via_hf = evaluate(str(ckpt), data=str(data), metric="exact", batch_size=2, max_new_tokens=3, save=False)
+    via_hf = evaluate(EvalConfig(str(ckpt), data=str(data), metric="exact", batch_size=2, max_new_tokens=3, save=False))
     sent = [ids for request in _FakeOpenAI.requests for ids in request["prompt"]]
     assert sorted(sent) == sorted(encode_prompt(tokenizer, r["prompt"]) for r in ROWS)
     assert len(_FakeOpenAI.requests) == 3  # batch size 2 over 5 rows
@@ -304,19 +304,19 @@ def test_vllm_backend_sends_the_hf_prompt_ids_and_agrees_with_hf(ckpt, tiny, tmp
 
 def test_missing_checkpoint_raises_the_loaders_error(toy_data, tmp_path):
     with pytest.raises(ModelLoadError, match="not found"):
-        evaluate(str(tmp_path / "nope"), data=str(toy_data))
+        evaluate(EvalConfig(str(tmp_path / "nope"), data=str(toy_data)))
 
 
 def test_choice_without_choices_names_the_other_metrics(ckpt, tmp_path):
     data = write_jsonl(tmp_path / "free.jsonl", [{"prompt": "q", "completion": "a"}])
     with pytest.raises(DataError, match=r"--metric exact or --metric loss"):
-        evaluate(str(ckpt), data=str(data))
+        evaluate(EvalConfig(str(ckpt), data=str(data)))
 
 
 def test_choice_with_a_completion_outside_its_choices_is_refused(ckpt, tmp_path):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "completion": "yes", "choices": ["no", "maybe"]}])
     with pytest.raises(DataError, match="not one of its choices"):
-        evaluate(str(ckpt), data=str(data))
+        evaluate(EvalConfig(str(ckpt), data=str(data)))
 
 
 @pytest.mark.parametrize(
@@ -390,8 +390,6 @@ def test_vllm_exact_agrees_with_transformers(smollm2_dir):
     """
     pytest.importorskip("vllm")
     pytest.importorskip("gradprune_deploy.runtime.vllm_server")
-    from gradprune_deploy.evaluation.vllm import vllm_endpoint, vllm_greedy_generate
-
     model, tokenizer = load_model_and_tokenizer(smollm2_dir, dtype="float32")
     examples = read_examples(SHARED_DATA / "sst2", split="test", limit=8)
     hf, hf_rows = evaluate_model(model, tokenizer, examples, metric="exact", batch_size=4, max_new_tokens=8)

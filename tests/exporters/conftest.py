@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import huggingface_hub.constants as constants
 import pytest
 
+from gradprune_deploy.cli import main
 from gradprune_deploy.manifest import Manifest
 from tests.conftest import SHARED_DATA
 from tests.hub_server import LocalHubServer
@@ -19,8 +21,6 @@ def local_hub(tmp_path, monkeypatch):
     subprocesses) the already-imported constants are patched too, for transformers'
     `from_pretrained("NS/NAME")` in this process. The HF cache goes to tmp_path.
     """
-    import huggingface_hub.constants as constants
-
     with LocalHubServer(tmp_path / "hub-storage", tokens={HUB_TOKEN: "tester"}) as hub:
         env = {
             "HF_ENDPOINT": hub.url,
@@ -70,8 +70,6 @@ COMPRESS_ARGS = [
 @pytest.fixture(scope="session")
 def compressed_dir(tmp_path_factory, tiny_llama_dir):
     """A checkpoint as `gradprune compress` writes it (weights, tokenizer, gradprune.json, plot); read-only."""
-    from gradprune_deploy.cli import main
-
     out = tmp_path_factory.mktemp("compressed") / "tiny-pruned"
     code = main(["compress", "--model", str(tiny_llama_dir), "--data", str(SHARED_DATA / "sst2"), "--out", str(out), *COMPRESS_ARGS])
     assert code == 0, "gradprune compress failed on the tiny model (see the error line above)"

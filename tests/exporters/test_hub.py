@@ -9,10 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub.constants as constants
 import pytest
 import torch
+from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
+from huggingface_hub.errors import RepositoryNotFoundError
+from transformers import AutoModelForCausalLM
 
-from exporters.hub import push_to_hub
+from exporters.hub import HubExportConfig, export_hub, public_manifest
 from gradprune_deploy.cli import main
 from gradprune_deploy.errors import ConfigError, ExportError, ModelLoadError
 from gradprune_deploy.manifest import Manifest
@@ -40,16 +44,16 @@ def ckpt(tmp_path, compressed_dir):
 
 
 def _logits(model_dir_or_id, **kwargs):
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(model_dir_or_id, dtype=torch.float32, **kwargs).eval()
     with torch.no_grad():
         return model(input_ids=torch.tensor([[1, 20, 300, 4000, 5]])).logits
 
 
-def test_push_round_trip_same_logits_and_card(local_hub, ckpt):
-    from huggingface_hub import ModelCard, snapshot_download
+def push_to_hub(checkpoint, **options) -> str:
+    return export_hub(HubExportConfig(str(checkpoint), **options))
 
+
+def test_push_round_trip_same_logits_and_card(local_hub, ckpt):
     url = push_to_hub(ckpt, repo_id="tester/tiny-pruned", token=HUB_TOKEN, endpoint=local_hub.url)
 
     head = local_hub.commits("tester/tiny-pruned")[0]
@@ -87,8 +91,6 @@ def test_push_round_trip_same_logits_and_card(local_hub, ckpt):
 
 
 def test_public_manifest_strips_local_paths_only():
-    from exporters.hub import public_manifest
-
     text = json.dumps(
         {
             "data": "/home/alice/projects/med/train.jsonl",
@@ -107,8 +109,6 @@ def test_public_manifest_strips_local_paths_only():
 
 
 def test_second_push_makes_a_new_commit(local_hub, ckpt):
-    from huggingface_hub import ModelCard, hf_hub_download
-
     first = push_to_hub(ckpt, repo_id="tester/again", token=HUB_TOKEN, endpoint=local_hub.url)
     (ckpt / "eval_pubmedqa.json").write_text(json.dumps({"metric": "accuracy", "value": 0.5, "data": "pubmedqa"}))
     second = push_to_hub(ckpt, repo_id="tester/again", token=HUB_TOKEN, endpoint=local_hub.url, commit_message="add eval")
@@ -122,9 +122,6 @@ def test_second_push_makes_a_new_commit(local_hub, ckpt):
 
 
 def test_private_repo_on_a_branch(local_hub, ckpt):
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError
-
     url = push_to_hub(ckpt, repo_id="tester/secret", token=HUB_TOKEN, endpoint=local_hub.url, private=True, revision="v1")
     api = HfApi(endpoint=local_hub.url)
     with pytest.raises(RepositoryNotFoundError):
@@ -212,8 +209,6 @@ def test_cli_push_never_shows_or_stores_the_token(local_hub, ckpt, tmp_path):
 def test_endpoint_without_xet_names_the_switch(local_hub, ckpt, monkeypatch):
     """huggingface_hub uploads through Xet when hf_xet is installed; a plain Hub-protocol server has no Xet."""
     pytest.importorskip("hf_xet")
-    import huggingface_hub.constants as constants
-
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
     with pytest.raises(ExportError, match="does not offer Xet storage: set HF_HUB_DISABLE_XET=1"):
         push_to_hub(ckpt, repo_id="tester/xet", token=HUB_TOKEN, endpoint=local_hub.url)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from gradprune_deploy.checkpoint import inspect_checkpoint
 from exporters.hub import build_model_card
 from exporters.model_card import redact
+from gradprune_deploy.checkpoint import inspect_checkpoint
 from gradprune_deploy.errors import GradPruneError, ModelLoadError
 from gradprune_deploy.manifest import SCHEMA_VERSION, Manifest
 from tests.conftest import SHARED_DATA

@@ -8,16 +8,24 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, T5Config, T5ForConditionalGeneration
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+import onnxruntime as ort  # noqa: E402
+
 from exporters import onnx as onnx_exporter  # noqa: E402
-from exporters.onnx import export_onnx, validate_export  # noqa: E402
+from exporters.onnx import OnnxExportConfig, export_onnx, present_export_onnx, validate_export  # noqa: E402
 from gradprune_deploy.cli import main  # noqa: E402
 from gradprune_deploy.errors import ArchitectureError, ExportError, ModelLoadError, OutputExistsError  # noqa: E402
 from gradprune_deploy.runtime.onnx_runtime import OnnxCausalLM  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
+
+
+def _export(checkpoint, out, **options):
+    return export_onnx(OnnxExportConfig(str(checkpoint), out=str(out), **options))
+
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog because", "1 2 3"]
 
@@ -34,12 +42,10 @@ def tiny_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def tiny_export(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / "tiny-onnx"
-    return out, export_onnx(tiny_dir, out, new_tokens=6)
+    return out, _export(tiny_dir, out, new_tokens=6)
 
 
 def _torch_model(path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
@@ -80,6 +86,13 @@ def test_tiny_export_validates(tiny_export):
     assert "input.past_key_values.layers.1.values" in meta["inputs"] and "output.past_key_values.layers.0.keys" in meta["outputs"]
 
 
+def test_cli_line_leaves_out_the_graph_names(tiny_export):
+    out, summary = tiny_export
+    shown = json.loads(present_export_onnx(summary))
+    assert "inputs" not in shown and "outputs" not in shown and "inputs" in summary  # the full lists stay in gradprune_onnx.json
+    assert shown == {k: v for k, v in json.loads(json.dumps(summary, default=str)).items() if k not in ("inputs", "outputs")}
+
+
 def test_tiny_runner_matches_torch(tiny_export, tiny_dir):
     lm = _check_runner_against_torch(tiny_export[0], tiny_dir, PROMPTS, new_tokens=5)
     # dynamic batch/length: prefill of a batch of 1 then decode steps, cache grows by one each step
@@ -114,26 +127,24 @@ def test_failed_validation_writes_nothing(tiny_export, tiny_dir, tmp_path, monke
     monkeypatch.setattr(onnx_exporter, "_trace_to_onnx", copy_graph)
     out = tmp_path / "strict"
     with pytest.raises(ExportError, match=r"max \|Δ logits\| prefill [0-9.e-]+, decode [0-9.e-]+ > atol 1e-09.*nothing was written"):
-        export_onnx(tiny_dir, out, atol=1e-9)
+        _export(tiny_dir, out, atol=1e-9)
     assert list(tmp_path.iterdir()) == []
-    summary = export_onnx(tiny_dir, out)  # the same graph passes at the default tolerance
+    summary = _export(tiny_dir, out)  # the same graph passes at the default tolerance
     assert summary["validation"]["greedy_tokens_identical"] and (out / "model.onnx").is_file()
 
 
 def test_bad_inputs_fail_before_export(tiny_dir, tiny_export, tmp_path, capsys):
     with pytest.raises(OutputExistsError):
-        export_onnx(tiny_dir, tiny_export[0])
+        _export(tiny_dir, tiny_export[0])
     no_weights = tmp_path / "no-weights"
     shutil.copytree(tiny_dir, no_weights)
     (no_weights / "model.safetensors").unlink()
     with pytest.raises(ModelLoadError, match="no weights"):
-        export_onnx(no_weights, tmp_path / "x")
+        _export(no_weights, tmp_path / "x")
     t5 = tmp_path / "t5"
-    from transformers import T5Config, T5ForConditionalGeneration
-
     T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=64)).save_pretrained(t5)
     with pytest.raises(ArchitectureError, match="T5ForConditionalGeneration .* is not exportable to ONNX"):
-        export_onnx(t5, tmp_path / "x")
+        _export(t5, tmp_path / "x")
     capsys.readouterr()
     assert main(["export", "onnx", str(t5), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
@@ -143,8 +154,6 @@ def test_bad_inputs_fail_before_export(tiny_dir, tiny_export, tmp_path, capsys):
 
 
 def test_cuda_provider_needs_the_gpu_extra(tiny_export):
-    import onnxruntime as ort
-
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed here")
     with pytest.raises(Exception, match=r"gradprune-deploy\[onnx-gpu\]"):
@@ -174,5 +183,5 @@ def test_sliding_window_models_are_refused_before_tracing(tmp_path, tokenizer):
     tiny_model("mistral", num_hidden_layers=2).save_pretrained(path)  # sliding_window=8
     tokenizer.save_pretrained(path)
     with pytest.raises(ArchitectureError, match="MistralForCausalLM uses sliding-window attention .* serve it with vLLM"):
-        export_onnx(path, tmp_path / "out")
+        _export(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()

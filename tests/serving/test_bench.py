@@ -7,12 +7,18 @@ import json
 import logging
 
 import pytest
+import torch
+from transformers import AutoTokenizer
 
+import gradprune_deploy.utils as utils
+from gradprune_deploy.cli import main
+from gradprune_deploy.compress.surgery import drop_layers
 from gradprune_deploy.errors import ConfigError, MissingDependencyError
-from serving import bench_backends
-from serving.bench import build_prompts, check_environment, load_common_tokenizer, resolve_checkpoints
-from serving.bench_config import BenchConfig, interleaved_schedule
-from serving.ideal import checkpoint_tensors, ideal_for_metric, ideal_ratios, model_costs
+from serving.backends import BACKENDS, worker
+from serving.backends.worker import interleaved_schedule
+from serving.bench import build_prompts, check_environment, check_lengths, load_common_tokenizer, resolve_checkpoints
+from serving.bench_config import BenchConfig
+from serving.ideal import TensorInfo, checkpoint_tensors, ideal_for_metric, ideal_ratios, model_costs
 from serving.report import REPORT_SCHEMA, backend_metrics, merge_reports, metric_entry, summarize, to_markdown, tpot_check
 from tests.conftest import tiny_model
 
@@ -20,8 +26,6 @@ from tests.conftest import tiny_model
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory, tokenizer):
     """Tiny Llama (6 layers, tied embeddings) and the same with layers 1 and 4 dropped."""
-    from gradprune_deploy.compress.surgery import drop_layers
-
     root = tmp_path_factory.mktemp("bench-pair")
     for name, drop in (("dense", []), ("pruned", [1, 4])):
         model = tiny_model("llama")
@@ -74,8 +78,6 @@ def test_ideal_costs_match_a_hand_count(tiny_pair):
 
 
 def test_untied_lm_head_is_read_and_the_embedding_only_gathered():
-    from serving.ideal import TensorInfo
-
     config = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}
     tensors = {
         "model.embed_tokens.weight": TensorInfo((100, 8), 2),
@@ -170,11 +172,11 @@ class FakeWorker:
 
 
 def test_worker_backend_runs_dense_and_pruned_interleaved_and_drops_warmup(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench_backends, "Worker", FakeWorker)
-    monkeypatch.setattr(bench_backends, "SETTLE_S", 0)
+    monkeypatch.setattr(worker, "Worker", FakeWorker)
+    monkeypatch.setattr(worker, "SETTLE_S", 0)
     FakeWorker.calls = []
     config = BenchConfig(dense="d", pruned="p", backend="hf", output_len=5, num_prompts=2, runs=3, warmup=1)
-    result = bench_backends.run_worker_backend("hf", {"dense": tmp_path, "pruned": tmp_path}, [[10] * 4, [20] * 4], config)
+    result = worker.run_worker_backend(BACKENDS["hf"], {"dense": tmp_path, "pruned": tmp_path}, [[10] * 4, [20] * 4], config)
     assert FakeWorker.calls == [("dense", 10), ("pruned", 10), ("dense", 20), ("pruned", 20)] * 4
     dense, pruned = result["samples"]["dense"], result["samples"]["pruned"]
     assert dense["tpot_s"] == [0.02] * 3 and pruned["tpot_s"] == [0.014] * 3  # 3 measured runs, warm-up dropped
@@ -213,8 +215,6 @@ def test_zero_or_negative_lengths_are_refused(flag, value):
 
 
 def test_bad_length_via_cli_is_one_error_line(tiny_pair, capsys):
-    from gradprune_deploy.cli import main
-
     dense, pruned = tiny_pair
     assert main(["bench", "--dense", str(dense), "--pruned", str(pruned), "--output-len", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -229,8 +229,6 @@ def test_same_model_twice_warns(tiny_pair, caplog):
 
 
 def test_different_tokenizers_are_refused(tiny_pair, tmp_path):
-    from transformers import AutoTokenizer
-
     dense, pruned = tiny_pair
     other = tmp_path / "other"
     tiny_model("llama").save_pretrained(other)
@@ -243,8 +241,6 @@ def test_different_tokenizers_are_refused(tiny_pair, tmp_path):
 
 
 def test_backend_not_installed_names_the_extra(monkeypatch):
-    import gradprune_deploy.utils as utils
-
     monkeypatch.setattr(utils, "is_available", lambda module: module != "vllm")
     with pytest.raises(MissingDependencyError, match=r"gradprune-deploy\[vllm-cpu\]"):
         check_environment(BenchConfig(dense="d", pruned="p", backend="vllm"))
@@ -254,8 +250,6 @@ def test_backend_not_installed_names_the_extra(monkeypatch):
 
 
 def test_device_cuda_without_gpu_is_refused():
-    import torch
-
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(ConfigError, match="--device cuda: no CUDA GPU"):
@@ -263,8 +257,6 @@ def test_device_cuda_without_gpu_is_refused():
 
 
 def test_lengths_beyond_the_model_are_refused(tiny_pair):
-    from serving.bench import check_lengths
-
     dense, _ = tiny_pair
     with pytest.raises(ConfigError, match="max_position_embeddings 512"):
         check_lengths(BenchConfig(dense="d", pruned="p", backend="hf", input_len=500, output_len=20), dense)
@@ -275,8 +267,6 @@ def test_lengths_beyond_the_model_are_refused(tiny_pair):
 
 def test_hf_bench_end_to_end_via_cli(tiny_pair, tmp_path, capsys):
     """Real worker processes on the tiny pair: report files, schema, ratios = pruned/dense medians."""
-    from gradprune_deploy.cli import main
-
     dense, pruned = tiny_pair
     out = tmp_path / "report"
     code = main(

@@ -8,16 +8,15 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+import serving.backends.onnx as onnx_backend  # noqa: E402
+from serving.backends.onnx import ensure_onnx_export  # noqa: E402
 from serving.bench import BenchConfig, bench  # noqa: E402
-from serving.bench_backends import ensure_onnx_export  # noqa: E402
 from tests.serving.test_bench import tiny_pair  # noqa: E402,F401 - the shared fixture
 
 
 @pytest.mark.slow
 def test_onnx_bench_exports_once_and_reports(tiny_pair, tmp_path, monkeypatch):  # noqa: F811
-    import gradprune_deploy.loading as loading
-
-    monkeypatch.setattr(loading, "cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(onnx_backend, "cache_dir", lambda: tmp_path / "cache")
     dense, pruned = tiny_pair
     report = bench(
         BenchConfig(

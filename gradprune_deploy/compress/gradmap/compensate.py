@@ -1,7 +1,8 @@
 """`gradprune compress --compensate`: GradMAP's projection compensation applied to a live pruned model.
 
 Orchestration only (the math, and its source, are in compensation.py): forward hooks read the
-decoder layers' outputs of the pruned model and of the dense model on the same calibration rows,
+decoder layers' outputs of the pruned model and of the dense model on the same calibration rows (the
+dense ones once, before the cut: `capture_dense`, so no second model is kept),
 the layers with the largest mean shift are picked, each gets a closed-form projection M, c fitted
 and folded into its `mlp.down_proj` (W' = M W, b' = M b + c), every other MLP linear gets a zero
 bias and the config sets `mlp_bias = True`, so transformers, vLLM and the ONNX exporter load the
@@ -13,16 +14,17 @@ stream and the run stops rather than save a wrong model.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from ..errors import ArchitectureError, ConfigError
-from .baselines import _preserved
+from ...errors import ArchitectureError, ConfigError
+from ...manifest import CompensationRecord
+from ..hooks import captured_outputs, forward_kwargs, preserved_train_state
+from ..surgery import find_layer_stack, prune_config_dict
 from .compensation import (
     DEFAULT_RIDGE,
     RegressionStats,
@@ -33,7 +35,6 @@ from .compensation import (
     shift_terms,
     target_positions,
 )
-from .surgery import find_layer_stack, prune_config_dict
 
 logger = logging.getLogger(__name__)
 
@@ -63,59 +64,60 @@ def biased_mlp_linears(model: nn.Module) -> list[str]:
     return sorted(name for name, mod in layer.named_modules() if isinstance(mod, nn.Linear) and mod.bias is not None)
 
 
-@contextlib.contextmanager
-def _eval(*models: nn.Module) -> Iterator[None]:
-    """Eval mode inside, each model's training flags (and requires_grad) restored after: baselines._preserved, per model."""
-    with contextlib.ExitStack() as stack:
-        for model in models:
-            stack.enter_context(_preserved(model))
-        yield
-
-
-@contextlib.contextmanager
-def _capture(modules: dict, store: dict) -> Iterator[None]:
-    """While inside, each forward of modules[key] writes its (first) output tensor to store[key]."""
-
-    def make(key):
-        def hook(module, args, output):
-            store[key] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    handles = [module.register_forward_hook(make(key)) for key, module in modules.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _run(model: nn.Module, batch: dict, modules: dict) -> tuple[dict, float, int]:
     """One forward pass: (captured outputs, summed completion-token loss, completion tokens)."""
-    device = next(model.parameters()).device
-    kwargs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels") if k in batch}
     store: dict = {}
-    with _capture(modules, store):
-        out = model(**kwargs, use_cache=False)
+    with captured_outputs(modules, store):
+        out = model(**forward_kwargs(model, batch, labels=True), use_cache=False)
     n = int((batch["labels"][:, 1:] != -100).sum()) if "labels" in batch else 0
     return store, float(out.loss) * n if n else 0.0, n
 
 
+@dataclass
+class DenseOutputs:
+    """What --compensate compares the pruned model against, captured from the dense model before the cut:
+    per calibration batch, the outputs of the dense layers it needs (on the CPU) and the completion loss."""
+
+    outputs: list[dict[int, torch.Tensor]]  # per batch: {dense layer index: its output [batch, seq, hidden]}
+    losses: list[tuple[float, int]]  # per batch: (summed completion-token loss, completion tokens)
+
+
 @torch.no_grad()
-def measure_shifts(model: nn.Module, reference: nn.Module, batches: Sequence[dict], targets: Sequence[int]) -> dict:
+def capture_dense(model: nn.Module, batches: Sequence[dict], targets: Sequence[int]) -> DenseOutputs:
+    """One pass of the dense `model` over the calibration batches, keeping the outputs of layers `targets`
+    and the loss. Called before the cut, it is the whole dense reference: no second model is needed."""
+    layers = find_layer_stack(model)[1]
+    modules = {t: layers[t] for t in sorted(set(targets))}
+    outputs, losses = [], []
+    with preserved_train_state(model):
+        for batch in batches:
+            store, loss, n = _run(model, batch, modules)
+            outputs.append({t: value.cpu() for t, value in store.items()})
+            losses.append((loss, n))
+    return DenseOutputs(outputs, losses)
+
+
+def _dense(reference: nn.Module | DenseOutputs, batches: Sequence[dict], targets: Sequence[int]) -> DenseOutputs:
+    """The captured dense outputs; a dense model (the reference as it was passed before) is run once now."""
+    return reference if isinstance(reference, DenseOutputs) else capture_dense(reference, batches, targets)
+
+
+@torch.no_grad()
+def measure_shifts(model: nn.Module, reference: nn.Module | DenseOutputs, batches: Sequence[dict], targets: Sequence[int]) -> dict:
     """Mean-shift norm of every pruned layer's output against the dense output at targets[j], and
     the completion loss of both models, over the calibration batches."""
-    layers, dense_layers = find_layer_stack(model)[1], find_layer_stack(reference)[1]
+    dense = _dense(reference, batches, targets)
+    layers = find_layer_stack(model)[1]
     sums = [torch.zeros(model.config.hidden_size, dtype=torch.float64) for _ in layers]
     counts = [0] * len(layers)
     loss = {"pruned": [0.0, 0], "dense": [0.0, 0]}
-    with _eval(model, reference):
-        for batch in batches:
-            dense, d_loss, d_n = _run(reference, batch, {t: dense_layers[t] for t in set(targets)})
+    with preserved_train_state(model):
+        for i, batch in enumerate(batches):
+            (d_loss, d_n), outputs = dense.losses[i], dense.outputs[i]
             pruned, p_loss, p_n = _run(model, batch, dict(enumerate(layers)))
             mask = batch["attention_mask"]
             for j, target in enumerate(targets):
-                s, n = shift_terms(pruned[j], dense[target].to(pruned[j].device), mask.to(pruned[j].device))
+                s, n = shift_terms(pruned[j], outputs[target].to(pruned[j].device), mask.to(pruned[j].device))
                 sums[j] += s.cpu()
                 counts[j] += n
             loss["dense"] = [loss["dense"][0] + d_loss, loss["dense"][1] + d_n]
@@ -128,17 +130,17 @@ def measure_shifts(model: nn.Module, reference: nn.Module, batches: Sequence[dic
 
 
 @torch.no_grad()
-def fit_layer(model: nn.Module, reference: nn.Module, batches: Sequence[dict], layer: int, target: int, *, ridge: float):
+def fit_layer(model: nn.Module, reference: nn.Module | DenseOutputs, batches: Sequence[dict], layer: int, target: int, *, ridge: float):
     """(M, c) for pruned layer `layer` against the dense output of original layer `target`."""
-    block, dense_block = find_layer_stack(model)[1][layer], find_layer_stack(reference)[1][target]
+    dense = _dense(reference, batches, [target])
+    block = find_layer_stack(model)[1][layer]
     down = block.get_submodule(MLP_OUT)
     stats = RegressionStats.zeros(model.config.hidden_size, device=down.weight.device)
-    with _eval(model, reference):
-        for batch in batches:
-            dense, _, _ = _run(reference, batch, {"y": dense_block})
+    with preserved_train_state(model):
+        for i, batch in enumerate(batches):
             pruned, _, _ = _run(model, batch, {"h": block, "m": down})
             h, m = pruned["h"], pruned["m"]
-            y = dense["y"].to(h.device)
+            y = dense.outputs[i][target].to(h.device)
             stats.update(m, y - h + m, batch["attention_mask"])  # t = y - a, a = h - m
     return fit_projection(stats, ridge)
 
@@ -170,14 +172,16 @@ def compensate_cut(
     num_layers: int,
     layers: int = 1,
     ridge: float = DEFAULT_RIDGE,
-) -> dict:
+) -> CompensationRecord:
     """Compensate the `layers` pruned layers with the largest mean shift, in place; the manifest record.
 
-    `model` is the pruned model (layers `kept` of the `num_layers`-layer `reference`, renumbered)."""
+    `model` is the pruned model (layers `kept` of the `num_layers`-layer dense model, renumbered);
+    `reference` is that dense model's `capture_dense` (taken before the cut), or the dense model itself."""
     names = biased_mlp_linears(model)
     if not batches:
         raise ConfigError("--compensate needs calibration rows: give --data with at least one row")
     targets = target_positions(kept, num_layers)
+    reference = _dense(reference, batches, targets)
     before = measure_shifts(model, reference, batches, targets)
     chosen = largest_shift_layers(before["norms"], layers)
     logger.info("compensating pruned layers %s (mean shift %s)", chosen, [round(before["norms"][j], 4) for j in chosen])
@@ -193,23 +197,18 @@ def compensate_cut(
                 f"--compensate: {type(model).__name__} layer {j}'s mean shift went {before['norms'][j]:.4g} → "
                 f"{after['norms'][j]:.4g}: its MLP output does not reach the residual stream as h = a + down_proj(x); drop --compensate"
             )
-    return {
-        "method": METHOD,
-        "layers": chosen,
-        "layers_original": [kept[j] for j in chosen],
-        "dense_targets": [targets[j] for j in chosen],
-        "folded_into": MLP_OUT,
-        "config_field": "mlp_bias",
-        "mlp_bias_linears": names,
-        "ridge": ridge,
-        "calibration_batches": len(batches),
-        "calibration_tokens": before["tokens"],
-        "mean_shift_before": before["norms"],
-        "mean_shift_after": after["norms"],
-        "calibration_loss": {"dense": before["loss"]["dense"], "pruned": before["loss"]["pruned"], "compensated": after["loss"]["pruned"]},
-    }
-
-
-def dense_reference(model: nn.Module, teacher: nn.Module | None) -> nn.Module:
-    """The dense model to compare against: the distillation teacher when it is the dense model, else a frozen copy."""
-    return teacher if teacher is not None else copy.deepcopy(model).eval().requires_grad_(False)
+    return CompensationRecord(
+        method=METHOD,
+        layers=chosen,
+        layers_original=[kept[j] for j in chosen],
+        dense_targets=[targets[j] for j in chosen],
+        folded_into=MLP_OUT,
+        config_field="mlp_bias",
+        mlp_bias_linears=names,
+        ridge=ridge,
+        calibration_batches=len(batches),
+        calibration_tokens=before["tokens"],
+        mean_shift_before=before["norms"],
+        mean_shift_after=after["norms"],
+        calibration_loss={"dense": before["loss"]["dense"], "pruned": before["loss"]["pruned"], "compensated": after["loss"]["pruned"]},
+    )

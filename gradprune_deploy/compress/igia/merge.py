@@ -3,7 +3,7 @@
 For each linear of a removed layer: keep exactly the top-p fraction of its entries by F (IGIA);
 add those entries into the same linear of the target kept layer only where the removed and kept
 weights have the same sign (strictly: product > 0). Norms, biases and everything else of the
-kept layer are unchanged.
+kept layer are unchanged. Applied to a live model by apply_merge.merge_dropped_layers.
 """
 
 from __future__ import annotations
@@ -91,41 +91,3 @@ def same_sign_merge(
         delta_norm_ratio=float(delta.float().norm()) / kept_norm if kept_norm else 0.0,
     )
     return merged, stats
-
-
-# ── orchestration: apply the merge to a live model ──────────────────────────────────────────────
-def merge_dropped_layers(
-    layers: torch.nn.ModuleList, igia_for_layer, dropped: Sequence[int], merged: Sequence[int], keep_top_p: float
-) -> dict:
-    """Same-sign merge of each layer in `merged` (a subset of `dropped`) into its nearest preceding
-    kept layer, in place. `igia_for_layer(i)` returns {linear name: F} for dropped layer i."""
-    from .surgery import linear_weights_by_layer
-
-    targets = {d: t for d, t in merge_targets(dropped, len(layers)).items() if d in set(merged)}
-    linears = linear_weights_by_layer(layers)
-    per_layer, total_merged = {}, 0
-    for removed, target in targets.items():
-        igia = igia_for_layer(removed)
-        linear_stats = {}
-        for name, removed_linear in linears[removed].items():
-            if name not in igia:
-                continue  # not LoRA-wrapped, so no IGIA: nothing principled to merge
-            kept_linear = linears[target][name]
-            with torch.no_grad():
-                new_weight, stats = same_sign_merge(kept_linear.weight.data, removed_linear.weight.data, igia[name], keep_top_p)
-                kept_linear.weight.data.copy_(new_weight)
-            linear_stats[name] = stats.as_dict()
-            total_merged += stats.merged_entries
-        per_layer[str(removed)] = {
-            "into": target,
-            "merged_entries": sum(st["merged_entries"] for st in linear_stats.values()),
-            "entries": sum(st["entries"] for st in linear_stats.values()),
-            "linears": linear_stats,
-        }
-    return {
-        "enabled": bool(targets),
-        "keep_top_p": keep_top_p,
-        "targets": {str(k): v for k, v in targets.items()},
-        "merged_entries_total": total_merged,
-        "per_layer": per_layer,
-    }

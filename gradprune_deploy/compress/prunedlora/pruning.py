@@ -43,7 +43,7 @@ window prunes more per event (the remaining components spread evenly over the wi
 single event at 3/4 of the run when it is shorter than one interval), so every module ends at
 exactly the target rank without one large cut on the last step.
 
-No I/O: tensors in, tensors out; prunedlora_callback.PrunedLoRACallback applies it during training.
+No I/O: tensors in, tensors out; callback.PrunedLoRACallback applies it during training.
 """
 
 from __future__ import annotations

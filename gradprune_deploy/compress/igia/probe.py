@@ -3,8 +3,12 @@ ordinary LoRA fine-tune and accumulates GradPruner's importance (see importance.
 
 Gradients are read in `on_pre_optimizer_step`: after gradient accumulation and, under DDP,
 after the all-reduce, so every process sees the same averaged gradient and computes the same
-scores as one process on the same global batch. The probe run disables gradient clipping
-(see finetune.run_probe) so the gradient read is ∇L itself, not a clipped copy.
+scores as one process on the same global batch. Under FSDP2 a LoRA gradient is a DTensor sharded on
+dim 0: `read_gradients` gathers it with `.full_tensor()` on every rank (LoRA factors are small), so the
+IGIA math and every statistic (the zero-gradient test included) run on whole gradients, identical on
+every rank — nothing is per-shard, so nothing needs an all-reduce. Plain tensors take the same path.
+The probe run disables gradient clipping (see finetune.run_probe) so the gradient read is ∇L itself,
+not a clipped copy.
 
 With LoRA's B initialised to zero, ∇A = s·Bᵀ(∂L/∂y)xᵀ is exactly zero on the first step, so
 G_1 = ∇B_1·∇A_1 = 0 carries no information. Such steps are counted (`zero_gradient_steps`) but do
@@ -15,41 +19,57 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+from peft.tuners.lora import LoraLayer
 from transformers import TrainerCallback
 
+from ..distributed import full_tensor
+from ..surgery import find_layer_stack
 from .importance import igia_matrix, igia_step_total, layer_scores
-from .surgery import find_layer_stack
 
 logger = logging.getLogger(__name__)
 
 
+Key = tuple[int, str]  # (decoder layer, linear's name in it)
+Gradients = Mapping[Key, tuple[torch.Tensor, torch.Tensor]]  # key → (∇B: out×r, ∇A: r×in)
+
+
 @dataclass(frozen=True)
 class LoraPair:
-    """One LoRA-wrapped linear inside decoder layer `layer`, e.g. (3, 'self_attn.q_proj')."""
+    """One LoRA-wrapped linear inside decoder layer `layer`, e.g. (3, 'self_attn.q_proj').
+
+    The parameters are looked up on the module at each read: FSDP2 replaces them (by DTensors)
+    when the Trainer shards the model, after the pairs were listed."""
 
     layer: int
     name: str
-    lora_a: torch.nn.Parameter  # r × in
-    lora_b: torch.nn.Parameter  # out × r
+    module: LoraLayer
+    adapter: str = "default"
 
     @property
-    def key(self) -> tuple[int, str]:
+    def key(self) -> Key:
         return (self.layer, self.name)
+
+    @property
+    def lora_a(self) -> torch.nn.Parameter:  # r × in
+        return self.module.lora_A[self.adapter].weight
+
+    @property
+    def lora_b(self) -> torch.nn.Parameter:  # out × r
+        return self.module.lora_B[self.adapter].weight
 
 
 def lora_pairs(peft_model, adapter: str = "default") -> list[LoraPair]:
     """Every LoRA-wrapped linear in the decoder-layer stack of a peft model."""
-    from peft.tuners.lora import LoraLayer
-
     _, layers = find_layer_stack(peft_model.get_base_model())
     pairs = []
     for i, layer in enumerate(layers):
         for name, module in layer.named_modules():
             if isinstance(module, LoraLayer) and adapter in module.lora_A:
-                pairs.append(LoraPair(i, name, module.lora_A[adapter].weight, module.lora_B[adapter].weight))
+                pairs.append(LoraPair(i, name, module, adapter))
     if not pairs:
         raise RuntimeError("no LoRA-wrapped linear found in the decoder layers")
     return pairs
@@ -104,24 +124,36 @@ class IGIAProbe(TrainerCallback):
         if self.done:
             return
         start = time.perf_counter()
-        grads = []
-        for p in self.pairs:
-            if p.lora_a.grad is None or p.lora_b.grad is None:
-                raise RuntimeError(f"layer {p.layer} {p.name}: LoRA parameter has no gradient at the optimizer step")
-            grads.append((p.lora_b.grad.detach(), p.lora_a.grad.detach()))
-        if all(ga.count_nonzero() == 0 for _, ga in grads):
-            self.record.zero_gradient_steps += 1  # B = 0 ⇒ ∇A = 0 ⇒ G = 0: nothing to learn
-        else:
-            for p, (gb, ga) in zip(self.pairs, grads):
-                self.record.totals[p.key] += igia_step_total(gb, ga)
-                if self.keep_factors:
-                    self.record.factors[p.key].append((gb.float().cpu().clone(), ga.float().cpu().clone()))
-            self.record.informative_steps += 1
-            if self.record.informative_steps in self.snapshot_steps:
-                self.record.snapshots[self.record.informative_steps] = self.record.scores().tolist()
+        accumulate(self.record, read_gradients(self.pairs), keep_factors=self.keep_factors, snapshot_steps=self.snapshot_steps)
         self.record.callback_seconds += time.perf_counter() - start
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.done:
             control.should_training_stop = True
         return control
+
+
+def read_gradients(pairs: list[LoraPair]) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:
+    """(∇B, ∇A) of every pair as whole tensors. A sharded (DTensor) gradient is gathered with
+    full_tensor(): a collective, which every rank reaches here in the same order of pairs."""
+    grads = {}
+    for p in pairs:
+        grad_a, grad_b = p.lora_a.grad, p.lora_b.grad
+        if grad_a is None or grad_b is None:
+            raise RuntimeError(f"layer {p.layer} {p.name}: LoRA parameter has no gradient at the optimizer step")
+        grads[p.key] = (full_tensor(grad_b.detach()), full_tensor(grad_a.detach()))
+    return grads
+
+
+def accumulate(record: ProbeRecord, grads: Gradients, *, keep_factors: bool = True, snapshot_steps=frozenset()) -> None:
+    """Add one optimizer step's LoRA gradients (whole tensors, see read_gradients) to the record."""
+    if all(ga.count_nonzero() == 0 for _, ga in grads.values()):
+        record.zero_gradient_steps += 1  # B = 0 ⇒ ∇A = 0 ⇒ G = 0: nothing to learn
+        return
+    for key, (gb, ga) in grads.items():
+        record.totals[key] += igia_step_total(gb, ga)
+        if keep_factors:
+            record.factors[key].append((gb.float().cpu().clone(), ga.float().cpu().clone()))
+    record.informative_steps += 1
+    if record.informative_steps in snapshot_steps:
+        record.snapshots[record.informative_steps] = record.scores().tolist()

@@ -1,4 +1,4 @@
-"""PrunedLoRACallback: runs PrunedLoRA's rank pruning (prunedlora.py) inside an ordinary LoRA fine-tune.
+"""PrunedLoRACallback: runs PrunedLoRA's rank pruning (pruning.py) inside an ordinary LoRA fine-tune.
 
 Pruning happens in `on_pre_optimizer_step` of the scheduled steps: after gradient accumulation,
 clipping and (under DDP) the all-reduce, so every process reads the same gradient and prunes the
@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from peft.tuners.lora import LoraLayer
 from transformers import TrainerCallback
 
-from .prunedlora import DEFAULT_DAMPING, PRUNE_INTERVAL, PRUNE_PER_EVENT, prune_components, rank_schedule
+from .pruning import DEFAULT_DAMPING, PRUNE_INTERVAL, PRUNE_PER_EVENT, prune_components, rank_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,6 @@ class LoraModule:
 
 def lora_modules(peft_model, adapter: str = "default") -> list[LoraModule]:
     """Every LoRA-wrapped linear of a peft model (the whole model, not only the decoder layers)."""
-    from peft.tuners.lora import LoraLayer
-
     found = [
         LoraModule(name, m.lora_A[adapter].weight, m.lora_B[adapter].weight)
         for name, m in peft_model.named_modules()

@@ -13,6 +13,9 @@ Memory: on CPU, the summed RSS of the server's whole process tree (API server, e
 worker), sampled every 0.2 s from ready to shutdown; the KV cache (VLLM_CPU_KVCACHE_SPACE) is the
 same size in both. On CUDA, the "Model loading took X GiB" line of the server log, with the KV
 cache fixed to the same byte size for both models (`--kv-cache-memory-bytes`).
+
+`--tensor-parallel-size` / `--pipeline-parallel-size` are passed to both servers (checked against
+the visible GPUs first; both servers share them).
 """
 
 from __future__ import annotations
@@ -28,61 +31,53 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradprune_deploy.errors import ServingError
-from gradprune_deploy.utils import scratch_dir
+from gradprune_deploy.errors import ConfigError, ServingError
+from gradprune_deploy.runtime.vllm_server import VllmServer, check_parallel_sizes, start_server
+from gradprune_deploy.utils import is_available, optional_import, process_memory, require, scratch_dir
+
+from .base import BenchBackend, common_settings
 
 if TYPE_CHECKING:
-    from .bench_config import BenchConfig
+    from ..bench_config import BenchConfig
 
 logger = logging.getLogger(__name__)
 
 _WEIGHTS_LINE = re.compile(r"Model loading took ([\d.]+) ?GiB")
 
 
-def process_tree_pids(pid: int) -> list[int]:
-    """`pid` and all its descendants (psutil if installed, else /proc)."""
-    try:
-        import psutil
+class VllmBackend(BenchBackend):
+    name = "vllm"
+    colour = "#ff7f0e"
 
-        try:
-            proc = psutil.Process(pid)
-            return [pid] + [c.pid for c in proc.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-    except ImportError:
-        children: dict[int, list[int]] = {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-            except (OSError, IndexError, ValueError):
-                continue
-        out, todo = [], [pid]
-        while todo:
-            p = todo.pop()
-            out.append(p)
-            todo += children.get(p, [])
-        return out
+    def check_environment(self, config: BenchConfig) -> None:
+        check_parallel_sizes(config.tensor_parallel_size, config.pipeline_parallel_size, device=config.device)
+        require("vllm", "vllm" if config.device == "cuda" else "vllm-cpu")
+        if config.device == "cpu" and not is_available("psutil"):
+            logger.warning("psutil is not installed: vLLM's process-tree RSS is read from /proc")
 
+    def check_lengths(self, config: BenchConfig, total: int) -> None:
+        if total > config.max_model_len:
+            raise ConfigError(
+                f"--input-len + --output-len = {total} exceeds --max-model-len {config.max_model_len}: raise it or shorten them"
+            )
 
-def process_rss(pids: list[int]) -> dict[int, tuple[str, int]]:
-    """{pid: (process name, RSS bytes)} for the pids still alive."""
-    import os
+    def prompts_needed(self, config: BenchConfig) -> int:
+        return max(config.num_prompts, config.num_requests)
 
-    out = {}
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/statm") as fh:
-                rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            with open(f"/proc/{pid}/comm") as fh:
-                out[pid] = (fh.read().strip(), rss)
-        except (OSError, ValueError):
-            pass
-    return out
+    def settings(self, config: BenchConfig) -> dict[str, Any]:
+        # no "threads": vLLM binds its own CPU threads (VLLM_CPU_OMP_THREADS_BIND)
+        return {
+            **common_settings(self, config),
+            "concurrency": config.concurrency,
+            "num_requests": config.num_requests,
+            "max_model_len": config.max_model_len,
+            "kv_cache_gib": config.kv_cache_gib,
+            "tensor_parallel_size": config.tensor_parallel_size,
+            "pipeline_parallel_size": config.pipeline_parallel_size,
+        }
 
-
-def tree_rss_bytes(pids: list[int]) -> int:
-    return sum(rss for _, rss in process_rss(pids).values())
+    def run(self, checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, config: BenchConfig) -> dict[str, Any]:
+        return run_vllm(checkpoints, prompts, tokenizer, config)
 
 
 class RssSampler:
@@ -95,11 +90,11 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
-        current = process_rss(self.pids_fn())
-        self.peak = max(self.peak, sum(rss for _, rss in current.values()))
-        for pid, (name, rss) in current.items():
-            key = f"{name} ({pid})"
-            self.peak_by_process[key] = max(self.peak_by_process.get(key, 0), rss)
+        current = {pid: memory for pid in self.pids_fn() if (memory := process_memory(pid)) is not None}
+        self.peak = max(self.peak, sum(memory["rss_bytes"] for memory in current.values()))
+        for pid, memory in current.items():
+            key = f"{memory['name']} ({pid})"
+            self.peak_by_process[key] = max(self.peak_by_process.get(key, 0), memory["rss_bytes"])
 
     def _run(self):
         while not self._stop.is_set():
@@ -116,18 +111,11 @@ class RssSampler:
         self.sample()
 
 
-def _server_pids(server) -> list[int]:
-    """The server's process tree: VllmServer.pids() (psutil), or /proc when that finds only the root."""
-    pids = server.pids() if hasattr(server, "pids") else []
-    return pids if len(pids) > 1 else process_tree_pids(server.pid)
-
-
 def run_bench_serve(server, prompts: list[list[int]], *, output_len: int, concurrency: int, tokenizer) -> dict[str, Any]:
     """One pass of vLLM's `bench serve` engine over `prompts` against a running server."""
-    from vllm.benchmarks import serve as vllm_serve
-    from vllm.benchmarks.datasets import SampleRequest
-
-    requests = [SampleRequest(prompt=ids, prompt_len=len(ids), expected_output_len=output_len) for ids in prompts]
+    vllm_serve = optional_import("vllm.benchmarks.serve", "vllm")
+    datasets = optional_import("vllm.benchmarks.datasets", "vllm")
+    requests = [datasets.SampleRequest(prompt=ids, prompt_len=len(ids), expected_output_len=output_len) for ids in prompts]
     kwargs = dict(
         task_type=getattr(getattr(vllm_serve, "TaskType", None), "GENERATION", None),
         endpoint_type="vllm",
@@ -196,8 +184,6 @@ class _ServerThread(threading.Thread):
 @contextlib.contextmanager
 def _running_servers(checkpoints: dict[str, Path], config: BenchConfig, log_dir: Path):
     """Both servers started at once (start-up is mostly compilation; they overlap well), both stopped on exit."""
-    from .vllm_server import start_server
-
     extra: list[str] = []
     if config.device == "cuda":  # the same KV cache for both, so weight memory is all that differs
         extra = ["--kv-cache-memory-bytes", str(int(config.kv_cache_gib * 2**30))]
@@ -209,6 +195,8 @@ def _running_servers(checkpoints: dict[str, Path], config: BenchConfig, log_dir:
                 dtype=config.torch_dtype,
                 max_model_len=config.max_model_len,
                 kv_cache_gib=config.kv_cache_gib,
+                tensor_parallel_size=config.tensor_parallel_size,
+                pipeline_parallel_size=config.pipeline_parallel_size,
                 extra_args=tuple(extra),
                 startup_timeout_s=config.startup_timeout_s,
                 log_path=log_dir / f"vllm-{label}.log",
@@ -244,81 +232,77 @@ def run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, 
         return _run_vllm(checkpoints, prompts, tokenizer, config, log_dir)
 
 
-def _run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, config: BenchConfig, log_dir: Path) -> dict[str, Any]:
-    from .bench_config import settings_of
+class _Tally:
+    """Per model: the measured samples, and the failed and completed request counts."""
 
-    single = prompts[: config.num_prompts]
+    def __init__(self, labels):
+        self.samples: dict[str, dict[str, list[float]]] = {label: {} for label in labels}
+        self.failed = {label: 0 for label in labels}
+        self.completed = {label: 0 for label in labels}
+
+    def add(self, label: str, result: dict[str, Any], **values: float) -> None:
+        _add(self.samples[label], **values)
+        self.failed[label] += result["failed"]
+        self.completed[label] += result["completed"]
+
+
+def _run_round(servers: dict[str, VllmServer], tally: _Tally, *, measured: bool, prompts: dict[str, list], config: BenchConfig, tokenizer):
+    """One round: a concurrency-1 pass on each server (A B), then a concurrency-N pass on each (A B)."""
+    for label, server in servers.items():
+        r = run_bench_serve(server, prompts["single"], output_len=config.output_len, concurrency=1, tokenizer=tokenizer)
+        if measured:
+            tally.add(
+                label,
+                r,
+                ttft_s=r["median_ttft_ms"] / 1e3,
+                tpot_s=r["median_tpot_ms"] / 1e3,
+                e2e_s=r["median_e2el_ms"] / 1e3,
+                output_tok_s=r["output_throughput"],
+            )
+    for label, server in servers.items():
+        batch = prompts["many"] if measured else prompts["warm"]
+        r = run_bench_serve(server, batch, output_len=config.output_len, concurrency=config.concurrency, tokenizer=tokenizer)
+        if measured:
+            tally.add(label, r, output_tok_s_concurrent=r["output_throughput"], tpot_s_concurrent=r["median_tpot_ms"] / 1e3)
+
+
+def _run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, config: BenchConfig, log_dir: Path) -> dict[str, Any]:
     many = [prompts[i % len(prompts)] for i in range(config.num_requests)]
-    warm = many[: min(len(many), 2 * config.concurrency)]
-    samples: dict[str, dict[str, list[float]]] = {label: {} for label in checkpoints}
-    failed = {label: 0 for label in checkpoints}
-    completed = {label: 0 for label in checkpoints}
+    passes = {"single": prompts[: config.num_prompts], "many": many, "warm": many[: min(len(many), 2 * config.concurrency)]}
+    tally = _Tally(checkpoints)
     start = time.perf_counter()
     with _running_servers(checkpoints, config, log_dir) as servers:
         logger.info("both vLLM servers ready after %.0f s", time.perf_counter() - start)
-        samplers = {label: RssSampler(lambda s=server: _server_pids(s)) for label, server in servers.items()}
+        samplers = {label: RssSampler(server.pids) for label, server in servers.items()}
         with contextlib.ExitStack() as sampling:
             for sampler in samplers.values():
                 sampling.enter_context(sampler)
             for round_ in range(config.warmup + config.runs):
                 measured = round_ >= config.warmup
                 logger.info("vLLM round %d/%d%s", round_ + 1, config.warmup + config.runs, "" if measured else " (warm-up)")
-                for label, server in servers.items():  # concurrency 1, A B
-                    r = run_bench_serve(server, single, output_len=config.output_len, concurrency=1, tokenizer=tokenizer)
-                    if measured:
-                        _add(
-                            samples[label],
-                            ttft_s=r["median_ttft_ms"] / 1e3,
-                            tpot_s=r["median_tpot_ms"] / 1e3,
-                            e2e_s=r["median_e2el_ms"] / 1e3,
-                            output_tok_s=r["output_throughput"],
-                        )
-                        failed[label] += r["failed"]
-                        completed[label] += r["completed"]
-                for label, server in servers.items():  # concurrency N, A B
-                    r = run_bench_serve(
-                        server,
-                        many if measured else warm,
-                        output_len=config.output_len,
-                        concurrency=config.concurrency,
-                        tokenizer=tokenizer,
-                    )
-                    if measured:
-                        _add(samples[label], output_tok_s_concurrent=r["output_throughput"], tpot_s_concurrent=r["median_tpot_ms"] / 1e3)
-                        failed[label] += r["failed"]
-                        completed[label] += r["completed"]
+                _run_round(servers, tally, measured=measured, prompts=passes, config=config, tokenizer=tokenizer)
         server_info = {
-            label: {
-                "pid": s.pid,
-                "base_url": s.base_url,
-                "startup_s": round(getattr(s, "started_s", 0.0), 1),
-            }
+            label: {"pid": s.pid, "base_url": s.base_url, "startup_s": round(getattr(s, "started_s", 0.0), 1)}
             for label, s in servers.items()
         }
-    for label in checkpoints:
-        if config.device == "cpu":
-            samples[label]["peak_rss_bytes"] = [samplers[label].peak]
-        weights = _weights_gib(log_dir / f"vllm-{label}.log")
-        if weights is not None and config.device == "cuda":
-            samples[label]["model_weights_bytes"] = [weights * 2**30]
-    if any(failed.values()):
-        logger.warning("vLLM failed requests: %s", failed)
-    memory = {
-        label: {
-            "peak_tree_rss_bytes": sampler.peak,
-            "peak_rss_bytes_by_process": sampler.peak_by_process,
-            "weights_gib_logged": _weights_gib(log_dir / f"vllm-{label}.log"),
-        }
-        for label, sampler in samplers.items()
-    }
+    _add_memory_samples(tally.samples, samplers, config, log_dir)
+    if any(tally.failed.values()):
+        logger.warning("vLLM failed requests: %s", tally.failed)
     return {
         "device": config.device,
-        "settings": settings_of(config, "vllm"),
-        "samples": samples,
-        "failed_requests": failed,
-        "completed_requests": completed,
+        "settings": VllmBackend().settings(config),
+        "samples": tally.samples,
+        "failed_requests": tally.failed,
+        "completed_requests": tally.completed,
         "servers": server_info,
-        "memory": memory,
+        "memory": {
+            label: {
+                "peak_tree_rss_bytes": sampler.peak,
+                "peak_rss_bytes_by_process": sampler.peak_by_process,
+                "weights_gib_logged": _weights_gib(log_dir / f"vllm-{label}.log"),
+            }
+            for label, sampler in samplers.items()
+        },
         "notes": [
             "requests sent by vllm.benchmarks.serve.benchmark (the `vllm bench serve` engine) with token-id prompts, "
             "ignore_eos, temperature 0; both servers alive together, passes interleaved A B A B",
@@ -326,6 +310,16 @@ def _run_vllm(checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer,
             f"the KV cache is {config.kv_cache_gib:g} GiB in both",
         ],
     }
+
+
+def _add_memory_samples(samples: dict[str, dict[str, list[float]]], samplers: dict[str, RssSampler], config: BenchConfig, log_dir: Path):
+    """CPU: each server tree's sampled peak RSS; CUDA: the weights memory vLLM logged."""
+    for label in samples:
+        if config.device == "cpu":
+            samples[label]["peak_rss_bytes"] = [samplers[label].peak]
+        weights = _weights_gib(log_dir / f"vllm-{label}.log")
+        if weights is not None and config.device == "cuda":
+            samples[label]["model_weights_bytes"] = [weights * 2**30]
 
 
 def _add(target: dict[str, list[float]], **values: float) -> None:

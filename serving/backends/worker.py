@@ -1,13 +1,13 @@
-"""The hf and onnx backends of `gradprune bench`: two worker processes (dense, pruned) driven A B A B.
+"""Backends that run in worker processes (hf, onnx): two workers (dense, pruned) driven A B A B.
 
 Each model lives in its own `serving.bench_worker` process, so each one's peak RSS is its own.
 Both workers stay alive for the whole backend run and receive requests in turn, request by
 request (see `interleaved_schedule`); only one runs at a time, so each has the whole machine.
+A backend of this kind has a runner class in serving/bench_worker.py (RUNNERS) under its name.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,13 +22,17 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from gradprune_deploy.errors import ServingError
+from gradprune_deploy.utils import tqdm
 
 if TYPE_CHECKING:
-    from .bench_config import BenchConfig
+    from ..bench_config import BenchConfig
+    from .base import BenchBackend
 
 logger = logging.getLogger(__name__)
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Pause before each request so the other worker's OpenMP threads, which spin for a few ms after
 # their last parallel region (libgomp's default wait policy), are asleep when this one starts.
 SETTLE_S = 0.05
@@ -109,69 +113,38 @@ def per_run_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def run_worker_backend(
-    backend: str, checkpoints: dict[str, Path], prompts: list[list[int]], config: BenchConfig, *, onnx_dirs: dict[str, Path] | None = None
-) -> dict[str, Any]:
-    """hf or onnx: start both workers, run the interleaved schedule, collect per-run samples."""
-    from .bench_config import interleaved_schedule, settings_of
+def interleaved_schedule(*, rounds: int, items: int, models: tuple[str, ...] = ("dense", "pruned")) -> list[tuple[int, int, str]]:
+    """(round, item, model) in execution order: every item is run for each model in turn, A B A B …"""
+    return [(r, i, m) for r in range(rounds) for i in range(items) for m in models]
 
-    log_dir = Path(tempfile.mkdtemp(prefix=f"gradprune-bench-{backend}-"))
+
+def run_worker_backend(
+    backend: BenchBackend,
+    checkpoints: dict[str, Path],
+    prompts: list[list[int]],
+    config: BenchConfig,
+    *,
+    onnx_dirs: dict[str, Path] | None = None,
+) -> dict[str, Any]:
+    """Start both workers, run the interleaved schedule, collect per-run samples."""
+    log_dir = Path(tempfile.mkdtemp(prefix=f"gradprune-bench-{backend.name}-"))
     workers: dict[str, Worker] = {}
     try:
         for label, directory in checkpoints.items():
-            args = [
-                "--backend",
-                backend,
-                "--model",
-                str(directory),
-                "--device",
-                config.device,
-                "--dtype",
-                config.torch_dtype,
-                "--threads",
-                str(config.threads),
-            ]
-            if onnx_dirs:
-                args += ["--onnx-dir", str(onnx_dirs[label])]
-            workers[label] = Worker(label, args, log_dir=log_dir)
+            workers[label] = Worker(label, _worker_args(backend.name, directory, config, onnx_dirs and onnx_dirs[label]), log_dir=log_dir)
         ready = {label: w.wait_ready(config.startup_timeout_s) for label, w in workers.items()}
-        rounds = config.warmup + config.runs
-        by_run: dict[str, dict[int, list]] = {label: defaultdict(list) for label in workers}
-        outputs: dict[str, dict[int, list[int]]] = {label: {} for label in workers}
-        from gradprune_deploy.utils import tqdm
-
-        schedule = interleaved_schedule(rounds=rounds, items=len(prompts), models=tuple(workers))
-        for round_, item, label in tqdm(schedule, desc=f"bench {backend}", unit="req"):
-            time.sleep(SETTLE_S)
-            result = workers[label].call({"op": "generate", "prompt_ids": prompts[item], "output_len": config.output_len})
-            if result["output_tokens"] != config.output_len:
-                raise ServingError(f"{backend} {label} produced {result['output_tokens']} tokens, not --output-len {config.output_len}")
-            outputs[label][item] = result.pop("token_ids")
-            if round_ >= config.warmup:
-                by_run[label][round_].append(result)
+        by_run, outputs = _run_schedule(backend.name, workers, prompts, config)
         stats = {label: w.call({"op": "stats"}) for label, w in workers.items()}
     finally:
         for w in workers.values():
             w.close()
         shutil.rmtree(log_dir, ignore_errors=True)  # errors quote the log's last lines: nothing is left in the temp dir
-    samples: dict[str, dict[str, list[float]]] = {}
-    for label in workers:
-        runs = [per_run_metrics(by_run[label][r]) for r in sorted(by_run[label])]
-        samples[label] = {k: [run[k] for run in runs] for k in runs[0]}
-        s = stats[label]
-        if config.device == "cpu":
-            samples[label]["peak_rss_bytes"] = [s["peak_rss_bytes"]]
-            samples[label]["model_rss_bytes"] = [s["peak_rss_bytes"] - s["baseline_rss_bytes"]]
-            samples[label]["steady_rss_bytes"] = [s["current_rss_bytes"] - s["baseline_rss_bytes"]]
-        for key in ("cuda_peak_bytes", "gpu_memory_bytes"):
-            if s.get(key) is not None:
-                samples[label][key] = [s[key]]
     same = sum(outputs["dense"][i] == outputs["pruned"][i] for i in outputs["dense"])
     return {
         "device": config.device,
-        "device_name": _device_name(config.device),
-        "settings": settings_of(config, backend),
-        "samples": samples,
+        "device_name": torch.cuda.get_device_name(0) if config.device == "cuda" else None,
+        "settings": backend.settings(config),
+        "samples": {label: _samples(by_run[label], stats[label], config.device) for label in workers},
         "load_s": {label: round(r["load_s"], 2) for label, r in ready.items()},
         "memory": stats,
         "notes": [
@@ -185,51 +158,40 @@ def run_worker_backend(
     }
 
 
-def _device_name(device: str) -> str | None:
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.get_device_name(0)
-    return None
+def _worker_args(backend: str, directory: Path, config: BenchConfig, onnx_dir: Path | None) -> list[str]:
+    args = ["--backend", backend, "--model", str(directory), "--device", config.device, "--dtype", config.torch_dtype]
+    args += ["--threads", str(config.threads)]
+    return args + (["--onnx-dir", str(onnx_dir)] if onnx_dir else [])
 
 
-# -- onnx ---------------------------------------------------------------------------------------
+def _run_schedule(
+    backend: str, workers: dict[str, Worker], prompts: list[list[int]], config: BenchConfig
+) -> tuple[dict[str, dict[int, list]], dict[str, dict[int, list[int]]]]:
+    """Every prompt to each worker in turn, warm-up rounds first: (measured results by label and round,
+    the generated token ids by label and prompt)."""
+    by_run: dict[str, dict[int, list]] = {label: defaultdict(list) for label in workers}
+    outputs: dict[str, dict[int, list[int]]] = {label: {} for label in workers}
+    schedule = interleaved_schedule(rounds=config.warmup + config.runs, items=len(prompts), models=tuple(workers))
+    for round_, item, label in tqdm(schedule, desc=f"bench {backend}", unit="req"):
+        time.sleep(SETTLE_S)
+        result = workers[label].call({"op": "generate", "prompt_ids": prompts[item], "output_len": config.output_len})
+        if result["output_tokens"] != config.output_len:
+            raise ServingError(f"{backend} {label} produced {result['output_tokens']} tokens, not --output-len {config.output_len}")
+        outputs[label][item] = result.pop("token_ids")
+        if round_ >= config.warmup:
+            by_run[label][round_].append(result)
+    return by_run, outputs
 
 
-def onnx_cache_dir(checkpoint: Path, dtype: str) -> Path:
-    """Where an automatic export of this checkpoint lives: keyed by path, weights' size and mtime."""
-    from gradprune_deploy.loading import cache_dir
-
-    stamp = [str(checkpoint.resolve()), dtype] + [
-        f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-        for p in sorted(checkpoint.glob("*.safetensors")) + [checkpoint / "config.json"]
-    ]
-    key = hashlib.sha1("\n".join(stamp).encode()).hexdigest()[:16]
-    return cache_dir() / "bench-onnx" / f"{checkpoint.name}-{key}"
-
-
-def ensure_onnx_export(checkpoint: Path, given: str | None, *, dtype: str = "float32") -> tuple[Path, str]:
-    """An ONNX export of `checkpoint`: the one given, the cached one, or a fresh export into the cache."""
-    if given:
-        path = Path(given).expanduser().resolve()
-        if not path.is_dir():
-            raise ServingError(
-                f"ONNX export {path} not found: check --onnx-dense / --onnx-pruned, or leave them out to export automatically"
-            )
-        return path, "given"
-    out = onnx_cache_dir(checkpoint, dtype)
-    if (out / "gradprune_onnx.json").is_file() and (out / "model.onnx").is_file():
-        return out, "cached"
-    from exporters.onnx import export_onnx
-
-    logger.info("exporting %s to ONNX (%s) in %s", checkpoint, dtype, out)
-    export_onnx(checkpoint, out, dtype=dtype, overwrite=True)
-    return out, "exported"
-
-
-def run_onnx(checkpoints: dict[str, Path], prompts: list[list[int]], config: BenchConfig) -> dict[str, Any]:
-    given = {"dense": config.onnx_dense, "pruned": config.onnx_pruned}
-    exports = {label: ensure_onnx_export(directory, given[label], dtype=config.onnx_dtype) for label, directory in checkpoints.items()}
-    result = run_worker_backend("onnx", checkpoints, prompts, config, onnx_dirs={k: v[0] for k, v in exports.items()})
-    result["onnx_exports"] = {label: {"path": str(path), "origin": origin} for label, (path, origin) in exports.items()}
-    return result
+def _samples(by_run: dict[int, list], stats: dict[str, Any], device: str) -> dict[str, list[float]]:
+    """One model's per-run timings and its memory (one value each: a process has one peak)."""
+    runs = [per_run_metrics(by_run[r]) for r in sorted(by_run)]
+    samples = {k: [run[k] for run in runs] for k in runs[0]}
+    if device == "cpu":
+        samples["peak_rss_bytes"] = [stats["peak_rss_bytes"]]
+        samples["model_rss_bytes"] = [stats["peak_rss_bytes"] - stats["baseline_rss_bytes"]]
+        samples["steady_rss_bytes"] = [stats["current_rss_bytes"] - stats["baseline_rss_bytes"]]
+    for key in ("cuda_peak_bytes", "gpu_memory_bytes"):
+        if stats.get(key) is not None:
+            samples[key] = [stats[key]]
+    return samples

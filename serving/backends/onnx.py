@@ -1,0 +1,85 @@
+"""The onnx backend: onnxruntime on `gradprune export onnx` graphs (prefill, then one decode step per
+token), each model in its own worker process (serving/bench_worker.py `OnnxRunner`). Exports are
+given (--onnx-dense / --onnx-pruned) or made once into the cache and reused."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from exporters.onnx import OnnxExportConfig, export_onnx
+from gradprune_deploy.errors import ConfigError, ServingError
+from gradprune_deploy.layout import ONNX_GRAPH, ONNX_METADATA
+from gradprune_deploy.loading import cache_dir
+from gradprune_deploy.utils import optional_import, require
+
+from .base import BenchBackend
+from .worker import run_worker_backend
+
+if TYPE_CHECKING:
+    from ..bench_config import BenchConfig
+
+logger = logging.getLogger(__name__)
+
+
+class OnnxBackend(BenchBackend):
+    name = "onnx"
+    colour = "#2ca02c"
+
+    def check_inputs(self, config: BenchConfig) -> None:
+        for flag, given in (("--onnx-dense", config.onnx_dense), ("--onnx-pruned", config.onnx_pruned)):
+            if given and not (Path(given).expanduser() / ONNX_GRAPH).is_file():
+                raise ConfigError(f"{flag} {given}: no model.onnx there: give a `gradprune export onnx` output, or leave {flag} out")
+
+    def check_environment(self, config: BenchConfig) -> None:
+        if self.dtype(config) == "bfloat16":
+            raise ConfigError("--dtype bfloat16 cannot be exported to ONNX: use --dtype float16 or float32 with --backend onnx")
+        extra = "onnx-gpu" if config.device == "cuda" else "onnx"
+        for module in ("onnxruntime", "onnx", "onnxscript"):
+            require(module, extra)
+        if config.device == "cuda" and "CUDAExecutionProvider" not in optional_import("onnxruntime", extra).get_available_providers():
+            raise ConfigError(
+                "--backend onnx --device cuda: onnxruntime has no CUDAExecutionProvider: "
+                "pip install 'gradprune-deploy[onnx-gpu]' (onnxruntime-gpu) in place of onnxruntime"
+            )
+
+    def dtype(self, config: BenchConfig) -> str:
+        """The ONNX export supports float32 and float16 (no bfloat16)."""
+        return ("float16" if config.device == "cuda" else "float32") if config.dtype == "auto" else config.dtype
+
+    def run(self, checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, config: BenchConfig) -> dict[str, Any]:
+        given = {"dense": config.onnx_dense, "pruned": config.onnx_pruned}
+        exports = {label: ensure_onnx_export(directory, given[label], dtype=self.dtype(config)) for label, directory in checkpoints.items()}
+        onnx_dirs = {label: path for label, (path, _) in exports.items()}
+        result = run_worker_backend(self, checkpoints, prompts[: config.num_prompts], config, onnx_dirs=onnx_dirs)
+        result["onnx_exports"] = {label: {"path": str(path), "origin": origin} for label, (path, origin) in exports.items()}
+        return result
+
+
+def onnx_cache_dir(checkpoint: Path, dtype: str) -> Path:
+    """Where an automatic export of this checkpoint lives: keyed by path, weights' size and mtime."""
+    stamp = [str(checkpoint.resolve()), dtype] + [
+        f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+        for p in sorted(checkpoint.glob("*.safetensors")) + [checkpoint / "config.json"]
+    ]
+    key = hashlib.sha1("\n".join(stamp).encode()).hexdigest()[:16]
+    return cache_dir() / "bench-onnx" / f"{checkpoint.name}-{key}"
+
+
+def ensure_onnx_export(checkpoint: Path, given: str | None, *, dtype: str = "float32") -> tuple[Path, str]:
+    """An ONNX export of `checkpoint`: the one given, the cached one, or a fresh export into the cache."""
+    if given:
+        path = Path(given).expanduser().resolve()
+        if not path.is_dir():
+            raise ServingError(
+                f"ONNX export {path} not found: check --onnx-dense / --onnx-pruned, or leave them out to export automatically"
+            )
+        return path, "given"
+    out = onnx_cache_dir(checkpoint, dtype)
+    if (out / ONNX_METADATA).is_file() and (out / ONNX_GRAPH).is_file():
+        return out, "cached"
+    logger.info("exporting %s to ONNX (%s) in %s", checkpoint, dtype, out)
+    export_onnx(OnnxExportConfig(str(checkpoint), out=str(out), dtype=dtype, overwrite=True))
+    return out, "exported"
