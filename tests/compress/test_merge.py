@@ -56,3 +56,16 @@ def test_merge_does_not_modify_inputs():
     k0, r0 = kept.clone(), removed.clone()
     same_sign_merge(kept, removed, importance, 0.5)
     assert torch.equal(kept, k0) and torch.equal(removed, r0)
+
+
+def test_top_p_mask_is_the_stable_sorts_selection_ties_included():
+    """Brute force: the entries a stable descending sort keeps first (ties by lower flat index), on
+    importances drawn from 4 values so most entries tie."""
+    torch.manual_seed(2)
+    for _ in range(50):
+        importance = torch.randint(0, 4, (7, 9)).float()
+        for p in (0.0, 0.1, 0.2, 0.5, 0.99, 1.0):
+            k = round(p * importance.numel())
+            expected = torch.zeros(importance.numel(), dtype=torch.bool)
+            expected[torch.sort(importance.flatten(), descending=True, stable=True).indices[:k]] = True
+            assert torch.equal(top_p_mask(importance, p), expected.reshape(importance.shape))

@@ -32,8 +32,8 @@ def igia_matrix(factors: Factors) -> torch.Tensor:
         raise ValueError("no probe steps recorded")
     out = None
     for grad_b, grad_a in factors:
-        g = grad_b.double() @ grad_a.double()
-        out = g.square() if out is None else out.add_(g.square())
+        g = (grad_b.double() @ grad_a.double()).square_()  # in place: one out×in float64 temporary per step
+        out = g if out is None else out.add_(g)
     return out.float()
 
 
