@@ -338,7 +338,11 @@ def report(out: Path, rungs: list[str], cuts: list[float]) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    keys = [("compress_time", "compress time"), ("compress_memory", "compress memory"), ("infer_time", "time per token")]
+    keys = [
+        ("recovery_time", "train time (recovery / dense fine-tune)"),
+        ("compress_memory", "compress peak / dense fine-tune peak"),
+        ("infer_time", "time per output token"),
+    ]
     cuts = sorted({r["cut"] for r in rows})
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), sharey=True)
     for ax, (key, title) in zip(axes, keys):
@@ -348,7 +352,12 @@ def plot(rows: list[dict], path: Path) -> None:
                 continue
             line = ax.plot([p / 1e9 for p, _, _ in pts], [v for _, v, _ in pts], "o-", label=f"{cut:.0%} of layers")[0]
             ax.plot([p / 1e9 for p, _, _ in pts], [i for _, _, i in pts], ":", color=line.get_color(), label=f"ideal at {cut:.0%}")
-        ax.set(title=title, xscale="log", xlabel="parameters (B)")
+        if key != "compress_memory":
+            ax.axhline(PAPER_AT_40["train_time" if key == "recovery_time" else "infer_time"], color="grey", lw=0.8, ls="--")
+        sizes = sorted({r["params"] / 1e9 for r in rows})
+        ax.set(title=title, xscale="log", xlabel="parameters (B); dashed: the paper at 40%")
+        ax.set_xticks(sizes, [f"{x:.2g}" for x in sizes], minor=False)
+        ax.set_xticks([], minor=True)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("pruned / dense")
     axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
