@@ -3,7 +3,7 @@
 #   SmolLM2-135M-Instruct (bundled GGUF → float32 safetensors) + GSM8K (bundled, MIT)
 #   → held-out rows (GSM8K's test split) scored dense
 #   → two proposals for a 6-of-30-layer cut (20%): GradPruner's (IGIA probe, the highest-scoring dropped
-#     layer merged into its preceding kept layer) and block-influence's; each applied to a copy, healed
+#     layer merged into its preceding kept layer) and block-influence's; each applied in place (restored after), healed
 #     by 10 LoRA steps and scored on the held-out rows; the better one is kept (--scorer auto)
 #   → LoRA recovery fine-tune (merged) → held-out rows scored pruned and recovered
 #   → runs/smollm2-gsm8k-pruned (standard checkpoint + gradprune.json with the quality ledger + plot)

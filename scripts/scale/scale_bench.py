@@ -122,6 +122,7 @@ def compress_job(model_dir: str, a: dict, ratio: float, out: str) -> dict:
             dtype=a["dtype"],
             merge_layers=a["merge_layers"],
             probe_steps=a["probe_steps"],
+            scorer=a.get("scorer", "igia"),
             overwrite=True,
         )
     )
@@ -223,9 +224,14 @@ def run_rung(out: Path, rung: str, a: dict, records: dict) -> None:
     timeout = a["timeout_s"]
     _measure(out, f"{rung}/dense", {"kind": "dense", "model": str(model_dir), "args": a}, records, timeout)
     _measure(out, f"{rung}/infer@0", {"kind": "infer", "model": str(model_dir), "args": a}, records, timeout)
+    scorer = a.get("scorer", "igia")
     for ratio in a["cuts"]:
         ckpt = out / "pruned" / f"{rung}@{ratio}"
         job = {"kind": "compress", "model": str(model_dir), "ratio": ratio, "out": str(ckpt), "args": a}
+        if scorer != "igia":  # another scorer's compress beside the default's (its peak, --scorer auto's above all)
+            job["out"] = str(out / "pruned" / f"{rung}@{ratio}-{scorer}")
+            _measure(out, f"{rung}/compress-{scorer}@{ratio}", job, records, timeout)
+            continue
         _measure(out, f"{rung}/compress@{ratio}", job, records, timeout)
         if (ckpt / "config.json").is_file():
             _measure(out, f"{rung}/infer@{ratio}", {"kind": "infer", "model": str(ckpt), "args": a}, records, timeout)
@@ -312,6 +318,12 @@ def report(out: Path, rungs: list[str], cuts: list[float]) -> dict:
         "dense_finetune_seconds_vs_params": loglog_slope([p for p, _ in dense], [d["seconds"] for _, d in dense]),
         "dense_finetune_peak_vs_params": loglog_slope([p for p, _ in dense], [d["peak_mb"] for _, d in dense]),
     }
+    others = [
+        f"- {k}: peak {r['peak_mb'] / records[k.split('/')[0] + '/dense']['peak_mb']:.3f}× the dense fine-tune's, "
+        f"time {r['seconds'] / records[k.split('/')[0] + '/dense']['seconds']:.2f}×"
+        for k, r in records.items()
+        if "/compress-" in k and "error" not in r and k.split("/")[0] + "/dense" in records
+    ]
     paper = " · ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in PAPER_AT_40.items())
     text = "\n".join(
         [
@@ -325,6 +337,7 @@ def report(out: Path, rungs: list[str], cuts: list[float]) -> dict:
             "dense fine-tune (target peak ≤ 1.15); probe step: one IGIA probe step against one fine-tune step (a probe "
             "of 1% of a fine-tune's steps costs 1% of this); infer: time per output token and peak memory while decoding.",
             f"The paper at 40% of parameters removed: {paper}.",
+            *(["", "Other scorers (compress against the dense LoRA fine-tune):", *others] if others else []),
             f"Fit over the dense baseline: fine-tune time ∝ params^{_fmt(fit['dense_finetune_seconds_vs_params'])}, "
             f"peak memory ∝ params^{_fmt(fit['dense_finetune_peak_vs_params'])}.",
         ]
@@ -378,6 +391,7 @@ def main() -> None:
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--merge-layers", default="1")
     parser.add_argument("--probe-steps", type=int, default=2, help="informative probe steps (cost is reported per step)")
+    parser.add_argument("--scorer", default="igia", help="compress's --scorer (another one is recorded beside igia's)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -396,7 +410,7 @@ def main() -> None:
     unknown = [r for r in rungs if r not in ARCHITECTURES]
     if unknown:
         raise SystemExit(f"error: unknown rung {unknown}: choose from {', '.join(ARCHITECTURES)}")
-    names = ("cuts", "steps", "batch_size", "seq_len", "lora_r", "merge_layers", "probe_steps", "device", "dtype", "threads")
+    names = ("cuts", "steps", "batch_size", "seq_len", "lora_r", "merge_layers", "probe_steps", "scorer", "device", "dtype", "threads")
     a = {k: getattr(args, k) for k in names}
     a.update(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, timeout_s=args.timeout_s, tokenizer=args.tokenizer)
     if not args.report_only:
