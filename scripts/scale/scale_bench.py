@@ -117,7 +117,7 @@ def compress_job(model_dir: str, a: dict, ratio: float, out: str) -> dict:
             batch_size=a["batch_size"],
             max_length=a["seq_len"],
             lora_r=a["lora_r"],
-            ledger=False,
+            ledger=a.get("scorer") == "auto",  # auto judges its candidate cuts on the held-out rows
             plot=False,
             dtype=a["dtype"],
             merge_layers=a["merge_layers"],
