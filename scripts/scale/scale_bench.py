@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ from gradprune_deploy import CompressConfig, Manifest, compress  # noqa: E402
 from gradprune_deploy.compress.finetune import TrainSettings, recovery_finetune  # noqa: E402
 from gradprune_deploy.data import read_examples, tokenize_examples  # noqa: E402
 from gradprune_deploy.loading import load_model_and_tokenizer  # noqa: E402
+from gradprune_deploy.utils import peak_rss_mb, reset_peak_rss  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -60,15 +60,14 @@ def _reset_peak(device: str) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+        reset_peak_rss()  # VmHWM := current RSS
 
 
 def _peak_mb(device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+    return peak_rss_mb()
 
 
 def build_model(rung: str, out: Path, *, dtype: str, tokenizer_dir: Path) -> dict:
