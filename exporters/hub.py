@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +24,10 @@ from gradprune_deploy.checkpoint import CheckpointInfo, inspect_checkpoint
 from gradprune_deploy.config_schema import validate_fields
 from gradprune_deploy.errors import ConfigError, ExportError, first_line
 from gradprune_deploy.layout import MANIFEST
-from gradprune_deploy.loading import check_weights_cover_model
+from gradprune_deploy.manifest import ArtefactRecord
+from gradprune_deploy.verify import verify_checkpoint
 
+from .hub_artefacts import BUILDERS, build_artefacts, card_manifest, parse_artefacts
 from .model_card import build_card_text, redact
 
 try:
@@ -65,10 +68,18 @@ class HubExportConfig:
     commit_message: str | None = field(default=None, metadata={"help": "commit message (default: 'Upload <name> (gradprune)')"})
     token: str | None = field(default=None, repr=False, metadata={"help": "Hub token (default: HF_TOKEN or the login cache)"})
     endpoint: str | None = field(default=None, metadata={"help": "Hub URL (default: HF_ENDPOINT or https://huggingface.co)"})
+    with_artefacts: list[str] | None = field(
+        default=None,
+        metadata={
+            "flag": "--with",
+            "help": f"also build, validate, score and publish these in the same commit, each in its own folder: {', '.join(BUILDERS)}",
+        },
+    )
 
     def __post_init__(self):
         validate_fields(self)
         validate_repo_id(self.repo_id)
+        self.with_artefacts = parse_artefacts(self.with_artefacts) or None
 
 
 def _resolve_token(token: str | None) -> str:
@@ -134,39 +145,49 @@ def public_manifest(text: str) -> str:
     return _LOCAL_PATH.sub(lambda m: m.group(1) or ".", text)
 
 
-def _commit_operations(info: CheckpointInfo, *, repo_id: str, token: str) -> tuple[list[CommitOperationAdd], int]:
-    """The generated card plus every checkpoint file (gradprune.json with local paths reduced), and
-    the bytes uploaded; refuses a file that holds the token."""
-    card = build_card_text(info, repo_id=repo_id, secrets=(token,))
-    files = files_to_upload(info.path)
-    for rel in files:  # a token must never travel inside an uploaded file
-        path = info.path / rel
+def _commit_operations(
+    info: CheckpointInfo, *, repo_id: str, token: str, artefacts: dict[str, ArtefactRecord] | None = None, workdir: Path | None = None
+) -> tuple[list[CommitOperationAdd], int]:
+    """The generated card plus every checkpoint file (gradprune.json with local paths reduced) and every
+    built artefact's files under its own folder, and the bytes uploaded; refuses a file that holds the token."""
+    artefacts = artefacts or {}
+    card = build_card_text(info, repo_id=repo_id, secrets=(token,), manifest=card_manifest(info.manifest, artefacts) if artefacts else None)
+    uploads = [(rel, info.path / rel) for rel in files_to_upload(info.path)]
+    for name in artefacts:
+        uploads += [(f"{name}/{rel}", workdir / name / rel) for rel in files_to_upload(workdir / name)]
+    for _, path in uploads:  # a token must never travel inside an uploaded file
         if path.stat().st_size < 50_000_000 and token.encode() in path.read_bytes():
             raise ExportError(f"{path} contains the Hub token: remove it before pushing (nothing was uploaded)")
     operations = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
     operations += [
         CommitOperationAdd(
             path_in_repo=rel,
-            path_or_fileobj=public_manifest((info.path / rel).read_text()).encode() if rel == MANIFEST else str(info.path / rel),
+            path_or_fileobj=public_manifest(path.read_text()).encode() if path.name == MANIFEST else str(path),
         )
-        for rel in files
+        for rel, path in uploads
     ]
-    return operations, sum((info.path / f).stat().st_size for f in files)
+    return operations, sum(path.stat().st_size for _, path in uploads)
 
 
 def export_hub(config: HubExportConfig) -> str:
     """`gradprune export hub`: create the repo if needed and commit the checkpoint + model card in one
     commit; return the commit URL.
 
-    Everything that can be checked locally (repo id, token, checkpoint, card) is checked before the
-    first request, so a bad input uploads nothing.
+    Everything that can be checked locally (repo id, token, the whole checkpoint read and verified,
+    card) is checked before the first request, so a bad input uploads nothing.
     """
     repo_id = validate_repo_id(config.repo_id)
     info = inspect_checkpoint(config.checkpoint)
-    check_weights_cover_model(info.path)  # never publish a checkpoint that would load with random tensors
+    verify_checkpoint(info.path)  # never publish a truncated file, a NaN tensor or a missing tokenizer
     token = _resolve_token(config.token)
     endpoint = _resolve_endpoint(config.endpoint)
-    operations, size = _commit_operations(info, repo_id=repo_id, token=token)
+    with tempfile.TemporaryDirectory(prefix="gradprune-hub-") as tmp:
+        artefacts = build_artefacts(info.path, config.with_artefacts or [], Path(tmp))  # each validated and scored, or refused
+        operations, size = _commit_operations(info, repo_id=repo_id, token=token, artefacts=artefacts, workdir=Path(tmp))
+        return _push(config, info, operations, size, repo_id=repo_id, token=token, endpoint=endpoint)
+
+
+def _push(config: HubExportConfig, info: CheckpointInfo, operations, size: int, *, repo_id: str, token: str, endpoint: str) -> str:
     message = config.commit_message or f"Upload {info.path.name} (gradprune)"
 
     api = HfApi(endpoint=endpoint, token=token)

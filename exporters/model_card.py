@@ -24,6 +24,8 @@ from gradprune_deploy.formatting import fmt
 from gradprune_deploy.layout import BENCH_DIR, LAYER_PLOT, MANIFEST
 from gradprune_deploy.manifest import DataRecord, Manifest, QualityLedger, QualityPoint
 
+from .card_artefacts import artefact_stage_text, artefacts_section
+
 # Data sources the compression stage bundles → the name a reader knows them by.
 BUNDLED_DATA = DATA_DESCRIPTIONS
 STAGES = {
@@ -305,7 +307,7 @@ def _quality_section(ledger: QualityLedger | None, m: Manifest | None) -> str:
     final = final_point(m) if m else None
     for p in ledger.points:
         stage = f"**{p.stage}** (this checkpoint)" if p is final else p.stage
-        cells = [stage, STAGES.get(p.stage, ""), fmt(p.loss, ".4f"), fmt(p.perplexity, ".2f")]
+        cells = [stage, STAGES.get(p.stage) or artefact_stage_text(m, p.stage), fmt(p.loss, ".4f"), fmt(p.perplexity, ".2f")]
         if has_acc:
             cells.append("–" if p.accuracy is None else f"{100 * p.accuracy:.1f}% ± {100 * (p.accuracy_se or 0):.1f}")
         out.append("| " + " | ".join([*cells, f"{p.rows:,}"]) + " |")
@@ -433,11 +435,12 @@ def _provenance_section(info: CheckpointInfo) -> str:
     return "\n".join(out)
 
 
-def build_card_text(info: CheckpointInfo, *, repo_id: str, secrets: tuple[str | None, ...] = ()) -> str:
-    """The whole README.md: YAML metadata + body, with anything token-like redacted."""
+def build_card_text(info: CheckpointInfo, *, repo_id: str, secrets: tuple[str | None, ...] = (), manifest: Manifest | None = None) -> str:
+    """The whole README.md: YAML metadata + body, with anything token-like redacted. `manifest` replaces the
+    checkpoint's own for the quality and artefact sections (`export hub --with` adds the artefacts it publishes)."""
     card_data = build_card_data(info, repo_id=repo_id)
     reports = find_reports(info.path)
-    m = info.manifest
+    m = manifest if manifest is not None else info.manifest
     sections = [
         _summary(info, repo_id),
         _layers_section(info),
@@ -445,6 +448,7 @@ def build_card_text(info: CheckpointInfo, *, repo_id: str, secrets: tuple[str | 
         _size_section(info),
         _data_section(m),
         _quality_section(m.quality if m else None, m),
+        artefacts_section(m),
         _evals_section(info),
         _bench_section(reports),
         _usage_section(info, repo_id),

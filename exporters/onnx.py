@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -37,9 +36,14 @@ from gradprune_deploy.checkpoint import CheckpointInfo, inspect_checkpoint
 from gradprune_deploy.config_schema import validate_fields
 from gradprune_deploy.errors import ArchitectureError, ConfigError, ExportError, first_line
 from gradprune_deploy.layout import ONNX_GRAPH, ONNX_METADATA
-from gradprune_deploy.loading import check_weights_cover_model, load_model_and_tokenizer
-from gradprune_deploy.runtime.onnx_runtime import OnnxCausalLM, positions_from_mask
+from gradprune_deploy.loading import load_model_and_tokenizer
+from gradprune_deploy.runtime.onnx_runtime import OnnxCausalLM
 from gradprune_deploy.utils import atomic_output_dir, check_output_dir, optional_import, require
+from gradprune_deploy.verify import verify_checkpoint
+
+from .onnx_artefact import ledger_rows, quantize_and_validate, record_artefact
+from .onnx_quantize import DEFAULT_BLOCK_SIZE, DEFAULT_LM_HEAD, check_block_size
+from .onnx_validate import compare_with_torch
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +60,53 @@ VALIDATION_PROMPTS = (
 
 @dataclass
 class OnnxExportConfig:
-    """Export prefill + decode (one graph with KV-cache inputs/outputs) and validate it against PyTorch."""
+    """Export prefill + decode (one graph with KV-cache inputs/outputs) and validate it against PyTorch.
+
+    Examples:
+      gradprune export onnx CKPT --out CKPT-onnx
+      gradprune export onnx CKPT --out CKPT-int4 --quantize int4      # HQQ, block 32, lm_head int8
+      gradprune inspect CKPT-int4                                     # its ledger stage onnx-int4
+    """
 
     checkpoint: str = field(metadata={"positional": True, "help": "checkpoint directory to export"})
     out: str | None = field(default=None, metadata={"help": "output directory (written atomically)"})
     dtype: Literal["float32", "float16"] = field(default="float32", metadata={"help": "weights and activations dtype of the graph"})
     opset: int | None = field(default=None, metadata={"help": "ONNX opset (default: the newest onnxscript supports)"})
     validate: bool = field(default=True, metadata={"help": "compare logits and greedy tokens with PyTorch after export"})
-    atol: float | None = field(default=None, metadata={"help": "max |Δ logits| allowed (default 5e-3 float32, 5e-2 float16)"})
+    atol: float | None = field(
+        default=None,
+        metadata={"help": "max |Δ logits| allowed (default 5e-3 float32, 5e-2 float16; with --quantize: 8 int4, 2 int8)"},
+    )
     new_tokens: int = field(default=8, metadata={"help": "greedy tokens that must match PyTorch, per validation prompt"})
+    quantize: Literal["none", "int4", "int8"] = field(
+        default="none",
+        metadata={"help": "block-wise weight-only quantisation of the float32 graph's weights (onnxruntime MatMulNBits)"},
+    )
+    block_size: int | None = field(
+        default=None, metadata={"help": f"weights per quantisation block, a power of two ≥ 16 (default {DEFAULT_BLOCK_SIZE})"}
+    )
+    quantizer: Literal["rtn", "hqq"] | None = field(
+        default=None,
+        metadata={
+            "help": "rtn: round to nearest per block; hqq: optimised scales and zero points, slower (default: hqq for int4, rtn for int8)"
+        },
+    )
+    lm_head: Literal["int8", "int4", "float32"] | None = field(
+        default=None,
+        metadata={
+            "help": f"precision of the lm_head in a quantised export (a tied embedding gets its own copy; default {DEFAULT_LM_HEAD})"
+        },
+    )
+    min_agreement: float | None = field(
+        default=None,
+        metadata={"help": "least greedy-token agreement with the float checkpoint a quantised export needs (default int4 0.85, int8 0.95)"},
+    )
+    ledger: bool = field(
+        default=True, metadata={"help": "score the export on the checkpoint's held-out ledger rows and record it in its gradprune.json"}
+    )
+    ledger_data: str | None = field(
+        default=None, metadata={"help": "the compress run's --data, when it has moved since (for the held-out ledger rows)"}
+    )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --out"})
 
     def __post_init__(self):
@@ -73,10 +115,36 @@ class OnnxExportConfig:
             raise ConfigError("--out is required: the directory to write the ONNX export to")
         if self.atol is not None and not self.atol > 0:
             raise ConfigError(f"--atol must be positive, got {self.atol}")
-        if self.opset is not None and not 7 <= self.opset <= 30:
-            raise ConfigError(f"--opset {self.opset}: give an ONNX opset between 7 and 30, or leave it out for the newest")
+        if self.opset is not None and not 18 <= self.opset <= 30:  # below 18 torch.onnx silently exports opset 18 instead
+            raise ConfigError(f"--opset {self.opset}: give an ONNX opset from 18 (the lowest torch.onnx exports) to 30, or leave it out")
         if self.new_tokens < 1:
             raise ConfigError(f"--new-tokens must be at least 1, got {self.new_tokens}")
+        self._check_quantize()
+
+    def _check_quantize(self) -> None:
+        """Quantisation options that cannot work together, refused before anything loads."""
+        if self.quantize == "none":
+            options = (
+                ("--block-size", self.block_size),
+                ("--quantizer", self.quantizer),
+                ("--lm-head", self.lm_head),
+                ("--min-agreement", self.min_agreement),
+            )
+            given = [flag for flag, value in options if value is not None]
+            if given:
+                raise ConfigError(f"{given[0]} only applies to a quantised export: add --quantize int4 or int8, or leave {given[0]} out")
+            return
+        if self.dtype != "float32":
+            raise ConfigError(f"--quantize {self.quantize} quantises the float32 graph's weights: use --dtype float32 (the default)")
+        problem = check_block_size(self.block_size) if self.block_size is not None else None
+        if problem:
+            raise ConfigError(problem)
+        if self.quantizer == "hqq" and self.quantize == "int8":
+            raise ConfigError(
+                "--quantizer hqq makes float zero points, which onnxruntime's 8-bit MatMulNBits rejects: use --quantizer rtn for int8"
+            )
+        if self.min_agreement is not None and not 0 < self.min_agreement <= 1:
+            raise ConfigError(f"--min-agreement must be in (0, 1], got {self.min_agreement}")
 
 
 def _check_exportable(info: CheckpointInfo) -> None:
@@ -166,43 +234,14 @@ def _trace_to_onnx(model, path: Path, *, opset: int | None) -> None:
     logger.debug("exporter output:\n%s", captured.getvalue())
 
 
-def _torch_reference(model, ids: torch.Tensor, mask: torch.Tensor, *, new_tokens: int, lm: OnnxCausalLM):
-    """PyTorch's prompt logits and its greedy generation (tokens and per-step logits)."""
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, position_ids=torch.from_numpy(positions_from_mask(mask.numpy()))).logits
-        gen = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=lm.pad_token_id,
-            eos_token_id=lm.eos_token_id,
-        )
-    return ref, gen
-
-
-def _decode_diff(lm: OnnxCausalLM, ids: np.ndarray, mask: np.ndarray, torch_tokens: np.ndarray, torch_logits) -> float:
-    """Max |Δ logits| over the decode steps, teacher-forced with PyTorch's tokens, so every step compares the same inputs."""
-    _, state = lm.prefill(ids, mask)
-    diff = 0.0
-    for step in range(1, torch_tokens.shape[1]):  # finished rows get the pad token in both, so all rows compare
-        logits = lm.decode(torch_tokens[:, step - 1], state)
-        diff = max(diff, float(np.abs(logits - torch_logits[step].float().numpy()).max()))
-    return diff
-
-
-def _mismatches(report: dict, prompts: tuple[str, ...], onnx_tokens: np.ndarray, torch_tokens: np.ndarray) -> list[str]:
+def _mismatches(report: dict, prompts: tuple[str, ...], difference: dict | None) -> list[str]:
     prefill_diff, decode_diff, atol = report["max_abs_diff_prefill_logits"], report["max_abs_diff_decode_logits"], report["atol"]
     problems = []
     if max(prefill_diff, decode_diff) > atol:
         problems.append(f"max |Δ logits| prefill {prefill_diff:.3g}, decode {decode_diff:.3g} > atol {atol:g}")
-    if not report["greedy_tokens_identical"]:
-        row = next(r for r in range(len(prompts)) if onnx_tokens.shape != torch_tokens.shape or (onnx_tokens[r] != torch_tokens[r]).any())
-        problems.append(
-            f"greedy tokens differ for prompt {prompts[row]!r}: onnx {onnx_tokens[row].tolist()} vs torch {torch_tokens[row].tolist()}"
-        )
+    if difference is not None:
+        prompt = prompts[difference["prompt"]]
+        problems.append(f"greedy tokens differ for prompt {prompt!r}: onnx {difference['onnx']} vs torch {difference['torch']}")
     return problems
 
 
@@ -211,22 +250,15 @@ def validate_export(
 ) -> dict:
     """Compare the export in `export_dir` with `model`; return the numbers, raise ExportError on mismatch."""
     lm = OnnxCausalLM(export_dir)
-    tokenizer.padding_side = "left"
-    batch = tokenizer(list(prompts), return_tensors="pt", padding=True)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    real = mask.numpy().astype(bool)
-    ref, gen = _torch_reference(model, ids, mask, new_tokens=new_tokens, lm=lm)
-    prefill_diff = float(np.abs(lm.logits(ids.numpy(), mask.numpy()) - ref.float().numpy())[real].max())
-    torch_tokens = gen.sequences[:, ids.shape[1] :].numpy()
-    decode_diff = _decode_diff(lm, ids.numpy(), mask.numpy(), torch_tokens, gen.logits)
-    onnx_tokens = lm.generate(ids.numpy(), mask.numpy(), max_new_tokens=new_tokens)
-    same = onnx_tokens.shape == torch_tokens.shape and bool((onnx_tokens == torch_tokens).all())
+    numbers = compare_with_torch(lm, model, tokenizer, prompts=prompts, new_tokens=new_tokens)
+    prefill_diff, decode_diff = numbers["max_abs_diff_prefill_logits"], numbers["max_abs_diff_decode_logits"]
+    same = numbers["greedy_tokens_identical"]
     report = {
         "prompts": len(prompts),
         "atol": atol,
         "max_abs_diff_prefill_logits": prefill_diff,
         "max_abs_diff_decode_logits": decode_diff,
-        "greedy_new_tokens": int(torch_tokens.shape[1]),
+        "greedy_new_tokens": numbers["new_tokens"],
         "greedy_tokens_identical": same,
     }
     logger.info(
@@ -236,7 +268,7 @@ def validate_export(
         atol,
         same,
     )
-    problems = _mismatches(report, prompts, onnx_tokens, torch_tokens)
+    problems = _mismatches(report, prompts, numbers["first_difference"])
     if problems:
         raise ExportError(
             "ONNX export does not match PyTorch: "
@@ -253,16 +285,22 @@ def export_onnx(config: OnnxExportConfig) -> dict[str, Any]:
         require(module, "onnx")
     info = inspect_checkpoint(config.checkpoint)
     _check_exportable(info)
-    check_weights_cover_model(info.path)
-    check_output_dir(config.out, overwrite=config.overwrite)  # fail before the slow part
-    atol = DEFAULT_ATOL[config.dtype] if config.atol is None else config.atol
+    verify_checkpoint(info.path)  # every file whole, every tensor finite, the tokenizer loadable
+    check_output_dir(config.out, overwrite=config.overwrite, inputs={"checkpoint": config.checkpoint})  # fail before the slow part
+    rows = ledger_rows(info, ledger=config.ledger, data=config.ledger_data)  # the data is read before the slow part too
+    quantized = config.quantize != "none"
+    atol = DEFAULT_ATOL[config.dtype] if config.atol is None or quantized else config.atol  # --atol: the quantised graph's limit
     # The temporary sibling exists from here on: an interruption or failure anywhere below removes it.
     with atomic_output_dir(config.out, overwrite=config.overwrite) as tmp:
         model, tokenizer = load_model_and_tokenizer(info.path, dtype=config.dtype)
         summary = _export(model, tokenizer, info, tmp, dtype=config.dtype, opset=config.opset)
-        if config.validate:
+        if config.validate:  # the float graph first: a quantised graph's error is then the quantisation's alone
             summary["validation"] = _validate_or_explain(tmp, model, tokenizer, atol=atol, new_tokens=config.new_tokens)
-            _update_metadata(tmp, validation=summary["validation"])
+        if quantized:
+            summary["float_validation"] = summary.pop("validation", None)
+            summary.update(quantize_and_validate(tmp, model, tokenizer, config, prompts=VALIDATION_PROMPTS))
+        _update_metadata(tmp, **{k: summary[k] for k in ("validation", "float_validation", "quantization", "opset") if k in summary})
+        summary["artefact"] = record_artefact(tmp, info, model, tokenizer, rows, config, summary)
     summary["out"] = str(Path(config.out).expanduser().resolve())
     return summary
 

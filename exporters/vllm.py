@@ -2,8 +2,10 @@
 
 A GradPruner checkpoint is already a standard Hugging Face directory (layers renumbered,
 `num_hidden_layers` rewritten), so "exporting" to vLLM writes nothing: it checks the
-architecture is one vLLM implements, the config loads, and the weights hold exactly the layers
-the config announces; then it reports architecture, layers, dtype and the command to serve it.
+architecture is one vLLM implements, the config loads, the weights hold exactly the layers the
+config announces, and (verify.py) every file is whole, every tensor finite and the tokenizer
+loadable; then it reports architecture, layers, dtype and the command to serve it, with a
+--max-model-len the model's positions allow, so the command runs as printed.
 """
 
 from __future__ import annotations
@@ -14,11 +16,23 @@ from dataclasses import dataclass, field
 
 from gradprune_deploy.config_schema import validate_fields
 from gradprune_deploy.runtime.vllm_server import check_vllm_compatible
+from gradprune_deploy.verify import verify_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
-def serve_command(checkpoint_dir: str, *, port: int = 8000, dtype: str = "auto", max_model_len: int = 2048) -> str:
+DEFAULT_MAX_MODEL_LEN = 2048  # `gradprune serve`'s default
+
+
+def model_len_for(config: dict, wanted: int = DEFAULT_MAX_MODEL_LEN) -> int:
+    """`wanted`, capped at the model's max_position_embeddings (config.json, or its text_config): a
+    longer --max-model-len is refused by `gradprune serve` and by vLLM itself."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    limit = text.get("max_position_embeddings")
+    return min(wanted, limit) if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else wanted
+
+
+def serve_command(checkpoint_dir: str, *, port: int = 8000, dtype: str = "auto", max_model_len: int = DEFAULT_MAX_MODEL_LEN) -> str:
     return shlex.join(
         ["gradprune", "serve", str(checkpoint_dir), "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len)]
     )
@@ -36,18 +50,20 @@ class VllmExportConfig:
 
 def export_vllm(config: VllmExportConfig) -> str:
     """`gradprune export vllm`: the report, then the serve commands (gradprune's and plain vLLM's)."""
-    report = check_vllm_compatible(config.checkpoint)
+    verified = verify_checkpoint(config.checkpoint)  # "servable" only if every file is whole, every tensor finite
+    report = check_vllm_compatible(verified.path)
     path = report["checkpoint"]
-    plain = shlex.join(["python", "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--max-model-len", "2048"])
+    max_len = model_len_for(verified.info.config)
+    plain = shlex.join(["python", "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--max-model-len", str(max_len)])
     lines = [
-        f"{path} is servable by vLLM as it is (nothing written):",
+        f"{path} is servable by vLLM as it is (nothing written; {verified.tensors} tensors read, all finite; tokenizer loads):",
         f"  architecture  {report['architecture']}",
         f"  layers        {report['num_hidden_layers']}",
         f"  dtype         {report['dtype']} (weights stored as {report['weights_dtype']})",
         f"  parameters    {report['parameters']:,}",
         f"  vLLM          {report['vllm']}",
         "serve it:",
-        f"  {serve_command(path)}",
+        f"  {serve_command(path, max_model_len=max_len)}",
         f"  {plain}   # vLLM directly (`vllm serve {shlex.quote(path)}` with the GPU build)",
     ]
     return "\n".join(lines)

@@ -21,9 +21,11 @@ from typing import Any
 
 from . import layout
 from .errors import ModelLoadError
+from .loading import check_json_files
 from .manifest import Manifest
 from .safetensors_header import LAYER_KEY as _LAYER
 from .safetensors_header import read_safetensors_header, safetensors_files
+from .utils import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class CheckpointInfo:
     @property
     def architecture(self) -> str:
         archs = self.config.get("architectures") or []
-        return archs[0] if archs else ""
+        return archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else ""
 
     @property
     def num_layers(self) -> int | None:
@@ -94,10 +96,8 @@ def inspect_checkpoint(checkpoint_dir: str | os.PathLike) -> CheckpointInfo:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ModelLoadError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{config_path} is not valid JSON ({exc.msg} at line {exc.lineno}): the checkpoint is corrupt") from None
+    check_json_files(path)  # config.json, the tokenizer's and the generation config's: UTF-8 JSON objects
+    config = read_json_object(config_path, ModelLoadError)
     files = safetensors_files(path)
     if not files:
         pickled = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth")]

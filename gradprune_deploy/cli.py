@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from . import __version__
 from .config_schema import ArgumentParser, add_dataclass_arguments, build_config
 from .errors import GradPruneError, Interrupted, raise_if_interrupted, record_signal
 
@@ -46,7 +47,7 @@ def _compress() -> Command:
 
 
 def _inspect() -> Command:
-    from .manifest import InspectConfig, inspect
+    from .manifest_text import InspectConfig, inspect
 
     return Command(InspectConfig, inspect)
 
@@ -67,6 +68,12 @@ def _export_onnx() -> Command:
     from exporters.onnx import OnnxExportConfig, export_onnx, present_export_onnx
 
     return Command(OnnxExportConfig, export_onnx, present_export_onnx)
+
+
+def _export_gguf() -> Command:
+    from exporters.gguf import GgufExportConfig, export_gguf
+
+    return Command(GgufExportConfig, export_gguf)
 
 
 def _export_vllm() -> Command:
@@ -94,6 +101,7 @@ COMMANDS: dict[str, tuple[Callable[[], Command], str]] = {
     "eval": (_eval, "evaluate a checkpoint on prompt/completion data (choice, exact, loss)"),
     "export hub": (_export_hub, "push a checkpoint to the Hugging Face Hub with a generated model card"),
     "export onnx": (_export_onnx, "export a KV-cache ONNX graph (prefill + decode), validated against PyTorch"),
+    "export gguf": (_export_gguf, "write a GGUF (f16, q8_0, q4_0) for llama.cpp / Ollama, validated and scored on the ledger rows"),
     "export vllm": (_export_vllm, "check a checkpoint is servable by vLLM and print the serve command"),
     "serve": (_serve, "serve a checkpoint with vLLM's OpenAI-compatible server"),
     "bench": (_bench, "benchmark dense vs pruned latency, throughput and memory"),
@@ -107,6 +115,22 @@ def load_command(name: str) -> Command:
 def _top_level_help() -> str:
     lines = ["usage: gradprune <command> [options]   (gradprune <command> --help for its options)", "", "commands:"]
     lines += [f"  {name:<12} {desc}" for name, (_, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _groups() -> dict[str, list[str]]:
+    """Command groups and their targets, from the table: {"export": ["hub", "onnx", "vllm"]}."""
+    groups: dict[str, list[str]] = {}
+    for name in COMMANDS:
+        if " " in name:
+            group, target = name.split(" ", 1)
+            groups.setdefault(group, []).append(target)
+    return groups
+
+
+def _group_help(group: str) -> str:
+    lines = [f"usage: gradprune {group} <target> [options]   (gradprune {group} <target> --help for its options)", "", "targets:"]
+    lines += [f"  {name.split(' ', 1)[1]:<8} {desc}" for name, (_, desc) in COMMANDS.items() if name.startswith(group + " ")]
     return "\n".join(lines)
 
 
@@ -212,12 +236,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _without_command(argv: list[str]) -> int:
-    """`gradprune`, `gradprune --help`: the command list; an unknown command: one error line."""
-    if argv and argv[0] not in ("-h", "--help", "help"):
-        _error(f"unknown command {' '.join(argv[:2])!r}: choose one of {', '.join(COMMANDS)} (see `gradprune --help`)")
+    """Whatever is not a whole command. Help is shown for anything a user can type that asks for it:
+    `gradprune`, `--help`, `help [COMMAND]`, a bare group (`gradprune export`) or a group with --help
+    (`gradprune export bogus --help`); `--version` prints the version. Anything else is one error line."""
+    if argv[:1] == ["help"]:
+        command, _ = _split_command(argv[1:])
+        return main([*command.split(), "--help"]) if command else _without_command([*argv[1:], "--help"])
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"gradprune {__version__}")
+        return 0
+    wants_help = not argv or any(a in ("-h", "--help") for a in argv)
+    groups = _groups()
+    if argv and argv[0] in groups:
+        if wants_help or len(argv) == 1:
+            print(_group_help(argv[0]))
+            return 0
+        targets = ", ".join(groups[argv[0]])
+        _error(f"unknown {argv[0]} target {argv[1]!r}: choose one of {targets} (see `gradprune {argv[0]} --help`)")
         return 2
-    print(_top_level_help())
-    return 0
+    if wants_help:
+        print(_top_level_help())
+        return 0
+    _error(f"unknown command {argv[0][:60]!r}: choose one of {', '.join(COMMANDS)} (see `gradprune --help`)")
+    return 2
 
 
 def _parse_and_run(command: str, rest: list[str]) -> tuple[Command, Any] | int:

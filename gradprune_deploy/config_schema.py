@@ -9,10 +9,12 @@ schema and its validation — one schema, no hand-written parsers.
 - Validation: one typed check serves every way in. `validate_fields(config)` (first line of a
   config's `__post_init__`) checks each value against its annotation — bool is only True/False, an
   int is an int (not 2.5, not "2", not True), a float is any real number, a Literal is one of its
-  choices, None only where the field is Optional or defaults to None — and raises one ConfigError
-  naming the flag: `--drop-layers: expected an integer, got 'two'`. Command-line text is parsed
+  choices, None only where the field is Optional or defaults to None — then its range, when the
+  field declares one (`metadata["range"]`, see `Range`) — and raises one ConfigError naming the
+  flag: `--drop-layers: expected an integer, got 'two'`, `--port must be an integer from 1 to 65535, got 0`. Command-line text is parsed
   into those types first (`parse_text`); YAML and Python values must already have them. YAML
-  recipes are read with YAML 1.2 booleans (only true/false) and floats (`2e-4` is a number).
+  recipes are read by recipe_yaml.py (YAML 1.2 booleans and floats, duplicate keys and alias
+  bombs refused before anything is built).
 """
 
 from __future__ import annotations
@@ -24,12 +26,10 @@ import os
 import re
 import types
 import typing
-from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-import yaml
-
-from .errors import ConfigError, first_line
+from .errors import ConfigError
+from .recipe_yaml import read_yaml_recipe
 
 # -- the typed schema ---------------------------------------------------------------------------
 
@@ -55,12 +55,72 @@ def _unwrap_optional(tp: Any) -> Any:
     return _optional(tp)[0]
 
 
+_SHOW_CHARS = 80
+
+
 def _show(value: Any) -> str:
+    """A short picture of a value for a message: cut BEFORE repr, so a huge value (an alias-expanded
+    recipe list, a megabyte string) costs nothing to describe."""
     if value is None:
         return "null"
     if isinstance(value, str):
-        return repr(value)
-    return repr(value) if not isinstance(value, (list, tuple, dict)) else f"{type(value).__name__} {value!r}"[:80]
+        return repr(value[:_SHOW_CHARS]) + ("..." if len(value) > _SHOW_CHARS else "")
+    if isinstance(value, (list, tuple, dict)):
+        items = list(value.items() if isinstance(value, dict) else value)
+        head = ", ".join(_show(v) if not isinstance(v, tuple) else f"{_show(v[0])}: {_show(v[1])}" for v in items[:3])
+        more = f", ... ({len(items)} items)" if len(items) > 3 else ""
+        return f"{type(value).__name__} [{head}{more}]"[: _SHOW_CHARS * 2]
+    return repr(value)[:_SHOW_CHARS]
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The numbers a numeric field accepts: `metadata={"range": Range(1, 65535)}` (or the tuple
+    `(1, 65535)`, both ends inclusive; None = unbounded). `validate_fields` checks it after the type,
+    so the CLI, YAML recipes and the Python API share it; `--help` shows it. Any ranged value must
+    also be finite (inf is never a sensible option value)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+    why: str = ""  # said after the range in the message, e.g. "time per output token needs a second token"
+
+    def contains(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (value == self.low and not self.low_inclusive)):
+            return False
+        return not (self.high is not None and (value > self.high or (value == self.high and not self.high_inclusive)))
+
+    def describe(self, kind: str = "a number") -> str:
+        """e.g. "an integer ≥ 1", "an integer from 1 to 65535", "a number > 0 and ≤ 1"."""
+        low = None if self.low is None else f"{'≥' if self.low_inclusive else '>'} {_num(self.low)}"
+        high = None if self.high is None else f"{'≤' if self.high_inclusive else '<'} {_num(self.high)}"
+        if low and high and self.low_inclusive and self.high_inclusive:
+            return f"{kind} from {_num(self.low)} to {_num(self.high)}"
+        return f"{kind} {' and '.join(b for b in (low, high) if b)}" if low or high else f"a finite {kind.split()[-1]}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(x)
+
+
+def field_range(f: dataclasses.Field) -> Range | None:
+    """The field's declared range (metadata["range"]: a Range or a (low, high) tuple), or None."""
+    spec = f.metadata.get("range")
+    if spec is None or isinstance(spec, Range):
+        return spec
+    return Range(*spec)
+
+
+def check_range(flag: str, value: Any, bounds: Range | None) -> None:
+    """ConfigError naming `flag` when a number falls outside `bounds` (None, non-numbers: nothing to check)."""
+    if bounds is None or not _is_number(value) or bounds.contains(value):
+        return
+    kind = "an integer" if isinstance(value, int) else "a number"
+    why = f" ({bounds.why})" if bounds.why else ""
+    raise ConfigError(f"{flag} must be {bounds.describe(kind)}{why}, got {_show(value)}")
 
 
 def _choices_text(choices: tuple) -> str:
@@ -173,20 +233,32 @@ def validate_fields(config: Any) -> None:
             continue
         value = getattr(config, f.name)
         checked = check_value(flag_name(f), hints[f.name], value, none_ok=f.default is None)
+        _check_field_range(f, checked)
         if checked is not value:
             object.__setattr__(config, f.name, checked)
+
+
+def _check_field_range(f: dataclasses.Field, value: Any) -> None:
+    """The field's declared range, on a number or on each number of a list."""
+    bounds = field_range(f)
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        check_range(flag_name(f), item, bounds)
 
 
 def validate_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     """The same checks on a dict of field values, before the dataclass is built."""
     hints = _field_types(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    return {
+    checked = {
         name: check_value(flag_name(fields[name]), hints[name], value, none_ok=fields[name].default is None)
         if name in fields and name in hints
         else value
         for name, value in values.items()
     }
+    for name, value in checked.items():
+        if name in fields:
+            _check_field_range(fields[name], value)
+    return checked
 
 
 def parse_text(flag: str, tp: Any, text: str) -> Any:
@@ -277,52 +349,13 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             else:
                 kwargs["metavar"] = f.name.upper()
         default = f.default if f.default is not dataclasses.MISSING else None
+        kind = "an integer" if tp is int else "a number"
+        extras = [] if field_range(f) is None else [_help(field_range(f).describe(kind))]
         if default not in (None, dataclasses.MISSING) and not isinstance(default, bool):
-            kwargs["help"] = f"{help_text} (default: {_help(str(default))})"
+            extras.append(f"default: {_help(str(default))}")
+        if extras:
+            kwargs["help"] = f"{help_text} ({'; '.join(extras)})"
         parser.add_argument(flag_name(f), dest=f.name, **kwargs)
-
-
-# -- YAML recipes -------------------------------------------------------------------------------
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """YAML 1.2 core schema for scalars: only true/false are booleans (yes/no/on/off stay strings,
-    and are then refused for a boolean option), and `2e-4` is a float."""
-
-
-_RecipeLoader.yaml_implicit_resolvers = {
-    key: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
-    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.copy().items()
-}
-_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."),
-)
-
-
-def _construct_float(loader, node):
-    text = loader.construct_scalar(node)
-    if re.fullmatch(r"[-+]?[0-9]+", text):  # the float pattern also matches plain integers
-        return int(text)
-    return float(text.replace("_", ""))
-
-
-_RecipeLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
-
-
-def read_yaml_recipe(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: file not found")
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--config {path}: not valid YAML ({first_line(exc)})") from None
-    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
-        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
 
 
 def build_config(cls: type, namespace: argparse.Namespace, recipe: str | None = None):

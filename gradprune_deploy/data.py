@@ -45,10 +45,13 @@ class Example:
     id: str = ""
 
 
-def read_examples(source: str | Path = DEFAULT_DATA, *, split: str = "train", limit: int | None = None) -> list[Example]:
-    """Read one split of a prompt/completion source (see module docstring)."""
+def read_examples(
+    source: str | Path = DEFAULT_DATA, *, split: str = "train", limit: int | None = None, prompts_only: bool = False
+) -> list[Example]:
+    """Read one split of a prompt/completion source (see module docstring). `prompts_only`: rows need
+    only a prompt (bench reads prompts; a completion, when there is one, is kept)."""
     records, where = _read_records(str(source), split)
-    examples = [_to_example(r, where, i) for i, r in enumerate(records)]
+    examples = [_to_example(r, where, i, prompts_only=prompts_only) for i, r in enumerate(records)]
     if not examples:
         raise DataError(f"{where} has no rows: give a non-empty --data")
     if limit is not None:
@@ -84,6 +87,8 @@ def _read_records(source: str, split: str) -> tuple[list[dict[str, Any]], str]:
             if (path / name).is_file():
                 return _read_file(path / name), str(path / name)
         raise DataError(f"{path} has no {split}.jsonl or {split}.csv: point --data at a file or a folder with that split")
+    if path.exists() and not path.is_file():  # a FIFO or a device would block, or never end
+        raise DataError(f"data {source!r} is not a regular file or folder: give a .jsonl/.csv file or a folder of splits")
     if not path.is_file():
         raise DataError(f"data {source!r} not found: give a .jsonl/.csv file, a folder of splits, or {DEFAULT_DATA}")
     return _read_file(path), str(path)
@@ -101,21 +106,23 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
 
 
 def _parse_file(path: Path) -> list[dict[str, Any]]:
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is read as one, not as part of the first column's name
     if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             rows = list(reader)
-            missing = [c for c in ("prompt", "completion") if c not in (reader.fieldnames or ())]
-            if rows and missing:
+            columns = [c.strip() for c in reader.fieldnames or ()]
+            missing = [c for c in ("prompt", "completion") if c not in columns]
+            if rows and "prompt" in missing:  # a missing completion is judged per row (bench needs prompts only)
                 raise DataError(
-                    f"{path}: no {' or '.join(missing)} column (columns: {', '.join(reader.fieldnames or [])}): "
-                    "the CSV needs prompt and completion columns"
+                    f"{path}: no {' or '.join(missing)} column (columns: {', '.join(map(repr, columns))}): "
+                    "the CSV needs prompt and completion columns in its first line"
                 )
-            return rows
+            return [{(k or "").strip(): v for k, v in row.items()} for row in rows]
     if path.suffix not in (".jsonl", ".json"):
         raise DataError(f"{path}: unsupported data format {path.suffix!r}; use .jsonl or .csv")
     records = []
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -155,11 +162,12 @@ def _bundled_gsm8k(split: str) -> list[dict[str, Any]]:
     return [{"id": f"gsm8k-{i}", "prompt": r["question"], "completion": r["answer"]} for i, r in enumerate(rows)]
 
 
-def _to_example(record: dict[str, Any], where: str, index: int) -> Example:
-    missing = [k for k in ("prompt", "completion") if record.get(k) in (None, "")]
+def _to_example(record: dict[str, Any], where: str, index: int, *, prompts_only: bool = False) -> Example:
+    missing = [k for k in ("prompt", "completion") if record.get(k) in (None, "") and not (k == "completion" and prompts_only)]
     if missing:
         raise DataError(f"{where}: row {index + 1} has no {' or '.join(missing)}: every row needs a prompt and a completion (label)")
-    prompt, completion = record["prompt"], record["completion"]
+    prompt, completion = record["prompt"], record.get("completion")
+    completion = "" if completion is None else completion  # prompts_only: a prompt-only row
     if not isinstance(prompt, str) or not isinstance(completion, str):
         raise DataError(f"{where}: row {index + 1}: prompt and completion must be strings")
     choices = record.get("choices") or ()

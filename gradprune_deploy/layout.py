@@ -13,6 +13,8 @@ names from here, so a rename is one edit:
         report.json, report.md, report.png                   BENCH_REPORT_JSON, _MD, _PNG
     <onnx export>/
       model.onnx (+ decode graph), gradprune_onnx.json       ONNX_GRAPH, ONNX_METADATA
+    <gguf export>/
+      model-<type>.gguf, Modelfile, gradprune_gguf.json      gguf_file_name(type), MODELFILE, GGUF_METADATA
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ BENCH_REPORT_PNG = "report.png"
 EVAL_GLOB = "eval_*.json"
 ONNX_GRAPH = "model.onnx"
 ONNX_METADATA = "gradprune_onnx.json"
+GGUF_METADATA = "gradprune_gguf.json"
+MODELFILE = "Modelfile"  # Ollama's
 
 _UNSAFE = re.compile(r"[^\w.-]+")
 
@@ -48,3 +52,7 @@ def eval_reports(checkpoint: str | Path) -> list[Path]:
 
 def bench_dir(checkpoint: str | Path) -> Path:
     return Path(checkpoint) / BENCH_DIR
+
+
+def gguf_file_name(quant: str) -> str:
+    return f"model-{quant}.gguf"

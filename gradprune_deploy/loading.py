@@ -28,7 +28,7 @@ from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoT
 from .bundled import DEFAULT_MODEL, MODEL_GGUF, MODEL_NAME, bundled_name, is_bundled
 from .errors import ModelLoadError, first_line
 from .safetensors_header import read_safetensors_header, safetensors_files
-from .utils import atomic_output_dir
+from .utils import atomic_output_dir, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +118,7 @@ def _check_checkpoint_dir(path: Path, *, allow_pickle: bool) -> None:
     config = path / "config.json"
     if not config.is_file():
         raise ModelLoadError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
-    try:
-        json.loads(config.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{config} is not valid JSON ({exc.msg} at line {exc.lineno}): the checkpoint is corrupt") from None
+    check_json_files(path)
     has_safetensors = any(path.glob("*.safetensors"))
     pickled = [p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES and "training_args" not in p.name]
     if not has_safetensors and pickled and not allow_pickle:
@@ -133,6 +130,25 @@ def _check_checkpoint_dir(path: Path, *, allow_pickle: bool) -> None:
         raise ModelLoadError(f"{path} has a config but no weights (*.safetensors): the checkpoint is incomplete")
     if has_safetensors:
         check_weights_cover_model(path)
+
+
+# The JSON files of a checkpoint that transformers and vLLM parse (a broken one is a traceback deep inside them).
+CHECKPOINT_JSON_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
+def check_json_files(path: str | os.PathLike) -> None:
+    """Every JSON file of the checkpoint that is present is UTF-8, valid JSON and an object; else one
+    line naming the file."""
+    for name in CHECKPOINT_JSON_FILES:
+        if (Path(path) / name).is_file():
+            read_json_object(Path(path) / name, ModelLoadError)
 
 
 # ── weights must cover the model ──────────────────────────────────────────────

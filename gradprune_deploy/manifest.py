@@ -11,19 +11,22 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import math
 import platform
 import shlex
 import sys
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .bundled import KNOWN_DATASET_IDS, KNOWN_HUB_IDS  # re-exported: readers import them from here
-from .config_schema import validate_fields
-from .errors import GradPruneError
-from .formatting import fmt as _fmt
+from .config_schema import check_value
+from .errors import ConfigError, GradPruneError
 from .formatting import help_field as _f
 from .layout import MANIFEST
+from .utils import read_json_object
 
 MANIFEST_NAME = MANIFEST  # the name readers import from here; layout.py owns it
 SCHEMA_VERSION = 2
@@ -44,6 +47,7 @@ class DataRecord:
     loss: str = _f("completion tokens only", "which tokens carry the loss")
     validation: str | None = _f(None, "where the held-out validation rows came from (a split, or a seeded slice)")
     validation_rows: int = _f(0, "held-out validation rows (never trained on)")
+    mix: dict[str, Any] | None = _f(None, "--mix-data: source, ratio, completions, pool rows, rows added to the recovery")
 
 
 @dataclass
@@ -77,6 +81,19 @@ class FinetuneRecord:
 
 
 @dataclass
+class GenerationQuality:
+    """Greedy answers of one model to the first held-out prompts: do they loop, do they answer?"""
+
+    rows: int = _f(0, "held-out prompts answered (the first --ledger-generate rows)")
+    max_new_tokens: int = _f(0, "tokens generated at most per answer")
+    mean_tokens: float = _f(0.0, "mean answer length in tokens")
+    repeated_4gram_rate: float | None = _f(None, "within each answer, the fraction of 4-grams repeating an earlier one (pooled; loop → 1)")
+    distinct_2: float | None = _f(None, "unique 2-grams / 2-grams over all answers")
+    exact_match: float | None = _f(None, "answers matching the reference completion (gradprune eval --metric exact's rule)")
+    examples: list[dict[str, str]] = _f([], "the first answers verbatim: prompt, reference, answer")
+
+
+@dataclass
 class QualityPoint:
     """Held-out quality of one model at one stage, on the validation rows."""
 
@@ -88,6 +105,7 @@ class QualityPoint:
     rows: int = _f(0, "validation rows scored")
     tokens: int = _f(0, "completion tokens scored")
     seconds: float = _f(0.0, "evaluation wall time")
+    generation: GenerationQuality | None = _f(None, "greedy answers to the first held-out prompts (None with --ledger-generate 0)")
 
 
 @dataclass
@@ -97,6 +115,8 @@ class QualityLedger:
     validation: str | None = _f(None, "where the rows came from")
     rows: int = _f(0, "validation rows")
     points: list[QualityPoint] = _f([], "one per stage, in pipeline order")
+    general_validation: str | None = _f(None, "--mix-data: where the general held-out rows came from")
+    general_points: list[QualityPoint] = _f([], "--mix-data: the same stages on the general held-out rows")
     verdict: str = _f("", "one line comparing the recovered model with its reference")
     warning: bool = _f(False, "true when the recovered model is far worse than its reference")
 
@@ -141,6 +161,22 @@ class CompensationRecord:
 
 
 @dataclass
+class ArtefactRecord:
+    """A derived artefact of the checkpoint (ONNX, quantised ONNX, GGUF): what it is, how close it stays to
+    the checkpoint it was made from, and its quality on the checkpoint's own held-out ledger rows."""
+
+    stage: str = _f("", "its ledger stage name: <format>-<quantization>, e.g. onnx-int4, gguf-q8_0")
+    format: str = _f("", "onnx or gguf")
+    quantization: str = _f("", "float32, float16, int4, int8, f16, q8_0, ...")
+    files: list[str] = _f([], "the artefact's files, relative to its folder")
+    size_bytes: int = _f(0, "bytes of those files")
+    source: str = _f("", "the checkpoint it was made from, as given")
+    settings: dict[str, Any] = _f({}, "how it was made (quantiser, block size, opset, ...)")
+    validation: dict[str, Any] = _f({}, "against the source model on fixed prompts: greedy-token agreement, max |Δ logits|, thresholds")
+    quality: QualityPoint | None = _f(None, "on the checkpoint's held-out ledger rows (None when the checkpoint has no ledger)")
+
+
+@dataclass
 class Manifest:
     """gradprune.json: everything `gradprune compress` did, with the numbers, in one record."""
 
@@ -171,6 +207,7 @@ class Manifest:
         None, "--compensate: layers corrected, mean-shift norms before/after on the calibration rows (None without it)"
     )
     quality: QualityLedger | None = _f(None, "held-out quality before and after (None with --no-ledger)")
+    artefacts: list[ArtefactRecord] = _f([], "derived artefacts in this folder (an export's copy of the manifest), each with its quality")
     seed: int = _f(0, "random seed")
     world_size: int = _f(1, "processes (DDP)")
     command: str = _f("", "the command line that made it")
@@ -226,7 +263,7 @@ class Manifest:
         path = Path(directory) / MANIFEST_NAME
         if not path.is_file():
             raise GradPruneError(f"{path} not found: this is not a checkpoint written by `gradprune compress`")
-        return cls.from_json(path.read_text(), where=str(path))
+        return cls.from_dict(read_json_object(path, GradPruneError, fix="the manifest is corrupt"), where=str(path))  # UTF-8 JSON object
 
     @classmethod
     def read_optional(cls, directory: str | Path) -> Manifest | None:
@@ -324,6 +361,8 @@ def _hub_id_or_none(model: str) -> str | None:
 
 
 def _build(cls, record: dict[str, Any]):
+    if not isinstance(record, dict):
+        raise ValueError(f"{cls.__name__}: expected an object, got {type(record).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(record) - names)
     if unknown:
@@ -334,11 +373,48 @@ def _build(cls, record: dict[str, Any]):
             if isinstance(values.get(key), dict):
                 values[key] = _build(nested, values[key])
         values["proposals"] = [_build(ProposalRecord, p) for p in values.get("proposals") or []]
+        values["artefacts"] = [_build(ArtefactRecord, a) for a in values.get("artefacts") or []]
+    if cls is ArtefactRecord and isinstance(values.get("quality"), dict):
+        values["quality"] = _build(QualityPoint, values["quality"])
     if cls is QualityLedger:
         values["points"] = [_build(QualityPoint, p) for p in values.get("points") or []]
+        values["general_points"] = [_build(QualityPoint, p) for p in values.get("general_points") or []]
+    if cls is QualityPoint and isinstance(values.get("generation"), dict):
+        values["generation"] = _build(GenerationQuality, values["generation"])
     if cls is ProposalRecord:
         values.update({k: _build(QualityPoint, values[k]) for k in ("raw", "healed") if isinstance(values.get(k), dict)})
-    return cls(**values)
+    return cls(**_typed(cls, values))
+
+
+def _typed(cls, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` checked against `cls`'s annotations (the config schema's check, plus records and dicts):
+    a wrong type in a field is a ValueError naming it, not a crash in a later reader."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    checked = {}
+    for name, value in values.items():
+        where = f"{cls.__name__}.{name}"
+        inner = typing.get_args(hints[name]) if typing.get_origin(hints[name]) in (typing.Union, types.UnionType) else ()
+        tp = next((a for a in inner if a is not type(None)), hints[name])
+        if value is None or not (dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict):
+            probe = _nan_as_zero(value)  # a NaN loss or score is a record of what happened, not a wrong type
+            try:
+                result = check_value(where, hints[name], probe, none_ok=fields[name].default is None)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+            checked[name] = value if probe != value else result
+        elif not isinstance(value, tp if dataclasses.is_dataclass(tp) else dict):
+            wanted = tp.__name__ if dataclasses.is_dataclass(tp) else "an object"
+            raise ValueError(f"{where}: expected {wanted}, got {type(value).__name__}")
+        else:
+            checked[name] = value
+    return checked
+
+
+def _nan_as_zero(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return 0.0
+    return [_nan_as_zero(v) for v in value] if isinstance(value, list) else value
 
 
 def _upgrade_v1(old: dict[str, Any]) -> dict[str, Any]:
@@ -375,84 +451,3 @@ def command_line() -> str:
     if prog in ("gradprune", "cli.py", "__main__.py", "-m"):
         return shlex.join(["gradprune", *sys.argv[1:]])
     return shlex.join([prog, *sys.argv[1:]])
-
-
-def quality_table(ledger: QualityLedger) -> list[str]:
-    """The ledger as aligned text lines (inspect and the compress summary print them)."""
-    has_acc = any(p.accuracy is not None for p in ledger.points)
-    lines = [
-        f"held-out quality on {ledger.rows} validation rows ({ledger.validation}):",
-        f"  {'stage':<16} {'loss':>8} {'ppl':>9}" + (f" {'accuracy':>16}" if has_acc else ""),
-    ]
-    for p in ledger.points:
-        acc = (
-            (f" {100 * p.accuracy:>8.1f} ± {100 * (p.accuracy_se or 0):.1f}" if p.accuracy is not None else f" {'–':>16}")
-            if has_acc
-            else ""
-        )
-        lines.append(f"  {p.stage:<16} {_fmt(p.loss):>8} {_fmt(p.perplexity, '.2f'):>9}{acc}")
-    if ledger.verdict:
-        lines.append(("  WARNING: " if ledger.warning else "  ") + ledger.verdict)
-    return lines
-
-
-def summarize(m: Manifest) -> str:
-    """A human summary of a manifest (what `gradprune inspect` prints)."""
-    ratio = f" ({m.params_after / m.params_before:.1%})" if m.params_before else ""
-    lines = [
-        f"base model      {m.base_model}",
-        f"data            {m.data.source} ({m.data.examples} training rows, {m.data.validation_rows} held out)",
-        f"scorer          {m.scorer}",
-        f"layers          {m.num_layers_before} → {m.num_layers_after}",
-        f"dropped         {m.layers_dropped}",
-        f"parameters      {m.params_before:,} → {m.params_after:,}{ratio}",
-    ]
-    for p in m.proposals:
-        how = "healed" if p.healed else "raw cut"
-        budget = "" if p.within_budget is None else (", within budget" if p.within_budget else ", over budget")
-        loss = p.judged.loss if p.judged else None
-        lines.append(f"proposal        {p.scorer} drops {p.dropped}: {how} validation loss {_fmt(loss)}{budget}")
-    if m.scorer == "igia" and m.scoring.get("probe_steps") is not None:
-        lines.append(
-            f"probe           {m.scoring.get('probe_steps')} informative steps (+{m.scoring.get('zero_gradient_steps')} "
-            f"zero-gradient), {m.scoring.get('seconds', 0):.1f} s"
-        )
-    if m.merge.enabled:
-        into = ", ".join(f"{src}→{dst}" for src, dst in m.merge.targets.items())
-        lines.append(
-            f"merge           {into}: top {m.merge.keep_top_p:.0%} by {m.merge.criterion.upper()}, same sign; "
-            f"{m.merge.merged_entries_total:,} entries added"
-        )
-    if m.compensation:
-        c = m.compensation
-        shifts = ", ".join(f"{c.mean_shift_before[j]:.3g}→{c.mean_shift_after[j]:.3g}" for j in c.layers)
-        lines.append(f"compensation    {c.folded_into} of original layers {c.layers_original}: mean shift {shifts}")
-    ft = m.finetune
-    if ft.mode != "none":
-        lines.append(
-            f"fine-tune       {ft.mode} {ft.objective}, {ft.steps} steps, loss {_fmt(ft.first_logged_loss)} → "
-            f"{_fmt(ft.last_logged_loss)}, {ft.seconds:.1f} s"
-        )
-    if m.quality:
-        lines += quality_table(m.quality)
-    lines.append(f"total time      {m.timings.get('total_seconds', 0):.1f} s")
-    lines.append(f"command         {m.command}")
-    return "\n".join(lines)
-
-
-@dataclass
-class InspectConfig:
-    """Show the gradprune.json of a compressed checkpoint."""
-
-    checkpoint: str = _f(None, "checkpoint directory", positional=True)
-    json: bool = _f(False, "print the whole manifest as JSON")
-
-    def __post_init__(self):
-        validate_fields(self)
-        if not self.checkpoint:
-            raise GradPruneError("give the checkpoint directory: gradprune inspect DIR")
-
-
-def inspect(config: InspectConfig) -> str:
-    manifest = Manifest.read(config.checkpoint)
-    return manifest.to_json().rstrip() if config.json else summarize(manifest)

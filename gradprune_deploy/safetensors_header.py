@@ -1,7 +1,8 @@
 """A safetensors checkpoint's layout, read from the file headers only (no tensor data, no torch).
 
 The one reader of the format's header (8-byte little-endian length + JSON), shared by the
-weight-coverage check in `loading`, the exporters' `inspect_checkpoint` and the bench's cost model.
+weight-coverage check in `loading`, the exporters' `inspect_checkpoint`, the bench's cost model and the
+size check of `verify` (`promised_file_size`).
 """
 
 from __future__ import annotations
@@ -33,17 +34,28 @@ DTYPE_BYTES = {
 LAYER_KEY = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
-def read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
-    """{tensor name: (dtype, shape)} from a .safetensors file's JSON header; raise ModelLoadError if unreadable."""
+def _read_header(path: Path, describe):
+    """describe(header length, header JSON) from a .safetensors file; raise ModelLoadError if unreadable."""
     try:
         with open(path, "rb") as fh:
             length = int.from_bytes(fh.read(8), "little")
             if not 0 < length <= _MAX_HEADER_BYTES:
                 raise ValueError("bad header length")
             header = json.loads(fh.read(length))
-        return {name: (meta["dtype"], list(meta["shape"])) for name, meta in header.items() if name != "__metadata__"}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return describe(length, {name: meta for name, meta in header.items() if name != "__metadata__"})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
         raise ModelLoadError(f"{path} is not a readable safetensors file ({exc}): the checkpoint is corrupt") from None
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """{tensor name: (dtype, shape)} from a .safetensors file's JSON header; raise ModelLoadError if unreadable."""
+    return _read_header(path, lambda _, tensors: {name: (meta["dtype"], list(meta["shape"])) for name, meta in tensors.items()})
+
+
+def promised_file_size(path: Path) -> int:
+    """The bytes a .safetensors file must hold, by its own header: the 8-byte length, the header, and the
+    data up to the end of the last tensor (a file cut short, or with bytes appended, differs)."""
+    return _read_header(path, lambda length, tensors: 8 + length + max((int(m["data_offsets"][1]) for m in tensors.values()), default=0))
 
 
 def safetensors_files(path: Path) -> list[str]:

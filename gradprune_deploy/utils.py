@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm as _tqdm
 
-from .errors import MissingDependencyError, OutputExistsError, raise_if_interrupted
+from .errors import GradPruneError, MissingDependencyError, OutputExistsError, first_line, raise_if_interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -116,31 +117,96 @@ def optional_import(module: str, extra: str) -> types.ModuleType:
     return importlib.import_module(module)
 
 
+def read_json_object(path: str | os.PathLike, error: type[GradPruneError], *, fix: str = "the checkpoint is corrupt") -> dict:
+    """A JSON file that must hold an object (config.json, the tokenizer's files): its dict, or one
+    `error` line naming the file: not UTF-8, not JSON, nested past Python's limits, or not an object."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise error(f"{path} is not UTF-8 text (byte {exc.start}): {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno}): {fix}") from None
+    except RecursionError:
+        raise error(f"{path} is nested too deeply to be read: {fix}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, got a {type(value).__name__}: {fix}")
+    return value
+
+
 def _first_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
 
 
-def check_output_dir(out: str | os.PathLike, *, overwrite: bool, flag: str = "--out") -> Path:
+def resolve_path(path: str | os.PathLike, flag: str) -> Path:
+    """`path` absolute, with `~` and every symlink resolved; a symlink loop is one line naming `flag`."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:  # RuntimeError: "Symlink loop" (Python < 3.13), OSError ELOOP after
+        raise OutputExistsError(
+            f"{flag} {path}: cannot be resolved ({first_line(exc)}): a symlink loop? fix or choose another {flag}"
+        ) from None
+
+
+def check_output_dir(
+    out: str | os.PathLike,
+    *,
+    overwrite: bool,
+    flag: str = "--out",
+    inputs: dict[str, str | os.PathLike | None] | None = None,
+    may_hold_out: tuple[str, ...] = (),
+) -> Path:
     """Refuse, before any work, an output that cannot be written or would be clobbered.
 
-    An existing non-empty output needs `overwrite`; a path under a regular file or under a
-    directory this process cannot write is refused naming `flag`. Returns the absolute Path.
+    An existing non-empty output needs `overwrite`; a path that exists but is not a directory (a
+    file, a FIFO), one under a regular file, one under a directory this process cannot write, or a
+    symlink loop is refused naming `flag`; so is one that is, contains or sits inside one of `inputs`
+    ({flag: path}, see check_apart_from_inputs), with or without `overwrite`. Returns the absolute Path.
     """
     if out is None or str(out) == "":
         raise OutputExistsError(f"{flag} is required")
-    out = Path(out).expanduser().resolve()
-    if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite:
+    out = resolve_path(out, flag)
+    check_apart_from_inputs(out, inputs or {}, flag=flag, may_hold_out=may_hold_out)
+    if out.exists() and not out.is_dir():
+        kind = "a file" if out.is_file() else "not a directory"
+        raise OutputExistsError(f"{flag} {out} is {kind}: choose a directory (a new or an empty one) for {flag}")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"{flag} {out} already exists: choose another {flag} or pass --overwrite")
-    if out.exists() and not out.is_dir() and not out.is_file():
-        raise OutputExistsError(f"{flag} {out} exists and is not a directory: choose another {flag}")
     anchor = _first_existing(out.parent)
     if not anchor.is_dir():
         raise OutputExistsError(f"{flag} {out}: {anchor} is a file, not a directory: choose another {flag}")
     if not os.access(anchor, os.W_OK | os.X_OK):
         raise OutputExistsError(f"{flag} {out}: cannot write in {anchor} (permission denied): choose a writable {flag}")
     return out
+
+
+def check_apart_from_inputs(
+    out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], *, flag: str = "--out", may_hold_out: tuple[str, ...] = ()
+) -> None:
+    """Refuse an output that is, contains, or sits inside one of `inputs` ({flag: path}), whatever
+    --overwrite says: an output is replaced as a whole, so `--out` = `--model` would replace the model,
+    and an `--out` inside `--data` would write into the data. Paths are compared with every symlink
+    resolved. Inputs that are not local paths (bundled:..., Hub ids) are skipped; an input named in
+    `may_hold_out` may hold the output inside it (bench reports go to PRUNED/bench by default)."""
+    target = resolve_path(out, flag)
+    for name, value in inputs.items():
+        if not value or not Path(value).expanduser().exists():
+            continue
+        source = resolve_path(value, name)
+        if target == source:
+            relation = "is"
+        elif source.is_relative_to(target):
+            relation = "contains"
+        elif target.is_relative_to(source) and name not in may_hold_out:
+            relation = "is inside"
+        else:
+            continue
+        raise OutputExistsError(
+            f"{flag} {target} {relation} the input {name} {source}: an output never replaces or writes into an input "
+            f"(--overwrite included): choose an {flag} outside it"
+        )
 
 
 @contextlib.contextmanager

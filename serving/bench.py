@@ -43,7 +43,7 @@ from gradprune_deploy.errors import ConfigError, DataError, OutputExistsError
 from gradprune_deploy.layout import bench_dir
 from gradprune_deploy.loading import resolve_source
 from gradprune_deploy.manifest import command_line, environment_versions
-from gradprune_deploy.utils import check_output_dir
+from gradprune_deploy.utils import check_output_dir, resolve_path
 
 from . import report as report_lib
 from .backends import BACKENDS, BenchBackend
@@ -110,14 +110,16 @@ def load_common_tokenizer(dense_dir: Path, pruned_dir: Path):
     return dense_tok
 
 
-def check_report_out(out_dir: Path, dense_dir: Path, pruned_dir: Path, backends: tuple[str, ...], *, overwrite: bool) -> None:
+def check_report_out(
+    out_dir: Path, dense_dir: Path, pruned_dir: Path, backends: tuple[str, ...], *, overwrite: bool, inputs: dict | None = None
+) -> None:
     """The --overwrite rule, before any work: a report is only added to (a new backend for the same
-    pair), never replaced, unless --overwrite."""
-    check_output_dir(out_dir, overwrite=True)  # writable, not under a file
+    pair), never replaced, unless --overwrite. The report never replaces or sits inside an input
+    (`inputs`, {flag: path}), except PRUNED/bench, its default place inside --pruned."""
+    inputs = {"--dense": dense_dir, "--pruned": pruned_dir, **(inputs or {})}
+    check_output_dir(out_dir, overwrite=True, inputs=inputs, may_hold_out=("--pruned",))  # writable, not a file, not an input
     if overwrite or not out_dir.exists():
         return
-    if not out_dir.is_dir():
-        raise OutputExistsError(f"--out {out_dir} is a file: choose a directory for the report, or pass --overwrite")
     ours = [name for name in report_lib.REPORT_FILES.values() if (out_dir / name).exists()]
     if not ours:
         return
@@ -173,12 +175,21 @@ def build_prompts(token_lists: list[list[int]], *, num_prompts: int, input_len: 
     return prompts
 
 
-def read_prompt_tokens(source: str, tokenizer, *, num_prompts: int, input_len: int) -> list[list[int]]:
-    try:
-        examples = read_examples(source, split="test")
-    except DataError:
-        examples = read_examples(source, split="train")
-    texts = [e.prompt for e in examples[: max(num_prompts * 4, 64)]]
+def read_prompt_texts(source: str, *, num_prompts: int) -> list[str]:
+    """The prompt texts of --prompts (rows need only a prompt): a folder's test split, else its train split."""
+    if Path(source).expanduser().is_file():
+        examples = read_examples(source, prompts_only=True)
+    else:
+        try:
+            examples = read_examples(source, split="test", prompts_only=True)
+        except DataError:
+            examples = read_examples(source, split="train", prompts_only=True)
+    return [e.prompt for e in examples[: max(num_prompts * 4, 64)]]
+
+
+def read_prompt_tokens(source: str | list[str], tokenizer, *, num_prompts: int, input_len: int) -> list[list[int]]:
+    """`num_prompts` prompts of exactly `input_len` tokens from --prompts (or from texts already read)."""
+    texts = read_prompt_texts(source, num_prompts=num_prompts) if isinstance(source, str) else source
     token_lists = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
     return build_prompts(token_lists, num_prompts=num_prompts, input_len=input_len, separator=separator)
@@ -220,8 +231,9 @@ def check_inputs(config: BenchConfig) -> tuple[Path, Path, Path]:
     """Everything that reads only files and flags, before any model loads: (dense dir, pruned dir, report dir)."""
     check_environment(config)
     dense_dir, pruned_dir = resolve_checkpoints(config.dense, config.pruned)
-    out_dir = Path(config.out).expanduser().resolve() if config.out else bench_dir(pruned_dir)
-    check_report_out(out_dir, dense_dir, pruned_dir, config.backends, overwrite=config.overwrite)
+    out_dir = resolve_path(config.out, "--out") if config.out else bench_dir(pruned_dir)  # a symlink loop: one line
+    inputs = {"--prompts": config.prompts, "--onnx-dense": config.onnx_dense, "--onnx-pruned": config.onnx_pruned}
+    check_report_out(out_dir, dense_dir, pruned_dir, config.backends, overwrite=config.overwrite, inputs=inputs)
     check_lengths(config, dense_dir)
     if config.prompts != DEFAULT_PROMPTS and not Path(config.prompts).expanduser().exists():
         raise DataError(f"--prompts {config.prompts} not found: give a .jsonl/.csv file, a folder of splits, or {DEFAULT_PROMPTS}")
@@ -237,7 +249,10 @@ def measure(backend: BenchBackend, checkpoints: dict[str, Path], prompts: list[l
     )
     start, load_before = time.perf_counter(), list(os.getloadavg())
     result = backend.run(checkpoints, prompts, tokenizer, config)
-    result["metrics"] = report_lib.backend_metrics(result.pop("samples"), ideal["ratios"])
+    samples = result.pop("samples")
+    result["metrics"] = report_lib.backend_metrics(samples, ideal["ratios"])
+    if result.get("arm_ideals"):  # more arms than dense and pruned (onnx --onnx-quantize): each against dense
+        result["arms"] = report_lib.arm_metrics(samples, result.pop("arm_ideals"))
     if "tpot_s" in result["metrics"]:
         result["tpot_decomposition"] = report_lib.tpot_decomposition(result["metrics"]["tpot_s"], ideal["dense"], ideal["pruned"])
     result["seconds"] = round(time.perf_counter() - start, 1)
@@ -250,9 +265,10 @@ def measure(backend: BenchBackend, checkpoints: dict[str, Path], prompts: list[l
 def bench(config: BenchConfig) -> dict[str, Any]:
     """`gradprune bench`: run every requested backend on dense and pruned, write the report, return it."""
     dense_dir, pruned_dir, out_dir = check_inputs(config)
-    tokenizer = load_common_tokenizer(dense_dir, pruned_dir)
     wanted = max(backend.prompts_needed(config) for backend in selected_backends(config))
-    prompts = read_prompt_tokens(config.prompts, tokenizer, num_prompts=wanted, input_len=config.input_len)
+    texts = read_prompt_texts(config.prompts, num_prompts=wanted)  # bad prompts fail before any tokenizer or model loads
+    tokenizer = load_common_tokenizer(dense_dir, pruned_dir)
+    prompts = read_prompt_tokens(texts, tokenizer, num_prompts=wanted, input_len=config.input_len)
     ideal = ideal_from_checkpoints(dense_dir, pruned_dir, input_len=config.input_len, output_len=config.output_len)
     machine = describe_machine(config.device)
     report: dict[str, Any] = {

@@ -16,6 +16,13 @@ The cost model, stated so the numbers can be checked by hand:
 - **Weight bytes** (what memory should follow): all stored tensors, embeddings included.
 - **Layers only**: kept layers / original layers, for reference.
 
+ONNX arms (`gradprune bench --backend onnx --onnx-quantize int4`) are compared from their graphs, since a
+quantised graph's bytes are not the checkpoint's: `onnx_graph_costs` reads each exported graph's
+initializers (shapes and element types, not the data) — every weight read once per token except an
+embedding table, of which a Gather reads one row — and `onnx_arm_ideals` sets each arm beside the dense
+float32 graph. Weight-only quantisation leaves the FLOPs as they were (the weights are dequantised into
+float32 matmuls), so a quantised arm's prefill ideal is its float model's.
+
 Dense models only: a mixture-of-experts layer reads only its routed experts, which this model
 over-counts. `checkpoint_tensors` is the only function here that touches the disk (it reads the
 safetensors headers, not the weights); the rest is pure arithmetic on shapes.
@@ -30,8 +37,15 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
+from gradprune_deploy.layout import ONNX_GRAPH
 from gradprune_deploy.safetensors_header import DTYPE_BYTES, read_safetensors_header
 from gradprune_deploy.safetensors_header import LAYER_KEY as _LAYER
+from gradprune_deploy.utils import optional_import
+
+# onnx.TensorProto element types → bytes per element (int4/uint4 pack two per byte)
+_ONNX_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2, 21: 0.5, 22: 0.5}
+# ops whose input 0 (and, quantised, its scales and zero points) is a table read one row per token
+_ROW_GATHERS = {"Gather": (0,), "GatherBlockQuantized": (0, 2, 3)}
 
 
 @dataclass(frozen=True)
@@ -169,6 +183,7 @@ METRIC_IDEAL = {
     "cuda_peak_bytes": ("weight_bytes", "memory"),
     "model_weights_bytes": ("weight_bytes", "memory"),
     "gpu_memory_bytes": ("weight_bytes", "memory"),
+    "file_size_bytes": ("weight_bytes", "memory"),
 }
 
 
@@ -187,3 +202,39 @@ def ideal_from_checkpoints(dense_dir: str | Path, pruned_dir: str | Path, *, inp
         config = json.loads((Path(directory) / "config.json").read_text())
         costs[label] = model_costs(checkpoint_tensors(directory), config, input_len=input_len, output_len=output_len)
     return {"dense": costs["dense"], "pruned": costs["pruned"], "ratios": ideal_ratios(costs["dense"], costs["pruned"])}
+
+
+def onnx_graph_costs(onnx_dir: str | Path) -> dict[str, float]:
+    """Stored weight bytes and weight bytes read per decoded token of an exported graph (headers only)."""
+    onnx = optional_import("onnx", "onnx")
+    graph = onnx.load(str(Path(onnx_dir) / ONNX_GRAPH), load_external_data=False).graph
+    tables = {node.input[i] for node in graph.node for i in _ROW_GATHERS.get(node.op_type, ()) if i < len(node.input)}
+    readers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    weight = decode = 0.0
+    for init in graph.initializer:
+        nbytes = prod(init.dims) * _ONNX_ITEMSIZE.get(init.data_type, 4)
+        weight += nbytes
+        row_only = init.name in tables and readers.get(init.name, set()) <= set(_ROW_GATHERS)
+        decode += nbytes / max(init.dims[0], 1) if row_only and init.dims else nbytes
+    return {"weight_bytes": weight, "decode_bytes_per_token": decode}
+
+
+def onnx_arm_ideals(costs: Mapping[str, Mapping[str, float]], *, prefill_flops_ratio: float) -> dict[str, dict[str, tuple[str, float]]]:
+    """Per arm other than "dense": metric → (ideal name, arm/dense ideal), from the graphs' costs."""
+    dense = costs["dense"]
+    out = {}
+    for label, c in costs.items():
+        if label == "dense":
+            continue
+        weight = c["weight_bytes"] / dense["weight_bytes"]
+        out[label] = {
+            "ttft_s": ("prefill_flops", prefill_flops_ratio),
+            "tpot_s": ("onnx_decode_bytes", c["decode_bytes_per_token"] / dense["decode_bytes_per_token"]),
+            "peak_rss_bytes": ("onnx_weight_bytes", weight),
+            "model_rss_bytes": ("onnx_weight_bytes", weight),
+            "file_size_bytes": ("onnx_weight_bytes", weight),
+        }
+    return out

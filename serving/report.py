@@ -56,7 +56,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "cuda_peak_bytes": ("bytes", "torch.cuda.max_memory_allocated"),
     "model_weights_bytes": ("bytes", "vLLM model weights memory"),
     "gpu_memory_bytes": ("bytes", "GPU memory of the process"),
+    "file_size_bytes": ("bytes", "model file size"),
 }
+# The metrics an extra arm (onnx --onnx-quantize) is compared on, each against the dense model.
+ARM_METRICS = ("ttft_s", "tpot_s", "peak_rss_bytes", "model_rss_bytes", "file_size_bytes")
 
 
 def summarize(values: Sequence[float]) -> dict[str, Any]:
@@ -89,6 +92,33 @@ def backend_metrics(samples: Mapping[str, Mapping[str, Sequence[float]]], ratios
     names = [m for m in METRICS if samples["dense"].get(m) and samples["pruned"].get(m)]
     names += sorted(set(samples["dense"]) & set(samples["pruned"]) - set(names) - {m for m in METRICS})
     return {m: metric_entry(m, samples["dense"][m], samples["pruned"][m], ratios) for m in names}
+
+
+def arm_metrics(
+    samples: Mapping[str, Mapping[str, Sequence[float]]], ideals: Mapping[str, Mapping[str, tuple[str, float]]]
+) -> dict[str, dict[str, Any]]:
+    """Each arm but dense (its label → metric → entry) as a ratio to dense, beside that arm's own ideal
+    (`ideals[label][metric]` = (name, value), from serving/ideal.py `onnx_arm_ideals`)."""
+    out: dict[str, dict[str, Any]] = {}
+    for label, arm_ideal in ideals.items():
+        out[label] = {}
+        for metric in ARM_METRICS:
+            if not samples["dense"].get(metric) or not samples.get(label, {}).get(metric):
+                continue
+            d, a = summarize(samples["dense"][metric]), summarize(samples[label][metric])
+            ratio = a["median"] / d["median"] if d["median"] else None
+            name, ideal = arm_ideal.get(metric, (None, None))
+            delta = ratio - ideal if ratio is not None and ideal is not None else None
+            out[label][metric] = {
+                "unit": METRICS[metric][0],
+                "dense": d,
+                "arm": a,
+                "ratio": ratio,
+                "ideal_name": name,
+                "ideal": ideal,
+                "delta": delta,
+            }
+    return out
 
 
 def tpot_check(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -178,6 +208,7 @@ def _backend_lines(name: str, backend: Mapping[str, Any]) -> list[str]:
         ideal = f"{e['ideal']:.3f} ({e['ideal_name']})" if e["ideal"] is not None else "–"
         delta = fmt(e["delta"], "+.3f")
         lines.append(f"| {label} | {_span(e['dense'], unit)} | {_span(e['pruned'], unit)} | {ratio} | {ideal} | {delta} |")
+    lines += _arm_lines(backend)
     split = backend.get("tpot_decomposition")
     if split:
         lines += [
@@ -191,6 +222,30 @@ def _backend_lines(name: str, backend: Mapping[str, Any]) -> list[str]:
         lines += ["", f"Failed requests: dense {failed.get('dense', 0)}, pruned {failed.get('pruned', 0)}."]
     for note in backend.get("notes", []):
         lines.append(f"- {note}")
+    return lines
+
+
+def _arm_lines(backend: Mapping[str, Any]) -> list[str]:
+    """Every arm side by side (dense, pruned, pruned quantised): value, then ratio to dense · ideal."""
+    arms = backend.get("arms")
+    if not arms:
+        return []
+    labels = list(arms)
+    lines = [
+        "",
+        "Each arm against the dense float32 graph: value, ratio to dense, and the ideal ratio from the graphs' weight bytes "
+        "(bytes read per token for time per output token, stored bytes for memory and file size, prefill FLOPs for the first token).",
+        "",
+        "| metric | dense | " + " | ".join(labels) + " |",
+        "|---|---|" + "---|" * len(labels),
+    ]
+    for metric in ARM_METRICS:
+        entries = [arms[label].get(metric) for label in labels]
+        first = next((e for e in entries if e), None)
+        if first is None:
+            continue
+        cells = [f"{_span(e['arm'], e['unit'])} ({fmt(e['ratio'], '.3f')} · ideal {fmt(e['ideal'], '.3f')})" if e else "–" for e in entries]
+        lines.append(f"| {METRICS[metric][1]} | {_span(first['dense'], first['unit'])} | " + " | ".join(cells) + " |")
     return lines
 
 

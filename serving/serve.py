@@ -16,17 +16,19 @@ from pathlib import Path
 from typing import Literal
 
 from gradprune_deploy.checkpoint import inspect_checkpoint
-from gradprune_deploy.config_schema import validate_fields
+from gradprune_deploy.config_schema import Range, validate_fields
 from gradprune_deploy.data import dir_has_chat_template
-from gradprune_deploy.errors import ConfigError, ServingError
+from gradprune_deploy.errors import ConfigError
 from gradprune_deploy.runtime.vllm_server import (
+    check_bind,
     check_max_model_len,
     check_parallel_sizes,
     check_vllm_compatible,
-    port_in_use,
     start_server,
     startup_failure,
 )
+from gradprune_deploy.utils import check_apart_from_inputs, resolve_path
+from gradprune_deploy.verify import verify_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -36,39 +38,46 @@ class ServeConfig:
     """Check a checkpoint is servable, start vLLM's OpenAI-compatible server, stop it on Ctrl-C/SIGTERM."""
 
     checkpoint: str = field(metadata={"positional": True, "help": "checkpoint directory to serve"})
-    port: int = field(default=8000, metadata={"help": "port to listen on"})
+    port: int = field(default=8000, metadata={"help": "port to listen on", "range": (1, 65535)})
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes it to the network)"})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "vLLM --dtype"})
-    max_model_len: int = field(default=2048, metadata={"help": "longest prompt + completion, in tokens"})
-    kv_cache_gib: int = field(default=2, metadata={"help": "KV cache GiB on CPU builds (VLLM_CPU_KVCACHE_SPACE)"})
+    max_model_len: int = field(default=2048, metadata={"help": "longest prompt + completion, in tokens", "range": (16, None)})
+    kv_cache_gib: int = field(default=2, metadata={"help": "KV cache GiB on CPU builds (VLLM_CPU_KVCACHE_SPACE)", "range": (1, None)})
     tensor_parallel_size: int = field(
-        default=1, metadata={"help": "GPUs the model's layers are split across (vLLM tensor parallel; checked against the visible GPUs)"}
+        default=1,
+        metadata={
+            "help": "GPUs the model's layers are split across (vLLM tensor parallel; checked against the visible GPUs)",
+            "range": (1, None),
+        },
     )
     pipeline_parallel_size: int = field(
-        default=1, metadata={"help": "pipeline stages, one GPU group each (vLLM pipeline parallel; GPUs used = tensor x pipeline size)"}
+        default=1,
+        metadata={
+            "help": "pipeline stages, one GPU group each (vLLM pipeline parallel; GPUs used = tensor x pipeline size)",
+            "range": (1, None),
+        },
     )
     served_model_name: str | None = field(default=None, metadata={"help": "model name in API requests (default: directory name)"})
-    startup_timeout_s: float = field(default=600.0, metadata={"help": "give up if /health has not answered by then"})
+    startup_timeout_s: float = field(
+        default=600.0, metadata={"help": "give up if /health has not answered by then", "range": Range(0, None, low_inclusive=False)}
+    )
     log_file: str | None = field(default=None, metadata={"help": "server log (default: a file in the temp directory)"})
 
     def __post_init__(self):
-        validate_fields(self)
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"--port must be in 1..65535, got {self.port}")
-        if self.max_model_len < 16:
-            raise ConfigError(f"--max-model-len must be at least 16, got {self.max_model_len}")
-        if self.kv_cache_gib < 1:
-            raise ConfigError(f"--kv-cache-gib must be a whole number of GiB, at least 1, got {self.kv_cache_gib}")
-        for flag, size in (
-            ("--tensor-parallel-size", self.tensor_parallel_size),
-            ("--pipeline-parallel-size", self.pipeline_parallel_size),
-        ):
-            if size < 1:
-                raise ConfigError(f"{flag} must be an integer ≥ 1, got {size!r}")
-        if not self.startup_timeout_s > 0:
-            raise ConfigError(f"--startup-timeout-s must be positive, got {self.startup_timeout_s}")
+        validate_fields(self)  # types and ranges (metadata["range"]), as for the CLI and a YAML recipe
         if not self.host.strip():
             raise ConfigError("--host is empty: give an address to bind, e.g. 127.0.0.1")
+
+
+def check_log_file(log_file: str, checkpoint: str) -> None:
+    """--log-file is appended to: never a file of the checkpoint (the weights would grow a log), never a
+    directory, and in a writable directory."""
+    log = resolve_path(log_file, "--log-file")
+    check_apart_from_inputs(log, {"checkpoint": checkpoint}, flag="--log-file")
+    if log.exists() and not log.is_file():
+        raise ConfigError(f"--log-file {log} exists and is not a regular file: choose a file path")
+    if not log.parent.is_dir() or not os.access(log.parent, os.W_OK):
+        raise ConfigError(f"--log-file {log_file}: {log.parent} is not a writable directory")
 
 
 def usage_examples(base_url: str, model: str, *, chat: bool) -> str:
@@ -96,12 +105,10 @@ def serve(config: ServeConfig) -> str:
     check_parallel_sizes(config.tensor_parallel_size, config.pipeline_parallel_size)
     inspect_checkpoint(config.checkpoint)
     check_max_model_len(config.checkpoint, config.max_model_len)
-    if port_in_use(config.host, config.port):
-        raise ServingError(f"port {config.port} on {config.host} is in use: pass another --port (or stop what listens there)")
+    check_bind(config.host, config.port)  # an unknown --host and a port in use are told apart
     if config.log_file:
-        log_dir = Path(config.log_file).expanduser().resolve().parent
-        if not log_dir.is_dir() or not os.access(log_dir, os.W_OK):
-            raise ConfigError(f"--log-file {config.log_file}: {log_dir} is not a writable directory")
+        check_log_file(config.log_file, config.checkpoint)
+    verify_checkpoint(config.checkpoint)  # every file whole, every tensor finite, the tokenizer loadable
     report = check_vllm_compatible(config.checkpoint)
     logger.info("%s: %s, %s layers, %s", report["checkpoint"], report["architecture"], report["num_hidden_layers"], report["dtype"])
 

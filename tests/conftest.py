@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 # Before anything imports huggingface_hub, which reads HF_HUB_OFFLINE once, at import.
@@ -100,3 +101,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def isolated_tmp(tmp_path, monkeypatch) -> Path:
+    """A private temp dir, so 'nothing left in the temp dir' is checked on one bad-input case alone."""
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,93 @@ def test_words_of_text_options_reach_the_config_as_words(tmp_path):
         assert config.merge_layers == expected
     config = build_config(cls, parser.parse_args(["--out", str(tmp_path / "o"), "--max-steps", "none"]))
     assert config.max_steps is None  # a number option's "none" still means unset
+
+
+# -- command groups: --help works on anything a user can type ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["export"], ["export", "--help"], ["export", "-h"], ["export", "bogus", "--help"], ["help", "export"], ["help", "bogus"], ["--help"]],
+)
+def test_help_works_on_command_groups_and_anything_typed(argv, capsys):
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("usage: gradprune") and not captured.err
+    if "export" in argv:
+        assert all(f"  {target}" in captured.out for target in ("hub", "onnx", "vllm"))
+
+
+def test_an_unknown_group_target_is_one_line_naming_the_targets(capsys):
+    assert main(["export", "bogus"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: unknown export target 'bogus': choose one of "
+        + ", ".join(name.split()[1] for name in COMMANDS if name.startswith("export "))
+        + " (see `gradprune export --help`)"
+    ]
+    assert main(["help", "export", "onnx"]) == 0
+    assert capsys.readouterr().out.startswith("usage: gradprune export onnx")
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("gradprune ")
+
+
+# -- ranges: declared once (metadata["range"]), checked the same from the CLI, YAML and Python ---
+
+
+def test_ranges_are_shared_by_cli_yaml_and_python(tmp_path, capsys):
+    assert main(["serve", "ckpt", "--port", "0"]) == 2
+    assert capsys.readouterr().err == "error: --port must be an integer from 1 to 65535, got 0\n"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("port: 70000\n")
+    assert main(["serve", "ckpt", "--config", str(recipe)]) == 2
+    assert capsys.readouterr().err == "error: --port must be an integer from 1 to 65535, got 70000\n"
+    with pytest.raises(ConfigError, match=r"^--port must be an integer from 1 to 65535, got -1$"):
+        ServeConfig(checkpoint="ckpt", port=-1)
+    with pytest.raises(ConfigError, match=r"^--tolerance must be a number > 0, got inf$"):
+        BenchConfig(dense="d", pruned="p", tolerance=float("inf"))
+    with pytest.raises(ConfigError, match=r"^--seed must be an integer from 0 to 4294967295"):
+        CompressConfig(out="x", seed=2**32)
+    assert main(["serve", "--help"]) == 0
+    assert "an integer from 1 to" in capsys.readouterr().out  # --help shows the range
+
+
+# -- recipes: duplicate keys, alias bombs, huge values -----------------------------------------
+
+
+def test_recipe_duplicate_keys_are_refused_naming_the_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lora_r: 4\nseed: 1\nlora_r: 8\n")
+    with pytest.raises(ConfigError, match="duplicate key 'lora_r' on line 3"):
+        read_yaml_recipe(recipe)
+    recipe.write_text("auto_candidates: [igia, ppl]\nx: {a: 1, a: 2}\n")  # nested mappings too
+    with pytest.raises(ConfigError, match="duplicate key 'a'"):
+        read_yaml_recipe(recipe)
+    recipe.write_text("base: &b {lora_r: 4, seed: 1}\nrun:\n  <<: *b\n  seed: 2\n")  # a merge key's override is no duplicate
+    assert read_yaml_recipe(recipe)["run"] == {"lora_r": 4, "seed": 2}
+
+
+def test_an_alias_bomb_is_refused_before_it_is_built(tmp_path):
+    levels = "abcdefghijkl"  # 12 levels of 9 aliases: 9**12 (282 billion) values once expanded
+    text = "".join(
+        f"{name}: &{name} [{', '.join([f'*{prev}'] * 9) if prev else ', '.join(['lol'] * 9)}]\n"
+        for prev, name in zip([None, *levels], levels)
+    )
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text(text)
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match="alias bomb"):
+        read_yaml_recipe(recipe)
+    assert time.perf_counter() - started < 1.0
+    recipe.write_text("[" * 3000 + "]" * 3000 + "\n")  # nesting past Python's recursion limit: one line too
+    with pytest.raises(ConfigError, match="nested too deeply|not valid YAML"):
+        read_yaml_recipe(recipe)
+
+
+def test_an_error_about_a_huge_value_is_short(tmp_path, capsys):
+    recipe = tmp_path / "big.yaml"
+    recipe.write_text("lora_r: [" + ", ".join(["7"] * 9000) + "]\n" + "seed: '" + "x" * 100_000 + "'\n")
+    started = time.perf_counter()
+    assert main(["compress", "--out", str(tmp_path / "out"), "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert time.perf_counter() - started < 5.0
+    assert err.startswith("error: --lora-r: expected an integer, got list [") and "(9000 items)" in err and len(err) < 400

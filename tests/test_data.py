@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 from datasets import Dataset, DatasetDict
@@ -96,3 +97,31 @@ def test_data_name_is_the_short_name_eval_files_use():
     assert data_name(SHARED_DATA / "sst2") == "sst2"
     assert data_name(SHARED_DATA / "sst2" / "test.jsonl") == "sst2"  # a file named for a split: its folder
     assert data_name("my data/headlines.csv") == "headlines"
+
+
+def test_a_byte_order_mark_is_read_as_one(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM: it must not become part of the first column's name."""
+    expected = [(r["prompt"], r["completion"], tuple(r["choices"])) for r in ROWS]
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfprompt,completion,choices\r\nIs water wet?,yes,yes|no\r\nIs fire cold?,no,yes|no\r\n")
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in ROWS).encode())
+    for name in ("bom.csv", "bom.jsonl"):
+        assert [(e.prompt, e.completion, e.choices) for e in read_examples(tmp_path / name)] == expected, name
+
+
+def test_prompt_only_rows_are_read_where_only_prompts_are_needed(tmp_path):
+    """bench --prompts takes rows with a prompt alone (its help says so); training data still needs completions."""
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "Tell me a story."}\n{"prompt": "Why?", "completion": "Because."}\n')
+    (tmp_path / "prompts.csv").write_text("prompt\nTell me a story.\nWhy?\n")
+    for name in ("prompts.jsonl", "prompts.csv"):
+        rows = read_examples(tmp_path / name, prompts_only=True)
+        assert [e.prompt for e in rows] == ["Tell me a story.", "Why?"], name
+        with pytest.raises(DataError, match="row 1 has no completion"):
+            read_examples(tmp_path / name)
+
+
+def test_a_fifo_or_device_is_refused_without_reading_it(tmp_path):
+    fifo = tmp_path / "train.jsonl"
+    os.mkfifo(fifo)  # no writer: opening it for reading would block forever
+    for source in (fifo, "/dev/zero"):
+        with pytest.raises(DataError, match="not a regular file"):
+            read_examples(source)

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from gradprune_deploy.checkpoint import inspect_checkpoint
 from gradprune_deploy.errors import ModelLoadError
 from gradprune_deploy.loading import check_weights_cover_model, load_model_and_tokenizer, resolve_source
 from tests.conftest import ARCHITECTURES, tiny_model
@@ -97,3 +98,25 @@ def test_every_architecture_and_smollm2_are_complete(tmp_path, smollm2_dir):
         tiny_model(arch, num_hidden_layers=2, vocab_size=256).save_pretrained(tmp_path / arch)
         check_weights_cover_model(tmp_path / arch)
     check_weights_cover_model(smollm2_dir)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("config.json", b'{"model_type": "llama\xff"}', "config.json is not UTF-8 text"),
+        ("config.json", b"[1, 2, 3]", "config.json: expected a JSON object, got a list"),
+        ("config.json", b"[" * 100_000, "config.json is nested too deeply|config.json is not valid JSON"),
+        ("tokenizer.json", b'{"version": "1.0", "trunc', "tokenizer.json is not valid JSON"),
+        ("tokenizer_config.json", b'"a string"', "tokenizer_config.json: expected a JSON object, got a str"),
+        ("generation_config.json", b"\xff\xfe", "generation_config.json is not UTF-8 text"),
+    ],
+)
+def test_malformed_json_files_are_one_line_naming_the_file(tmp_path, tiny_llama_dir, name, content, message):
+    """Every JSON file transformers or vLLM would parse is checked first: a broken one is a ModelLoadError
+    naming it, before anything loads (once a UnicodeDecodeError or AttributeError traceback)."""
+    ckpt = shutil.copytree(tiny_llama_dir, tmp_path / "ckpt")
+    (ckpt / name).write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message):
+        resolve_source(ckpt)
+    with pytest.raises(ModelLoadError, match=message):
+        inspect_checkpoint(ckpt)  # the exporters' and serve's reader

@@ -10,6 +10,7 @@ config per concern, each with help on every field and its own `validate()` (peft
     ScorerConfig                                     scorers/config.py
     CompensationConfig                               gradmap/config.py (GradMAP stage 2)
     PrunedLoRAConfig                                 prunedlora/config.py
+    RecipeConfig (--recipe paper)                    recipes.py
 
 It inherits them all, so the fields stay flat (`CompressConfig(data=..., drop_layers=...)`, one
 `--flag` each); dataclasses order the fields from the last base to the first, which keeps the
@@ -36,6 +37,7 @@ from .config_parts import (
 from .gradmap.config import DEFAULT_COMPENSATE_RIDGE, CompensationConfig
 from .igia.config import DEFAULT_MERGE_LAYERS, MergeConfig, ProbeConfig
 from .prunedlora.config import PrunedLoRAConfig
+from .recipes import RecipeConfig, apply_recipe, remember_given_options
 from .scorers.config import ScorerConfig
 from .scorers.names import AUTO, AUTO_CANDIDATES, SCORER_NAMES
 
@@ -49,8 +51,10 @@ __all__ = [
 ]
 
 
+@remember_given_options  # which options the caller gave: a --recipe fills only the others
 @dataclass
 class CompressConfig(
+    RecipeConfig,
     RunConfig,
     PrunedLoRAConfig,
     FinetuneConfig,
@@ -68,12 +72,14 @@ class CompressConfig(
     checkpoint + gradprune.json with the held-out quality before and after."""
 
     def __post_init__(self):
+        apply_recipe(self)  # --recipe: its values for the options not given, then validated like any others
         validate_fields(self)  # types, choices and booleans, as for the CLI and a YAML recipe
         SourceConfig.validate(self)
         CutConfig.validate(self)
         MergeConfig.validate_top_p(self)
         ProbeConfig.validate(self)
         CutConfig.validate_scorer(self)
+        ProbeConfig.validate_scorers(self, self.scorers_to_try)
         MergeConfig.validate(self, scorer=self.scorer)
         FinetuneConfig.validate(self)
         ScorerConfig.validate(self)

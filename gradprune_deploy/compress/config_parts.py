@@ -11,12 +11,16 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from ..config_schema import Range
 from ..errors import ConfigError
 from ..formatting import help_field
 from .scorers.names import AUTO, AUTO_CANDIDATES, SCORER_NAMES
 from .validation import int_or_word, require_at_least_one
 
 DEFAULT_DROP_RATIO = 0.4
+# The fine-tune's ranges, checked by validate_fields (CLI, YAML and Python alike); each is finite.
+_POSITIVE = Range(0, None, low_inclusive=False)
+_FRACTION = Range(0, 1, high_inclusive=False)  # a dropout probability; a warm-up ratio (>= 1 is a step count to transformers)
 _SHARD_SIZE = re.compile(r"^(\d+)(GIB|MIB|KIB|GB|MB|KB)$", re.IGNORECASE)  # what save_pretrained's max_shard_size parses
 
 
@@ -50,9 +54,15 @@ class LedgerConfig:
     validation_fraction: float = help_field(0.1, "fraction of the training rows held out when the data has no validation split")
     validation_rows: int = help_field(128, "at most this many validation rows")
     dense_reference: str | None = help_field(None, "a dense fine-tuned checkpoint to compare against in the ledger")
+    ledger_generate: int = help_field(
+        16, "greedy-answer the first N validation prompts at every stage: repeated 4-gram rate, distinct-2, exact match (0: off)"
+    )
+    ledger_new_tokens: int = help_field(48, "tokens generated at most per --ledger-generate answer")
 
     def validate(self) -> None:
-        require_at_least_one(self, ("validation_rows",))
+        require_at_least_one(self, ("validation_rows", "ledger_new_tokens"))
+        if self.ledger_generate < 0:
+            raise ConfigError(f"--ledger-generate must be 0 (off) or more, got {self.ledger_generate}")
         if not 0 < self.validation_fraction < 1:
             raise ConfigError(f"--validation-fraction must be between 0 and 1 (exclusive), got {self.validation_fraction}")
 
@@ -83,8 +93,8 @@ class CutConfig:
         "--scorer auto / --drop-layers auto: short LoRA heal of each candidate cut before judging it "
         "(0: judge the raw cut, which mispredicts post-recovery quality)",
     )
-    protect_first: int = help_field(0, "never drop the first K layers")
-    protect_last: int = help_field(0, "never drop the last K layers")
+    protect_first: int = help_field(0, "never drop the first K layers", range=(0, None))
+    protect_last: int = help_field(0, "never drop the last K layers", range=(0, None))
 
     @property
     def auto_drop(self) -> bool:
@@ -151,8 +161,8 @@ class RecoveryConfig:
     )
     distill: bool = help_field(False, "recover by logit distillation from the dense model (KL at --distill-temperature mixed with CE)")
     teacher: str | None = help_field(None, "distillation teacher checkpoint (default: the dense model before pruning)")
-    distill_alpha: float = help_field(0.5, "weight of the KL term (1 - alpha on cross-entropy)")
-    distill_temperature: float = help_field(1.0, "softmax temperature of the KL term")
+    distill_alpha: float = help_field(0.5, "weight of the KL term (1 - alpha on cross-entropy)", range=(0, 1))
+    distill_temperature: float = help_field(1.0, "softmax temperature of the KL term", range=_POSITIVE)
     distill_top_k: int | None = help_field(None, "KL over the teacher's top-k tokens only (less memory)")
     teacher_dtype: Literal["same", "bfloat16", "float16"] = help_field(
         "same",
@@ -164,12 +174,18 @@ class RecoveryConfig:
         "where the distillation teacher runs (same: beside the student); cpu moves its weights off the GPU, at the "
         "price of a device transfer per batch (inputs to the CPU, logits back) and a CPU forward pass",
     )
+    mix_data: str | None = help_field(
+        None,
+        "general prompt/completion rows mixed into the recovery (any --data source, e.g. bundled:gsm8k); a tenth of them "
+        "(at most --validation-rows) are held out and scored in the ledger as the general validation set",
+    )
+    mix_ratio: float = help_field(0.25, "fraction of the recovery rows that come from --mix-data")
+    mix_completions: Literal["data", "dense"] = help_field(
+        "data", "train on --mix-data's own completions, or on the dense model's greedy answers to its prompts (self-data distillation)"
+    )
+    mix_new_tokens: int = help_field(128, "--mix-completions dense: tokens generated at most per answer")
 
     def validate(self) -> None:
-        if not 0 <= self.distill_alpha <= 1:
-            raise ConfigError(f"--distill-alpha must be in [0, 1], got {self.distill_alpha}")
-        if self.distill_temperature <= 0:
-            raise ConfigError(f"--distill-temperature must be positive, got {self.distill_temperature}")
         if self.distill_top_k is not None and self.distill_top_k < 1:
             raise ConfigError(f"--distill-top-k must be at least 1, got {self.distill_top_k}")
         if (self.teacher or self.distill_top_k) and not self.distill:
@@ -178,38 +194,49 @@ class RecoveryConfig:
             raise ConfigError("--teacher-dtype and --teacher-device configure the distillation teacher: add --distill")
         if self.distill and self.finetune == "none":
             raise ConfigError("--distill needs a recovery fine-tune: use --finetune lora, full or prunedlora")
+        self.validate_mix()
+
+    def validate_mix(self) -> None:
+        if not 0 < self.mix_ratio < 1:
+            raise ConfigError(f"--mix-ratio must be between 0 and 1 (exclusive), got {self.mix_ratio}")
+        if self.mix_new_tokens < 1:
+            raise ConfigError(f"--mix-new-tokens must be at least 1, got {self.mix_new_tokens}")
+        if self.mix_data is None:
+            return
+        if self.finetune == "none":
+            raise ConfigError("--mix-data mixes rows into the recovery fine-tune: use --finetune lora, full or prunedlora")
+        if not self.mix_data.strip():
+            raise ConfigError("--mix-data is empty: give a prompt/completion source, e.g. bundled:gsm8k")
 
 
 @dataclass
 class FinetuneConfig:
     """The fine-tune's length, batch, learning rate and LoRA (the probe and the recovery share them)."""
 
-    epochs: float = help_field(1.0, "fine-tune epochs (also sets the probe length through --probe-fraction)")
+    epochs: float = help_field(1.0, "fine-tune epochs (also sets the probe length through --probe-fraction)", range=_POSITIVE)
     max_steps: int | None = help_field(None, "fine-tune optimizer steps (overrides --epochs)")
     batch_size: int = help_field(8, "per-device batch size")
     grad_accum: int = help_field(1, "gradient accumulation steps")
-    learning_rate: float | None = help_field(None, "learning rate (default 2e-4 for LoRA, 2e-5 for full)")
+    learning_rate: float | None = help_field(None, "learning rate (default 2e-4 for LoRA, 2e-5 for full)", range=_POSITIVE)
     lora_r: int = help_field(8, "LoRA rank (probe and LoRA fine-tune)")
-    lora_alpha: int = help_field(16, "LoRA alpha")
-    lora_dropout: float = help_field(0.05, "LoRA dropout")
+    lora_alpha: int = help_field(16, "LoRA alpha (the update is scaled by alpha / r; 0 would train nothing)", range=(1, None))
+    lora_dropout: float = help_field(0.05, "LoRA dropout probability", range=_FRACTION)
 
     def validate(self) -> None:
         require_at_least_one(self, ("batch_size", "grad_accum", "lora_r"))
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("--max-steps must be at least 1")
-        if self.epochs <= 0:
-            raise ConfigError(f"--epochs must be positive, got {self.epochs}")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
 
 
 @dataclass
 class RunConfig:
     """The rest of the run: warm-up, memory, seed, and how the model is loaded and written."""
 
-    warmup_ratio: float = help_field(0.03, "warm-up fraction of the fine-tune")
+    warmup_ratio: float = help_field(
+        0.03, "warm-up fraction of the fine-tune (below 1: transformers reads 1 or more as a number of steps)", range=_FRACTION
+    )
     gradient_checkpointing: bool = help_field(False, "recompute activations in backward: far less memory, ~30 percent more time")
-    seed: int = help_field(0, "random seed (LoRA init, data order, validation slice, random scorer)")
+    seed: int = help_field(0, "random seed (LoRA init, data order, validation slice, random scorer)", range=(0, 2**32 - 1))
     # loading / output
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = help_field(
         "float32", "dtype to load, train and save in (auto: the checkpoint's torch_dtype in config.json; float32 for GGUF)"

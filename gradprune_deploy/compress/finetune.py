@@ -28,7 +28,8 @@ from ..utils import progress_disabled
 from .config import CompressConfig
 from .distill import DistillTrainer
 from .distributed import copy_trained, fsdp_requested, training_twin
-from .igia.probe import IGIAProbe, ProbeRecord, lora_pairs
+from .divergence import StopOnNonFiniteLoss
+from .igia.probe import IGIAProbe, ProbeOptions, ProbeRecord, lora_pairs
 from .prunedlora.callback import PrunedLoRACallback, lora_modules
 from .prunedlora.pruning import PRUNE_INTERVAL, PRUNE_PER_EVENT, paper_pace_gap
 from .surgery import find_layer_stack
@@ -102,6 +103,7 @@ def _training_args(
         max_grad_norm=max_grad_norm,
         lr_scheduler_type="linear",
         logging_steps=max(1, max_steps // 10),
+        logging_nan_inf_filter=False,  # log a NaN/inf loss as it is, so a diverged run stops (divergence.py)
         save_strategy="no",
         report_to="none",
         seed=s.seed,
@@ -148,13 +150,15 @@ class _BarOnly(ProgressCallback):
         pass
 
 
-def _trainer(model, features, tokenizer, args, callbacks=(), *, teacher=None, distill=None):
+def _trainer(model, features, tokenizer, args, callbacks=(), *, stage: str = "fine-tune", final_forward=True, teacher=None, distill=None):
+    """The Trainer of every fine-tune; a non-finite loss stops it, naming `stage` (divergence.py). `final_forward`:
+    also check the loss after the last step (off for the probe, whose adapters are discarded)."""
     kwargs = dict(
         model=model,
         args=args,
         train_dataset=features,
         data_collator=CompletionCollator(tokenizer.pad_token_id),
-        callbacks=[*callbacks, _StopOnSignal()],
+        callbacks=[*callbacks, _StopOnSignal(), StopOnNonFiniteLoss(stage, final_forward=final_forward)],
     )
     if teacher is not None:
         trainer = DistillTrainer(**kwargs, teacher=teacher, distill=distill)
@@ -169,29 +173,34 @@ def _trainer(model, features, tokenizer, args, callbacks=(), *, teacher=None, di
 
 
 def run_probe(
-    model, features, tokenizer, s: TrainSettings, *, probe_steps: int, keep_factors: bool = True, snapshot_steps: tuple[int, ...] = ()
+    model, features, tokenizer, s: TrainSettings, *, probe_steps: int, keep_factors=True, snapshot_steps=(), options=None
 ) -> tuple[ProbeRecord, dict]:
-    """LoRA fine-tune the dense model until `probe_steps` informative steps are recorded.
+    """LoRA fine-tune the dense model until `probe_steps` informative steps are recorded (with
+    `options.until_stable`: until the layer ranking converges, `probe_steps` being the cap).
 
     The probe's adapters are discarded afterwards: the model comes back with its weights
-    untouched. Gradient clipping is off during the probe so the gradients read are ∇L.
+    untouched. Gradient clipping is off during the probe so the gradients read are ∇L, unless
+    `options.clip_grad_norm` asks for the official code's clipped gradients (igia/probe.py).
     `snapshot_steps`: also keep the layer scores after these many informative steps (record.snapshots).
+    `options` (igia.probe.ProbeOptions): the IGIA reduction, the clipping, the adaptive stop; default the paper's.
     Dropout in LoRA is kept as configured (it is part of the fine-tune being probed).
     """
     num_layers = len(find_layer_stack(model)[1])
+    options = options or ProbeOptions()
     model.config.use_cache = False
     sharded = fsdp_requested()  # the Trainer shards what it trains: give it a twin, keep `model` plain
     peft_model = attach_lora(training_twin(model) if sharded else model, s)
-    probe = IGIAProbe(lora_pairs(peft_model), num_layers, probe_steps, keep_factors=keep_factors, snapshot_steps=snapshot_steps)
+    probe = IGIAProbe(
+        lora_pairs(peft_model), num_layers, probe_steps, keep_factors=keep_factors, snapshot_steps=snapshot_steps, options=options
+    )
     # The probe is the start of the planned fine-tune (same LR schedule, warm-up included); the
     # callback stops it after `probe_steps` informative steps. Zero-gradient steps are expected
     # at the start (B = 0; linear warm-up also makes the first learning rate 0): leave room.
     max_steps = max(planned_steps(len(features), s), probe_steps + 4)
+    lr = s.learning_rate or DEFAULT_LEARNING_RATE["lora"]
     with tempfile.TemporaryDirectory(prefix="gradprune-probe-") as tmp:
-        args = _training_args(
-            tmp, s, max_steps=max_steps, max_grad_norm=0.0, learning_rate=s.learning_rate or DEFAULT_LEARNING_RATE["lora"]
-        )
-        trainer = _trainer(peft_model, features, tokenizer, args, callbacks=[probe])
+        args = _training_args(tmp, s, max_steps=max_steps, max_grad_norm=options.clip_grad_norm or 0.0, learning_rate=lr)
+        trainer = _trainer(peft_model, features, tokenizer, args, callbacks=[probe], stage="LoRA probe", final_forward=False)
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
@@ -211,7 +220,7 @@ def run_probe(
         "seconds_per_step": seconds / max(1, optimizer_steps),
         "igia_callback_seconds": probe.record.callback_seconds,
         "stored_factor_numbers": probe.record.factor_numbers(),
-        "gradient_clipping": "off during the probe",
+        **probe.stats(),  # the IGIA reduction, the clipping and, with --probe-steps auto, how it stopped
     }
     return probe.record, stats
 
@@ -241,12 +250,13 @@ def recovery_finetune(
         raise ValueError(mode)
     lr = s.learning_rate or DEFAULT_LEARNING_RATE[mode]
     model.config.use_cache = False
+    stage = f"{mode} heal of a candidate cut (--heal-steps)" if steps else f"{mode} recovery fine-tune"
     steps = steps or planned_steps(len(features), s)
     sharded = fsdp_requested()  # the Trainer shards what it trains: give it a twin, keep `model` plain
     train_model, callbacks = _trainable(model, s, mode=mode, steps=steps, twin=sharded)
     with tempfile.TemporaryDirectory(prefix="gradprune-finetune-") as tmp:
         args = _training_args(tmp, s, max_steps=steps, max_grad_norm=s.max_grad_norm, learning_rate=lr, disable_tqdm=quiet or None)
-        trainer = _trainer(train_model, features, tokenizer, args, callbacks, teacher=teacher, distill=distill)
+        trainer = _trainer(train_model, features, tokenizer, args, callbacks, stage=stage, teacher=teacher, distill=distill)
         start = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - start

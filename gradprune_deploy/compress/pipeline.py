@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,18 +23,22 @@ from accelerate import PartialState
 from transformers import set_seed
 
 from ..data import has_chat_template, read_examples, tokenize_examples
+from ..errors import DataError
 from ..layout import LAYER_PLOT
 from ..loading import load_model_and_tokenizer, resolve_dtype, resolve_source
-from ..manifest import DataRecord, FinetuneRecord, Manifest, summarize
+from ..manifest import DataRecord, FinetuneRecord, Manifest
+from ..manifest_text import summarize
 from ..utils import atomic_output_dir, check_output_dir, peak_rss_mb, reset_peak_rss
 from .config import CompressConfig
 from .cut import Cut, check_budget, choose_cut, cut_budget, merge_cut
 from .distill import DistillSettings, frozen_copy
 from .distributed import check_launch
+from .divergence import check_input_finite, check_output_finite
 from .finetune import recovery_finetune, train_settings
 from .gradmap.compensate import biased_mlp_linears, capture_dense, compensate_cut
 from .gradmap.compensation import target_positions
-from .ledger import HeldOut, build_ledger, hold_out, measure
+from .ledger import HeldOut, build_ledger, hold_out, measure, verdict
+from .mix import Mix, dense_completions, mix_rows, pick, read_mix, shuffled_together
 from .plots import plot_layer_scores
 from .scoring import batches_of
 from .selection import rank_for_removal
@@ -124,15 +129,80 @@ def _teacher(config: CompressConfig, model):
     return frozen_copy(model, dtype=getattr(torch, dtype) if dtype else None, device=device)
 
 
-def _dense_points(model, tokenizer, held: HeldOut, config: CompressConfig) -> list:
-    """The ledger's first points: the dense model, and --dense-reference when given."""
-    if not config.ledger:
-        return []
-    points = [measure(model, tokenizer, held.validation, stage="dense", batch_size=config.batch_size)]
-    if config.dense_reference:
-        reference, _ = _load(config, config.dense_reference)
-        points.append(measure(reference, tokenizer, held.validation, stage="dense-reference", batch_size=config.batch_size))
-    return points
+@dataclass
+class _LedgerRun:
+    """The ledger's measurements: each stage on the task's held-out rows and, with --mix-data, on the
+    general held-out rows, with --ledger-generate greedy answers on both."""
+
+    config: CompressConfig
+    tokenizer: object
+    held: HeldOut
+    mix: Mix | None
+    points: list = field(default_factory=list)
+    general: list = field(default_factory=list)
+
+    def _measure(self, model, rows, stage: str):
+        c = self.config
+        return measure(
+            model,
+            self.tokenizer,
+            rows,
+            stage=stage,
+            batch_size=c.batch_size,
+            generate_rows=c.ledger_generate,
+            max_new_tokens=c.ledger_new_tokens,
+        )
+
+    def stage(self, model, stage: str) -> None:
+        if not self.config.ledger:
+            return
+        self.points.append(self._measure(model, self.held.validation, stage))
+        if self.mix:
+            self.general.append(self._measure(model, self.mix.validation, stage))
+
+    def dense(self, model) -> None:
+        """The first points: the dense model, and --dense-reference when given."""
+        self.stage(model, "dense")
+        if self.config.ledger and self.config.dense_reference:
+            reference, _ = _load(self.config, self.config.dense_reference)
+            self.stage(reference, "dense-reference")
+
+    def ledger(self):
+        if not self.config.ledger:
+            return None
+        ledger = build_ledger(self.points, self.held)
+        if self.mix:
+            ledger.general_validation, ledger.general_points = self.mix.description, self.general
+            general, _ = verdict(self.general)
+            ledger.verdict = "; ".join(t for t in (ledger.verdict, general and f"general rows: {general}") if t)
+        return ledger
+
+
+def _read_mix(config: CompressConfig) -> Mix | None:
+    """--mix-data split into its training pool and general held-out rows (bad data fails before the model loads)."""
+    if not config.mix_data:
+        return None
+    return read_mix(config.mix_data, max_rows=config.validation_rows, seed=config.seed)
+
+
+def _recovery_features(model, tokenizer, features, mix: Mix | None, config: CompressConfig, timed):
+    """The recovery's rows: the task's, plus --mix-ratio of --mix-data's pool (its completions, or the
+    dense model's answers to its prompts: call this before the cut)."""
+    if mix is None:
+        return features
+    extra = pick(mix.pool, mix_rows(len(features), config.mix_ratio), seed=config.seed)
+    if config.mix_completions == "dense":
+        with timed("mix_generate"):
+            extra = dense_completions(model, tokenizer, extra, max_new_tokens=config.mix_new_tokens, batch_size=config.batch_size)
+    if not extra:
+        logger.warning("--mix-data: no rows to add (the dense model answered none of the pool prompts)")
+        return features
+    try:
+        extra_features = tokenize_examples(extra, tokenizer, max_length=config.max_length)
+    except DataError as exc:
+        raise DataError(f"--mix-data {config.mix_data}: {exc}") from None
+    mix.added = len(extra_features)
+    return shuffled_together(features, extra_features, seed=config.seed)
 
 
 def _cut_model(model, cut: Cut, features, tokenizer, config: CompressConfig, timed, num_layers: int):
@@ -176,7 +246,21 @@ def _recover(model, features, tokenizer, settings, teacher, config: CompressConf
     return model, FinetuneRecord(**stats, settings=record.settings, distill=distill_record)
 
 
-def _data_record(config: CompressConfig, held: HeldOut, features, tokenizer) -> DataRecord:
+def _mix_record(config: CompressConfig, mix: Mix | None, task_rows: int) -> dict | None:
+    if mix is None:
+        return None
+    return {
+        "source": config.mix_data,
+        "ratio": config.mix_ratio,
+        "completions": config.mix_completions,
+        "pool_rows": len(mix.pool),
+        "rows_planned": mix_rows(task_rows, config.mix_ratio),
+        "rows_added": mix.added,
+        "general_validation_rows": len(mix.validation),
+    }
+
+
+def _data_record(config: CompressConfig, held: HeldOut, features, tokenizer, mix: Mix | None) -> DataRecord:
     return DataRecord(
         source=config.data,
         split=config.split,
@@ -186,10 +270,12 @@ def _data_record(config: CompressConfig, held: HeldOut, features, tokenizer) -> 
         chat_template=has_chat_template(tokenizer),
         validation=held.description if config.ledger else None,
         validation_rows=len(held.validation),
+        mix=_mix_record(config, mix, len(features)),
     )
 
 
 def _save(model, tokenizer, manifest: Manifest, out: Path, *, scorer: str, config: CompressConfig, timed: _Timed, start: float) -> None:
+    check_output_finite(model, finetune=config.finetune, quality=manifest.quality)  # a diverged run is refused, never saved
     with timed("save"):
         model.save_pretrained(out, max_shard_size=config.max_shard_size)
         tokenizer.save_pretrained(out)
@@ -200,7 +286,7 @@ def _save(model, tokenizer, manifest: Manifest, out: Path, *, scorer: str, confi
     manifest.write(out)
 
 
-def _prune_and_recover(model, tokenizer, features, held: HeldOut, config: CompressConfig, timed, world_size: int):
+def _prune_and_recover(model, tokenizer, features, held: HeldOut, mix: Mix | None, config: CompressConfig, timed, world_size: int):
     """Every step between the loaded dense model and the finished one: (the model, its manifest, the ledger
     points, the scorer whose cut was kept)."""
     if config.compensate:
@@ -209,30 +295,30 @@ def _prune_and_recover(model, tokenizer, features, held: HeldOut, config: Compre
     num_layers, params_before, settings = len(layer_params), count_parameters(model), train_settings(config)
     budget = cut_budget(config, layer_params, params_before)
     check_budget(budget, auto_drop=config.auto_drop)  # an impossible budget fails now
+    ledger = _LedgerRun(config, tokenizer, held, mix)
     with timed("ledger"):
-        points = _dense_points(model, tokenizer, held, config)
-
+        ledger.dense(model)
+    recovery_rows = _recovery_features(model, tokenizer, features, mix, config, timed)
     with timed("score"):
-        cut = choose_cut(model, features, held, tokenizer, config, settings, budget, points[-1] if points else None, timed)
+        cut = choose_cut(model, features, held, tokenizer, config, settings, budget, ledger.points[-1] if ledger.points else None, timed)
     logger.info("dropping %d of %d layers: %s", len(cut.dropped), num_layers, cut.dropped)
     merge, compensation, teacher = _cut_model(model, cut, features, tokenizer, config, timed, num_layers)
     cut.scores.record = None  # the per-step factors were only needed for the merge
     cut.scores.gblm_cache.clear()  # as were the GBLM metrics (--merge-criterion gblm)
     params_after = count_parameters(model)
-    if config.ledger:
-        with timed("ledger_pruned"):
-            points.append(measure(model, tokenizer, held.validation, stage="pruned", batch_size=config.batch_size))
+    with timed("ledger_pruned"):
+        ledger.stage(model, "pruned")
 
-    model, finetune = _recover(model, features, tokenizer, settings, teacher, config, timed)
+    model, finetune = _recover(model, recovery_rows, tokenizer, settings, teacher, config, timed)
     del teacher
-    if config.ledger and config.finetune != "none":
+    if config.finetune != "none":
         with timed("ledger_recovered"):
-            points.append(measure(model, tokenizer, held.validation, stage="recovered", batch_size=config.batch_size))
+            ledger.stage(model, "recovered")
 
     manifest = Manifest.from_run(
         config,
         model=model,
-        data=_data_record(config, held, features, tokenizer),
+        data=_data_record(config, held, features, tokenizer, mix),
         scorer=cut.scores.scorer,
         layer_scores=cut.scores.values.tolist(),
         removal_order=rank_for_removal(cut.scores.values, range(num_layers)),
@@ -244,10 +330,10 @@ def _prune_and_recover(model, tokenizer, features, held: HeldOut, config: Compre
         merge=merge,
         finetune=finetune,
         compensation=compensation,
-        quality=build_ledger(points, held) if config.ledger else None,
+        quality=ledger.ledger(),
         world_size=world_size,
     )
-    return model, manifest, points, cut.scores.scorer
+    return model, manifest, ledger.points, cut.scores.scorer
 
 
 def compress(config: CompressConfig) -> dict:
@@ -255,18 +341,29 @@ def compress(config: CompressConfig) -> dict:
     check_launch(finetune=config.finetune)  # FSDP without CUDA, ZeRO-3, ...: refused before anything loads
     state, timings, start = PartialState(), {}, time.perf_counter()
     timed = _Timed(timings)
-    out = check_output_dir(config.out, overwrite=config.overwrite)
+    out = check_output_dir(
+        config.out,
+        overwrite=config.overwrite,
+        inputs={
+            "--model": config.model,
+            "--data": config.data,
+            "--teacher": config.teacher,
+            "--dense-reference": config.dense_reference,
+            "--mix-data": config.mix_data,
+        },
+    )
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_output_dir(out, overwrite=config.overwrite)) if state.is_main_process else None
         set_seed(config.seed)
-        held = _read_data(config)  # bad data fails before the model loads
+        held, mix = _read_data(config), _read_mix(config)  # bad data fails before the model loads
         for source in (config.teacher, config.dense_reference):
             if source:
                 resolve_source(source, allow_pickle=config.allow_pickle)  # missing or incomplete: fail now
         with timed("load"):
             model, tokenizer = _load(config, config.model, trust_remote_code=config.trust_remote_code)
+            check_input_finite(model, config.model)
             features = tokenize_examples(held.train, tokenizer, max_length=config.max_length)
-        model, manifest, points, scorer = _prune_and_recover(model, tokenizer, features, held, config, timed, state.num_processes)
+        model, manifest, points, scorer = _prune_and_recover(model, tokenizer, features, held, mix, config, timed, state.num_processes)
         if manifest.quality and manifest.quality.warning:
             logger.warning("quality: %s", manifest.quality.verdict)
         if state.is_main_process:

@@ -19,7 +19,8 @@ from ..data import CompletionCollator
 from ..errors import ConfigError
 from .config import CompressConfig
 from .finetune import TrainSettings, planned_steps, run_probe
-from .igia.probe import ProbeRecord
+from .igia.convergence import StabilityRule
+from .igia.probe import ProbeOptions, ProbeRecord
 from .scorers.names import GRADMAP, IGIA, PPL
 from .scorers.registry import SCORERS
 
@@ -38,6 +39,9 @@ class ProbeStats:
     gradient_clipping: str
     planned_finetune_steps: int
     probe_fraction: float
+    igia_reduce: str = "squared"  # squared: the paper's layer score; norm: the official code's
+    probe_clip_grad_norm: float | None = None  # None: clipping off during the probe; else the max norm (official code: 1.0)
+    adaptive: dict | None = None  # --probe-steps auto: the rule, steps used, the τ trace and why it stopped
 
 
 @dataclass
@@ -59,9 +63,28 @@ class Scores:
 
 
 def probe_length(config: CompressConfig, num_examples: int, settings: TrainSettings) -> tuple[int, int]:
-    """(probe steps, planned fine-tune steps): the paper's ~1% of the run, with a floor."""
+    """(probe steps, planned fine-tune steps): the paper's ~1% of the run, with a floor; --probe-steps auto: the cap."""
     planned = planned_steps(num_examples, settings)
+    if config.adaptive_probe:
+        return config.probe_max_steps, planned
     return config.probe_steps or max(config.probe_min_steps, math.ceil(config.probe_fraction * planned)), planned
+
+
+def probe_options(config: CompressConfig, drop_count: int | None) -> ProbeOptions:
+    """The probe's variant and stopping rule; `drop_count` (the budget's cut size, when known) lets
+    --probe-steps auto require the cut itself to settle, not only the ranking."""
+    rule = None
+    if config.adaptive_probe:
+        rule = StabilityRule(
+            tau_min=config.probe_tau,
+            patience=config.probe_patience,
+            min_steps=config.probe_min_steps,
+            max_steps=config.probe_max_steps,
+            drop_count=drop_count,
+            protect_first=config.protect_first,
+            protect_last=config.protect_last,
+        )
+    return ProbeOptions(reduce=config.igia_reduce, clip_grad_norm=config.probe_clip_grad_norm, until_stable=rule)
 
 
 def batches_of(features: Sequence[dict], tokenizer, batch_size: int, limit: int | None = None) -> list[dict]:
@@ -70,10 +93,10 @@ def batches_of(features: Sequence[dict], tokenizer, batch_size: int, limit: int 
     return batches[:limit] if limit else batches
 
 
-def igia_scores(model, features, tokenizer, config: CompressConfig, settings: TrainSettings) -> Scores:
-    """GradPruner's scores: a LoRA probe of ~1% of the planned fine-tune, IGIA summed per layer."""
+def igia_scores(model, features, tokenizer, config: CompressConfig, settings: TrainSettings, drop_count: int | None = None) -> Scores:
+    """GradPruner's scores: a LoRA probe of ~1% of the planned fine-tune (or until the ranking converges), IGIA summed per layer."""
     steps, planned = probe_length(config, len(features), settings)
-    record, stats = run_probe(model, features, tokenizer, settings, probe_steps=steps)
+    record, stats = run_probe(model, features, tokenizer, settings, probe_steps=steps, options=probe_options(config, drop_count))
     by_gblm = config.merge_criterion == "gblm"
     gblm_batches = batches_of(features, tokenizer, config.batch_size, config.scorer_batches) if by_gblm else None
     stats = ProbeStats(**stats, planned_finetune_steps=planned, probe_fraction=config.probe_fraction)
@@ -94,7 +117,7 @@ def score_layers(
     """Layer scores of one scorer. `drop_count`, when known, lets GradMAP stop after that many
     greedy decisions (one backward pass each) instead of ranking every layer; the dropped set is the same."""
     if scorer == IGIA:
-        return igia_scores(model, features, tokenizer, config, settings)
+        return igia_scores(model, features, tokenizer, config, settings, drop_count)
     start = time.perf_counter()
     if scorer == PPL:
         if not validation_features:

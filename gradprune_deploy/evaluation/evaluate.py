@@ -34,10 +34,11 @@ from transformers import AutoTokenizer
 from ..bundled import DEFAULT_DATA, DEFAULT_MODEL
 from ..config_schema import validate_fields
 from ..data import Example, data_name, encode_example, encode_prompt, read_examples
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, OutputExistsError
 from ..layout import eval_report_name
 from ..loading import ModelSource, load_model_and_tokenizer, resolve_source
 from ..utils import atomic_write_text, check_output_dir, tqdm
+from .context import checkpoint_context, fit_example, fit_prompt, model_context
 from .hf import completion_logprobs, eos_token_ids, greedy_generate
 from .metrics import accuracy, argmax, choice_scores, confusion_counts, exact_match, mean_token_loss, uses_final_answer
 from .vllm import vllm_endpoint, vllm_greedy_generate
@@ -63,10 +64,12 @@ class EvalConfig:
             "loss: completion loss and perplexity"
         },
     )
-    batch_size: int = field(default=8, metadata={"help": "rows per forward pass / generation batch / vLLM request"})
-    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N rows"})
+    batch_size: int = field(default=8, metadata={"help": "rows per forward pass / generation batch / vLLM request", "range": (1, None)})
+    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N rows", "range": (1, None)})
     length_normalize: bool = field(default=False, metadata={"help": "choice: mean log-prob per token instead of the sum"})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "exact: tokens to generate (default: longest reference + 16)"})
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "exact: tokens to generate (default: longest reference + 16)", "range": (1, None)}
+    )
     backend: Literal["hf", "vllm"] = field(
         default="hf", metadata={"help": "hf: transformers in-process; vllm: vLLM OpenAI server (--metric exact only)"}
     )
@@ -79,6 +82,7 @@ class EvalConfig:
     )
     out_dir: str | None = field(default=None, metadata={"help": "where to write the result JSON (default: the checkpoint directory)"})
     save: bool = field(default=True, metadata={"help": "write eval_<data>_<split>_<metric>.json"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an earlier eval_<data>_<split>_<metric>.json result"})
     server_url: str | None = field(default=None, metadata={"help": "vllm backend: use this running server instead of starting one"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow custom model code from the checkpoint"})
     allow_pickle: bool = field(default=False, metadata={"help": "allow pickled (.bin) weights"})
@@ -87,12 +91,6 @@ class EvalConfig:
         validate_fields(self)  # types, choices and booleans, as for the CLI and a YAML recipe
         if not self.data:
             raise ConfigError(f"--data is required: a .jsonl/.csv file, a folder with {{split}}.jsonl, or {DEFAULT_DATA}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit {self.limit}: give a positive number of rows, or leave --limit out for all")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
         if self.backend == "vllm" and self.metric != "exact":
             raise ConfigError(
                 f"--backend vllm generates text, so it serves --metric exact only; use --backend hf for --metric {self.metric}"
@@ -103,9 +101,10 @@ class EvalConfig:
 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Load `config.checkpoint`, evaluate it on `config.data` and return (and save) the summary dict."""
-    if config.save and config.out_dir:
-        check_output_dir(config.out_dir, overwrite=True, flag="--out-dir")  # an unwritable --out-dir fails before any work
+    if config.save and config.out_dir:  # an unwritable --out-dir, or one inside the data, fails before any work
+        check_output_dir(config.out_dir, overwrite=True, flag="--out-dir", inputs={"--data": config.data})
     source = resolve_source(config.checkpoint, allow_pickle=config.allow_pickle)  # a missing checkpoint fails first
+    check_result_free(config, source)
     examples = read_examples(config.data, split=config.split, limit=config.limit)
     check_examples(examples, config.metric)
     summary, load_seconds, seconds = _run_backend(source, examples, config)
@@ -160,6 +159,18 @@ def _save(summary: dict[str, Any], config: EvalConfig, source: ModelSource) -> s
     return str(write_result(summary, target, data=config.data, split=config.split, metric=config.metric))
 
 
+def check_result_free(config: EvalConfig, source: ModelSource) -> None:
+    """The no-clobber rule, before any work: an earlier result of the same data, split and metric is
+    replaced only with --overwrite (a model card would otherwise report whichever run came last)."""
+    target = _result_dir(config.checkpoint, config.out_dir, source) if config.save else None
+    path = target / result_filename(config.data, config.split, config.metric) if target is not None else None
+    if path is not None and path.exists() and not config.overwrite:
+        raise OutputExistsError(
+            f"{path} already exists (an earlier eval of this data, split and metric): pass --overwrite to replace it, "
+            "--out-dir to write elsewhere, or --no-save"
+        )
+
+
 def check_examples(examples: Sequence, metric: str) -> None:
     """One-line DataError for data a metric cannot use."""
     if metric != "choice":
@@ -189,17 +200,21 @@ def evaluate_model(
     case_fold: bool = False,
     final_answer: str = "auto",
     generate: Callable[[list[list[int]], int], list[list[int]]] | None = None,
+    context: int | None = None,
 ) -> tuple[dict[str, Any], list[dict]]:
     """Evaluate a loaded model; returns (summary with `metric` and `value`, per-row records).
 
     `generate(prompts_ids, max_new_tokens)` replaces in-process greedy generation (the vLLM
-    backend passes one); `model` may then be None.
+    backend passes one); `model` may then be None. Rows longer than `context` (default: the
+    model's max_position_embeddings) are cut from the left by context.py's rule.
     """
     check_examples(examples, metric)
+    if context is None and model is not None:
+        context = model_context(model.config)
     if metric == "choice":
-        return _eval_choice(model, tokenizer, examples, batch_size=batch_size, length_normalize=length_normalize)
+        return _eval_choice(model, tokenizer, examples, batch_size=batch_size, length_normalize=length_normalize, context=context)
     if metric == "loss":
-        return _eval_loss(model, tokenizer, examples, batch_size=batch_size)
+        return _eval_loss(model, tokenizer, examples, batch_size=batch_size, context=context)
     if metric == "exact":
         if generate is None:
             generate = _hf_generator(model, tokenizer)
@@ -211,6 +226,7 @@ def evaluate_model(
             max_new_tokens=max_new_tokens,
             case_fold=case_fold,
             final_answer=final_answer,
+            context=context,
         )
     raise ConfigError(f"--metric {metric!r}: choose choice, exact or loss")
 
@@ -221,8 +237,18 @@ def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _eval_choice(model, tokenizer, examples, *, batch_size: int, length_normalize: bool):
-    encoded = [[encode_example(tokenizer, Example(ex.prompt, choice)) for choice in ex.choices] for ex in examples]
+def _truncated_rows(examples, encoded_lengths: list[int], context: int | None) -> int:
+    """Rows cut by the context rule (logged once; recorded in the summary)."""
+    cut = sum(n > context for n in encoded_lengths) if context else 0
+    if cut:
+        logger.warning("%d of %d rows are longer than the model's context (%d tokens): cut from the left", cut, len(examples), context)
+    return cut
+
+
+def _eval_choice(model, tokenizer, examples, *, batch_size: int, length_normalize: bool, context: int | None = None):
+    raw = [[encode_example(tokenizer, Example(ex.prompt, choice, id=ex.id)) for choice in ex.choices] for ex in examples]
+    truncated = _truncated_rows(examples, [max(len(ids) for ids, _ in e) for e in raw], context)
+    encoded = [[fit_example(ids, n, context, row=ex.id) for ids, n in e] for ex, e in zip(examples, raw)]
     results: list[list[tuple[float, int]]] = [[] for _ in examples]
     with tqdm(total=len(examples), desc="eval choice", unit="row") as bar:
         for batch in _length_sorted_batches([max(len(ids) for ids, _ in e) for e in encoded], batch_size):
@@ -242,12 +268,15 @@ def _eval_choice(model, tokenizer, examples, *, batch_size: int, length_normaliz
         "accuracy": value,
         "length_normalize": length_normalize,
         "confusion": confusion_counts([r["gold"] for r in rows], [r["pred"] for r in rows]),
+        "truncated_rows": truncated,
     }
     return summary, rows
 
 
-def _eval_loss(model, tokenizer, examples, *, batch_size: int):
-    encoded = [encode_example(tokenizer, ex) for ex in examples]
+def _eval_loss(model, tokenizer, examples, *, batch_size: int, context: int | None = None):
+    raw = [encode_example(tokenizer, ex) for ex in examples]
+    truncated = _truncated_rows(examples, [len(ids) for ids, _ in raw], context)
+    encoded = [fit_example(ids, n, context, row=ex.id) for ex, (ids, n) in zip(examples, raw)]
     results: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     with tqdm(total=len(examples), desc="eval loss", unit="row") as bar:
         for batch in _length_sorted_batches([len(ids) for ids, _ in encoded], batch_size):
@@ -256,7 +285,8 @@ def _eval_loss(model, tokenizer, examples, *, batch_size: int):
             bar.update(len(batch))
     rows = [{"id": ex.id, "nll": -s, "tokens": n} for ex, (s, n) in zip(examples, results)]
     loss, ppl = mean_token_loss([r["nll"] for r in rows], [r["tokens"] for r in rows])
-    return {"metric": "loss", "value": loss, "loss": loss, "perplexity": ppl, "tokens": sum(r["tokens"] for r in rows)}, rows
+    summary = {"metric": "loss", "value": loss, "loss": loss, "perplexity": ppl, "tokens": sum(r["tokens"] for r in rows)}
+    return {**summary, "truncated_rows": truncated}, rows
 
 
 def _hf_generator(model, tokenizer) -> Callable[[list[list[int]], int], list[list[int]]]:
@@ -270,9 +300,15 @@ def default_max_new_tokens(tokenizer, examples) -> int:
     return max(len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) for ex in examples) + GENERATION_MARGIN_TOKENS
 
 
-def _eval_exact(tokenizer, examples, generate, *, batch_size: int, max_new_tokens: int | None, case_fold: bool, final_answer: str):
+def _eval_exact(
+    tokenizer, examples, generate, *, batch_size: int, max_new_tokens: int | None, case_fold: bool, final_answer: str, context=None
+):
     max_new = max_new_tokens or default_max_new_tokens(tokenizer, examples)
-    prompts = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
+    if max_new_tokens is None and context:
+        max_new = min(max_new, max(1, context // 2))  # the default never leaves a prompt no room
+    raw = [encode_prompt(tokenizer, ex.prompt) for ex in examples]
+    truncated = _truncated_rows(examples, [len(p) + max_new for p in raw], context)
+    prompts = [fit_prompt(p, context, max_new_tokens=max_new) for p in raw]
     outputs: list[list[int]] = [[] for _ in examples]
     with tqdm(total=len(examples), desc="eval exact", unit="row") as bar:
         for batch in _length_sorted_batches([len(p) for p in prompts], batch_size):
@@ -300,6 +336,7 @@ def _eval_exact(tokenizer, examples, generate, *, batch_size: int, max_new_token
         "case_fold": case_fold,
         "final_answer": final_answer,
         "final_answer_rows": sum(uses_final_answer(ex.completion, final_answer) for ex in examples),
+        "truncated_rows": truncated,
     }
     return summary, rows
 
@@ -322,12 +359,18 @@ def _evaluate_vllm(source: ModelSource, examples: Sequence[Example], config: Eva
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=config.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    context = checkpoint_context(source.path)
     max_new = config.max_new_tokens or default_max_new_tokens(tokenizer, examples)
+    if config.max_new_tokens is None and context:
+        max_new = min(max_new, max(1, context // 2))  # as the hf backend: the default leaves a prompt room
     longest_prompt = max(len(encode_prompt(tokenizer, ex.prompt)) for ex in examples)
     eos = [i for i in {tokenizer.eos_token_id, *_generation_eos(source.path)} if i is not None]
-    with vllm_endpoint(
-        str(source.path), server_url=config.server_url, dtype=config.dtype, max_model_len=max(2048, longest_prompt + max_new)
-    ) as (base_url, served):
+    max_model_len = max(2048, longest_prompt + max_new)
+    max_model_len = min(max_model_len, context) if context else max_model_len  # longer prompts are cut to the context
+    with vllm_endpoint(str(source.path), server_url=config.server_url, dtype=config.dtype, max_model_len=max_model_len) as (
+        base_url,
+        served,
+    ):
         generate = lambda prompts, n: vllm_greedy_generate(base_url, served, prompts, max_new_tokens=n, eos_ids=eos)  # noqa: E731
         return evaluate_model(
             None,
@@ -339,6 +382,7 @@ def _evaluate_vllm(source: ModelSource, examples: Sequence[Example], config: Eva
             case_fold=config.case_fold,
             final_answer=config.final_answer,
             generate=generate,
+            context=context,
         )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import importlib.metadata
 import json
 import logging
@@ -37,7 +38,7 @@ import torch
 from transformers import AutoConfig
 
 from ..checkpoint import inspect_checkpoint
-from ..errors import ArchitectureError, ConfigError, MissingDependencyError, ModelLoadError, ServingError, first_line
+from ..errors import ArchitectureError, ConfigError, GradPruneError, MissingDependencyError, ModelLoadError, ServingError, first_line
 from ..loading import check_weights_cover_model
 from ..utils import is_available, optional_import, process_memory, process_tree_pids
 
@@ -130,21 +131,42 @@ def check_vllm_compatible(checkpoint_dir: str | os.PathLike) -> dict:
     }
 
 
-def port_in_use(host: str, port: int) -> bool:
-    """True if something listens on (host, port). SO_REUSEADDR as uvicorn sets it, so TIME_WAIT is free."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
+def _bind_error(host: str, port: int, exc: OSError) -> GradPruneError:
+    """The true cause of a failed bind, naming the option to change."""
+    host = host if len(host) <= 80 else host[:80] + "..."
+    if isinstance(exc, socket.gaierror):
+        return ConfigError(f"--host {host}: cannot be resolved ({exc.strerror or exc}): give an IP address or a name of this machine")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(f"--host {host} is not an address of this machine: give one of its addresses (127.0.0.1, 0.0.0.0, ...)")
+    if exc.errno == errno.EADDRINUSE:
+        return ServingError(f"port {port} on {host} is in use: pass another --port (or stop what listens there)")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return ConfigError(f"--port {port}: permission denied on {host} (ports below 1024 need privileges): choose a port from 1024 up")
+    return ServingError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): check --host and --port")
+
+
+def _bind(host: str, port: int) -> int:
+    """Bind (host, port) once, as the server will (SO_REUSEADDR as uvicorn sets it, so TIME_WAIT is free),
+    and return the port bound; a failure is one error naming its true cause (see _bind_error)."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
-        except OSError:
-            return True
-    return False
+            return s.getsockname()[1]
+    except OSError as exc:
+        raise _bind_error(host, port, exc) from None
+    except (UnicodeError, ValueError) as exc:  # an IDNA label too long, a NUL in the name
+        raise ConfigError(f"--host {host!r}: not a valid address ({exc}): give an IP address or a name of this machine") from None
+
+
+def check_bind(host: str, port: int) -> None:
+    """Refuse, before the server starts, a --host that is not this machine's and a --port in use."""
+    _bind(host, port)
 
 
 def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return _bind(host, 0)
 
 
 def _die_with_parent_preexec():
@@ -394,8 +416,8 @@ def start_server(
     check_max_model_len(model_dir, max_model_len)
     if port is None:
         port = _free_port(host)
-    elif port_in_use(host, port):
-        raise ServingError(f"port {port} on {host} is in use: pass another --port (or stop what listens there)")
+    else:
+        check_bind(host, port)
     name = served_model_name or model_dir.name
     log_path = _log_file(log_path, port)
     cmd = server_command(

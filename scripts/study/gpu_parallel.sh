@@ -3,9 +3,9 @@
 # A 135M model leaves an H100 mostly idle at batch 8, so concurrent arms finish the preset sooner; their
 # wall times share the device (docs/results.md says so beside every GPU number). Each process has its own
 # --out (OUT/<task>-<part>); the distillation arms that need the dense teacher run beside it in part A.
-# Merge and report afterwards:
-#   cat OUT/*/results.jsonl > OUT/results.jsonl
-#   python scripts/study/quality_study.py --out OUT --preset gpu --report-only --report docs/study-gpu.md
+# Merge into the committed records and report afterwards:
+#   cat OUT/*/results.jsonl > docs/study-records/results-gpu.jsonl
+#   python scripts/study/quality_study.py --preset gpu --report-only --report docs/study-gpu.md
 #
 #   bash scripts/study/gpu_parallel.sh runs/gpu-study [python]
 set -euo pipefail
@@ -22,7 +22,7 @@ for task in sst2 fin_headlines pubmedqa; do
     [ "$part" = S1 ] && seed=1 threads=1
     # shellcheck disable=SC2086  # the arm lists split on spaces on purpose
     OMP_NUM_THREADS=$threads setsid nohup "$PY" scripts/study/quality_study.py --preset gpu --out "$OUT/$task-$part" \
-      --tasks "$task" --seed "$seed" --arms ${!part} --report "$OUT/$task-$part/study.md" \
+      --tasks "$task" --seed "$seed" --arms ${!part} --report "$OUT/$task-$part/study.md" --results "$OUT/$task-$part/results.jsonl" \
       > "$OUT/$task-$part.log" 2>&1 < /dev/null &
   done
 done

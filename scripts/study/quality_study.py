@@ -10,16 +10,21 @@ same training rows) and is scored on the same test rows by choice log-likelihood
   recovery variants: distillation (two teachers, alpha, T, equal wall time), PrunedLoRA, compensation,
   full fine-tuning.
 The cpu preset runs CPU_ARMS on sst2 and fin_headlines (~2.3 h here); `--arms`/`--tasks` pick others,
-`--preset gpu` runs every arm on all three tasks, `--seed N` reruns arms with another seed.
-For each arm: test accuracy ± SE, test completion loss, the checkpoint's held-out ledger
+`--preset gpu` runs every arm on all three tasks, `--seed N [M ...]` reruns arms with other seeds, and `--powered` runs
+the defaults comparison (powered.py: K in {0, 1} x rank in {8, 16} and PrunedLoRA 16 -> 8, three seeds, one thread).
+For each arm: test accuracy ± SE (from the counts k of n), each test row's outcome (paired.per_row_record: the
+report compares arms row by row, exact McNemar and a paired bootstrap), test completion loss, the checkpoint's held-out ledger
 (validation rows sliced from the training file, never trained on), wall time per phase from
 gradprune.json, the process's peak RSS, parameters. Compress cost = probe/scoring + surgery +
 recovery seconds over the dense fine-tune's seconds, beside the pruned/dense step-time ratio.
 
-Each arm is a subprocess; results append to OUT/results.jsonl and a rerun resumes. The report
-(docs/results.md's study section by default) is rewritten after every arm; ends with one JSON line.
+Each arm is a subprocess; checkpoints go under OUT (runs/, not committed), and the records append to --results,
+by default docs/study-records/results-<preset>.jsonl (committed, so every number in the report can be traced to a
+record; smoke: OUT/results.jsonl), and a rerun resumes. The report (--report, docs/study.md by default) is
+rewritten after every arm; ends with one JSON line.
 
     .venv/bin/python scripts/study/quality_study.py --out runs/quality-study          # CPU preset
+    .venv/bin/python scripts/study/quality_study.py --out runs/powered --powered      # the defaults comparison
     .venv/bin/python scripts/study/quality_study.py --out runs/smoke --preset smoke   # minutes
 """
 
@@ -27,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -40,10 +44,14 @@ import torch
 from gradprune_deploy.compress.finetune import TrainSettings, recovery_finetune
 from gradprune_deploy.compress.ledger import split_slice
 from gradprune_deploy.data import read_examples, tokenize_examples
+from gradprune_deploy.evaluation.evaluate import evaluate_model
 from gradprune_deploy.loading import load_model_and_tokenizer
 from gradprune_deploy.utils import peak_rss_mb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # study_report lives beside this script
+from paired import binomial_se, per_row_record  # noqa: E402
+from powered import POWERED_ARMS, POWERED_REPORT, POWERED_RESULTS, POWERED_SEEDS, POWERED_TASKS, estimate_line  # noqa: E402
+from study_arms import ARMS, CPU_ARMS, DEFAULT_TASKS, PRESETS, TASK_MIN_LENGTH  # noqa: E402
 from study_report import write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,77 +59,10 @@ SHARED = ROOT.parent / "shared" / "data"
 GRADPRUNE = str(Path(sys.executable).parent / "gradprune")
 NUM_LAYERS = 30  # SmolLM2-135M
 
-# (training rows read from train.jsonl incl. the 10% validation slice, optimizer steps, test rows, max tokens)
-# gpu: the full preset (every training row up to 4000, 500 steps, the whole test split) for a GPU machine.
-PRESETS = {"cpu": (900, 100, 200, 128), "gpu": (4000, 500, 1000, 256), "smoke": (48, 4, 16, 96)}
-# pubmedqa's prompts (abstract + question) run to ~360 tokens (90th percentile ~500): 128 would drop them.
-TASK_MIN_LENGTH = {"pubmedqa": 512}
-# What a run without --tasks/--arms does. cpu: the arms behind the quality targets on the two short-prompt tasks;
-# their sst2 runs took 68 min in all here, and the fin_headlines arms that ran alone took 0.7-1.2x their sst2
-# counterparts, so ~2.3 h (2.5 h at 1.2x). pubmedqa's 512-token arms take ~7x longer, and at this preset its dense fine-tune does
-# not beat the majority label (54.0%, majority 54.0%). gpu: every arm on every task.
-DEFAULT_TASKS = {"cpu": ["sst2", "fin_headlines"], "gpu": ["sst2", "fin_headlines", "pubmedqa"], "smoke": ["sst2"]}
-CPU_ARMS = ["dense", "igia@20%", "block-influence@20%", "igia@30%", "block-influence@30%", "last-n@30%", "ppl@30%", "igia@40%"]
-# Arms in priority order: an interrupted study has the targets' arms first.
-ARMS = [
-    {"arm": "dense"},
-    {"arm": "igia@20%", "scorer": "igia", "drop": 6},
-    {"arm": "igia@30%", "scorer": "igia", "drop": 9},
-    {"arm": "block-influence@30%", "scorer": "block-influence", "drop": 9},
-    # the teacher that knows the task: this study's dense LoRA fine-tune ({dense} = OUT/<task>/dense)
-    {"arm": "igia-kd-ft@20%", "scorer": "igia", "drop": 6, "extra": ["--distill", "--teacher", "{dense}"]},
-    {"arm": "igia-K2@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-layers", "2"]},
-    # a 2-step probe floor (later flags win over the pinned 8): cost vs quality of the merge
-    {"arm": "igia-probe2@20%", "scorer": "igia", "drop": 6, "extra": ["--probe-min-steps", "2"]},
-    {"arm": "last-n@30%", "scorer": "last-n", "drop": 9},
-    # ablations at 20%, where the pruned model still works: merge K and distillation at equal steps
-    {"arm": "igia-K0@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-layers", "none"]},
-    {"arm": "igia-kd@20%", "scorer": "igia", "drop": 6, "extra": ["--distill"]},
-    {"arm": "block-influence@20%", "scorer": "block-influence", "drop": 6},
-    # what `--scorer auto` sees of each scorer's cut (raw and after a 10-step heal, no recovery), to
-    # check its criterion against the arms' post-recovery accuracy
-    {"arm": "judge@30%", "judge": ["igia", "block-influence", "last-n", "ppl"], "drop": 9},
-    {"arm": "judge@20%", "judge": ["igia", "block-influence"], "drop": 6},
-    {"arm": "ppl@30%", "scorer": "ppl", "drop": 9},
-    # the other seed papers' methods on GradPruner's cut
-    {"arm": "igia-prunedlora@20%", "scorer": "igia", "drop": 6, "extra": ["--finetune", "prunedlora"]},
-    {"arm": "igia-compensate@20%", "scorer": "igia", "drop": 6, "extra": ["--compensate"]},
-    {"arm": "igia@40%", "scorer": "igia", "drop": 12},
-    {"arm": "igia-kd@30%", "scorer": "igia", "drop": 9, "extra": ["--distill"]},
-    {"arm": "igia-K0@30%", "scorer": "igia", "drop": 9, "extra": ["--merge-layers", "none"]},
-    {"arm": "igia-K2@30%", "scorer": "igia", "drop": 9, "extra": ["--merge-layers", "2"]},
-    # the paper's sparsity range (keep 10-50% of the merged layer's entries; default 20%) and K = 3
-    {"arm": "igia-p10@20%", "scorer": "igia", "drop": 6, "extra": ["--keep-top-p", "0.1"]},
-    {"arm": "igia-p50@20%", "scorer": "igia", "drop": 6, "extra": ["--keep-top-p", "0.5"]},
-    {"arm": "igia-K3@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-layers", "3"]},
-    # distillation tuning with the fine-tuned teacher (the default arm: alpha 0.5, T 1): KL-heavy mix, a softer
-    # temperature, and equal wall time (68 steps ~ 100 CE steps at the measured 1.46x step cost)
-    {"arm": "igia-kd-ft-wall@20%", "scorer": "igia", "drop": 6, "extra": ["--distill", "--teacher", "{dense}", "--max-steps", "68"]},
-    {"arm": "igia-kd-ft-a09@20%", "scorer": "igia", "drop": 6, "extra": ["--distill", "--teacher", "{dense}", "--distill-alpha", "0.9"]},
-    {"arm": "igia-kd-ft-T2@20%", "scorer": "igia", "drop": 6, "extra": ["--distill", "--teacher", "{dense}", "--distill-temperature", "2"]},
-    # full fine-tuning as the recovery (same steps; its own default learning rate)
-    {"arm": "igia-full@20%", "scorer": "igia", "drop": 6, "extra": ["--finetune", "full"]},
-    # the remaining layer scorers at 20% (the cut where the pruned model still works), and auto's pick
-    {"arm": "gblm@20%", "scorer": "gblm", "drop": 6},
-    {"arm": "random@20%", "scorer": "random", "drop": 6},
-    {"arm": "gradmap@20%", "scorer": "gradmap", "drop": 6},
-    {"arm": "taylor@20%", "scorer": "taylor", "drop": 6},
-    {"arm": "auto@20%", "scorer": "auto", "drop": 6},
-    # the merge: GBLM-Pruner's metric ranks the merged entries; and every dropped layer merged
-    {"arm": "igia-gblm-merge@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-criterion", "gblm"]},
-    {"arm": "igia-Kall@20%", "scorer": "igia", "drop": 6, "extra": ["--merge-layers", "all"]},
-    {"arm": "block-influence@40%", "scorer": "block-influence", "drop": 12},
-    # PrunedLoRA at the authors' pace within 100 steps: 16 -> 8 is 2 components every 10 steps, done by step 40
-    {"arm": "igia-prunedlora16@20%", "scorer": "igia", "drop": 6, "extra": ["--finetune", "prunedlora", "--prunedlora-start-rank", "16"]},
-    {"arm": "igia-compensate@30%", "scorer": "igia", "drop": 9, "extra": ["--compensate"]},
-    {"arm": "igia-prunedlora16@30%", "scorer": "igia", "drop": 9, "extra": ["--finetune", "prunedlora", "--prunedlora-start-rank", "16"]},
-    # the control for PrunedLoRA 16 -> 8: plain LoRA at rank 16 (alpha/rank as at rank 8; the probe runs at rank 16 too)
-    {"arm": "igia-lora16@20%", "scorer": "igia", "drop": 6, "extra": ["--lora-r", "16", "--lora-alpha", "32"]},
-]
-
 
 def run_measured(cmd: list[str]) -> dict:
-    """Run a subprocess; its wall seconds, peak RSS (polled every 0.1 s) and stdout."""
+    """Run a subprocess (in this process's environment: --threads sets OMP_NUM_THREADS there); its wall seconds,
+    peak RSS (polled every 0.1 s) and stdout."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0.0
@@ -153,6 +94,22 @@ def dense_worker(out: str, train_file: str, rows: int, steps: int, max_length: i
     tokenizer.save_pretrained(out)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     (Path(out) / "dense.json").write_text(json.dumps({"finetune": stats, "params": params}))
+
+
+def choice_worker(checkpoint: str, data: str, limit: int) -> None:
+    """`gradprune eval --metric choice --limit N`'s code path (evaluate_model on the test split, float32), printing the
+    summary with each row's outcome: the CLI's own result keeps only the totals."""
+    examples = read_examples(data, split="test", limit=limit)
+    model, tokenizer = load_model_and_tokenizer(checkpoint)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    summary, rows = evaluate_model(model.eval(), tokenizer, examples, metric="choice", batch_size=8)
+    per_row = per_row_record(
+        [ex.id or ex.prompt for ex in examples],
+        [row["pred"] == row["gold"] for row in rows],
+        [ex.choices.index(row["pred"]) for ex, row in zip(examples, rows)],
+    )
+    print(json.dumps({"value": summary["value"], "n": len(examples), "per_row": per_row}))
 
 
 def run_arm(arm: dict, task: str, out: Path, preset: tuple, seed: int) -> dict:
@@ -206,29 +163,19 @@ def run_arm(arm: dict, task: str, out: Path, preset: tuple, seed: int) -> dict:
         m = json.loads((ckpt / "gradprune.json").read_text())
         record["proposals"] = m["proposals"]
         return record
-    evals = {}
-    for metric in ("choice", "loss"):
-        evals[metric] = last_json(
-            run_measured(
-                [
-                    GRADPRUNE,
-                    "eval",
-                    str(ckpt),
-                    "--data",
-                    str(SHARED / task),
-                    "--metric",
-                    metric,
-                    "--limit",
-                    str(test_rows),
-                    "--batch-size",
-                    "8",
-                    "-q",
-                ]
-            )["stdout"]
-        )
-    n = evals["choice"]["n"]
-    acc = evals["choice"]["value"]
-    record.update(accuracy=acc, accuracy_se=math.sqrt(acc * (1 - acc) / n), test_rows=n, test_loss=evals["loss"]["value"])
+    choice = last_json(run_measured([sys.executable, __file__, "--choice-worker", str(ckpt), str(SHARED / task), str(test_rows)])["stdout"])
+    loss_cmd = [GRADPRUNE, "eval", str(ckpt), "--data", str(SHARED / task), "--metric", "loss", "--limit", str(test_rows)]
+    loss = last_json(run_measured([*loss_cmd, "--batch-size", "8", "-q"])["stdout"])
+    n, per_row = choice["n"], choice["per_row"]
+    correct = per_row["correct"].count("1")
+    record.update(
+        accuracy=correct / n,
+        correct=correct,
+        accuracy_se=binomial_se(correct, n),
+        test_rows=n,
+        per_row=per_row,
+        test_loss=loss["value"],
+    )
     if arm["arm"] == "dense":
         dense = json.loads((ckpt / "dense.json").read_text())
         record.update(
@@ -291,67 +238,138 @@ def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--dense-worker":
-        out, train_file, rows, steps, max_length, seed = sys.argv[2:8]
-        os.environ.setdefault("GRADPRUNE_DISABLE_PROGRESS_BARS", "1")
-        dense_worker(out, train_file, int(rows), int(steps), int(max_length), int(seed))
-        return
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/quality-study")
+    parser.add_argument("--out", default="runs/quality-study", help="where the checkpoints go (runs/ is not committed)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--tasks", nargs="+", default=None, help="default: the preset's (DEFAULT_TASKS)")
     parser.add_argument("--arms", nargs="+", default=None, help="only these arms (names in ARMS; default: CPU_ARMS on cpu, all otherwise)")
-    parser.add_argument("--seed", type=int, default=0, help="another seed reruns the arms beside seed 0's (own checkpoints)")
-    parser.add_argument("--report", default=str(ROOT / "docs" / "study.md"))
-    parser.add_argument("--report-only", action="store_true", help="rewrite --report from OUT/results.jsonl and run nothing")
+    parser.add_argument("--seed", type=int, nargs="+", default=None, help="seeds to run, each into its own checkpoints (default 0)")
+    parser.add_argument(
+        "--powered",
+        action="store_true",
+        help=f"the defaults comparison (powered.py): its arms on {' and '.join(POWERED_TASKS)}, seeds "
+        f"{' '.join(map(str, POWERED_SEEDS))}, cpu preset, one thread; records {POWERED_RESULTS}, report {POWERED_REPORT}",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every arm (default: inherited; --powered: 1)")
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="the records, JSON lines (default docs/study-records/results-PRESET.jsonl; smoke: OUT/results.jsonl)",
+    )
+    parser.add_argument("--report", default=None, help=f"default docs/study.md (--powered: {POWERED_REPORT})")
+    parser.add_argument("--report-only", action="store_true", help="rewrite --report from --results and run nothing")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs still to do (and --powered's time estimate); run nothing")
+    parser.add_argument(
+        "--drop-weights",
+        action="store_true",
+        help="delete an arm's *.safetensors once it is scored, keeping gradprune.json (--powered: on; its 42 checkpoints "
+        "would take ~22 GB)",
+    )
+    return parser
+
+
+def resolve_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The arguments with --powered's grid and the defaults that depend on the preset filled in."""
     args = parser.parse_args()
+    if args.powered:
+        given = [flag for flag, value in (("--arms", args.arms), ("--tasks", args.tasks), ("--seed", args.seed)) if value]
+        if given or args.preset != "cpu":
+            parser.error(f"--powered runs a fixed grid (powered.py): drop {', '.join(given) or '--preset'}")
+        args.arms, args.tasks, args.seed = POWERED_ARMS, POWERED_TASKS, POWERED_SEEDS
+        args.threads = 1 if args.threads is None else args.threads
+        args.drop_weights = True
     names = {a["arm"] for a in ARMS}
     unknown = sorted(set(args.arms or []) - names)
     if unknown:
         parser.error(f"unknown arm(s) {', '.join(unknown)}: choose from {', '.join(sorted(names))}")
-    out = Path(args.out)
-    results_path = out / "results.jsonl"
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
+    teachers = [a["arm"] for a in ARMS if a["arm"] in (args.arms or []) and "{dense}" in a.get("extra", [])]
+    if args.drop_weights and teachers:
+        parser.error(f"--drop-weights deletes the dense checkpoint that {', '.join(teachers)} distil(s) from: drop one of them")
+    args.seed = args.seed or [0]
+    if args.results is None:
+        committed = ROOT / (POWERED_RESULTS if args.powered else f"docs/study-records/results-{args.preset}.jsonl")
+        args.results = str(Path(args.out) / "results.jsonl" if args.preset == "smoke" else committed)
+    args.report = args.report or str(ROOT / (POWERED_REPORT if args.powered else "docs/study.md"))
+    args.command = f"--out {args.out} --powered" if args.powered else f"--out {args.out} --preset {args.preset}"
+    return args
+
+
+def run_worker(argv: list[str]) -> None:
+    """The subprocesses an arm starts: --dense-worker (the dense fine-tune) and --choice-worker (per-row accuracy)."""
+    os.environ.setdefault("GRADPRUNE_DISABLE_PROGRESS_BARS", "1")
+    if argv[0] == "--choice-worker":
+        checkpoint, data, limit = argv[1:4]
+        choice_worker(checkpoint, data, int(limit))
+        return
+    out, train_file, rows, steps, max_length, seed = argv[1:7]
+    dense_worker(out, train_file, int(rows), int(steps), int(max_length), int(seed))
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("--dense-worker", "--choice-worker"):
+        run_worker(sys.argv[1:])
+        return
+    parser = build_parser()
+    args = resolve_args(parser)
+    results_path = Path(args.results)
+    report = {"preset": PRESETS[args.preset], "preset_name": args.preset, "command": args.command}
     if args.report_only:
         if not results_path.is_file():
-            parser.error(f"--report-only: no {results_path}; run the study first or give the --out it wrote to")
+            parser.error(f"--report-only: no {results_path}; run the study first or give the --results it wrote to")
         results = read_results(results_path)
-        write_report(results, Path(args.report), preset=PRESETS[args.preset], preset_name=args.preset, out_dir=args.out)
+        write_report(results, Path(args.report), **report)
         print(json.dumps({"report": args.report, "arms": len(results)}))
         return
-    out.mkdir(parents=True, exist_ok=True)
+    if args.threads is not None:  # every arm's processes inherit it (torch reads it at start-up)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    out = Path(args.out)
     done = {(r["task"], r["arm"], r.get("seed", 0)) for r in read_results(results_path)}
-    wanted = args.arms or (CPU_ARMS if args.preset == "cpu" else sorted(names))
+    wanted = args.arms or (CPU_ARMS if args.preset == "cpu" else [a["arm"] for a in ARMS])
     tasks = args.tasks or DEFAULT_TASKS[args.preset]
-    plan = [(arm, task) for arm in ARMS for task in tasks if arm["arm"] in wanted]
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"  # recorded beside every timing
-    started, failed = time.perf_counter(), []
-    for arm, task in plan:
-        if (task, arm["arm"], args.seed) in done:
-            continue
-        print(f"[{time.strftime('%H:%M:%S')}] {task} {arm['arm']} seed {args.seed}", flush=True)
-        try:
-            record = run_arm(arm, task, out, PRESETS[args.preset], args.seed)
-        except RuntimeError as exc:  # one arm's failure must not cost the others; no record, so a rerun retries it
-            print(f"FAILED {task} {arm['arm']}: {exc}", file=sys.stderr, flush=True)
-            failed.append(f"{task}/{arm['arm']}")
-            continue
-        record.update(preset=args.preset, seed=args.seed, threads=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())), device=device)
-        with results_path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        write_report(read_results(results_path), Path(args.report), preset=PRESETS[args.preset], preset_name=args.preset, out_dir=args.out)
-    print(
-        json.dumps(
-            {
-                "results": str(results_path),
-                "arms": len(read_results(results_path)),
-                "minutes_this_run": round((time.perf_counter() - started) / 60, 1),
-                "failed": failed,
-            }
-        )
-    )
+    # seed by seed: an interrupted grid has whole seeds (each arm beside the dense run of its seed)
+    todo = [(arm, task, seed) for seed in args.seed for arm in ARMS for task in tasks if arm["arm"] in wanted]
+    todo = [(arm, task, seed) for arm, task, seed in todo if (task, arm["arm"], seed) not in done]
+    if args.powered:
+        print(estimate_line([(task, arm["arm"], seed) for arm, task, seed in todo]), flush=True)
+    if args.dry_run:
+        runs = [[task, arm["arm"], seed] for arm, task, seed in todo]
+        print(json.dumps({"results": str(results_path), "threads": args.threads, "drop_weights": args.drop_weights, "runs": runs}))
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    failed = run_plan(todo, args, report)
+    summary = {"results": str(results_path), "arms": len(read_results(results_path)), "failed": failed}
+    print(json.dumps({**summary, "minutes_this_run": round((time.perf_counter() - started) / 60, 1)}))
     if failed:
         sys.exit(1)
+
+
+def run_plan(todo: list[tuple[dict, str, int]], args: argparse.Namespace, report: dict) -> list[str]:
+    """Run each (arm, task, seed), appending its record and rewriting the report after each; the failed runs."""
+    out, results_path = Path(args.out), Path(args.results)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"  # recorded beside every timing
+    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))
+    failed = []
+    for arm, task, seed in todo:
+        print(f"[{time.strftime('%H:%M:%S')}] {task} {arm['arm']} seed {seed}", flush=True)
+        try:
+            record = run_arm(arm, task, out, PRESETS[args.preset], seed)
+        except RuntimeError as exc:  # one arm's failure must not cost the others; no record, so a rerun retries it
+            print(f"FAILED {task} {arm['arm']} seed {seed}: {exc}", file=sys.stderr, flush=True)
+            failed.append(f"{task}/{arm['arm']}/seed{seed}")
+            continue
+        record.update(preset=args.preset, seed=seed, threads=threads, device=device)
+        with results_path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if args.drop_weights:  # the record holds what the study needs; the weights are ~0.5 GB per arm
+            for weights in (out / task / f"{arm['arm']}{'' if seed == 0 else f'-seed{seed}'}").glob("*.safetensors"):
+                weights.unlink()
+        write_report(read_results(results_path), Path(args.report), **report)
+    return failed
 
 
 if __name__ == "__main__":

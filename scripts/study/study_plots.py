@@ -6,7 +6,7 @@
 - the keep-top-p (sparsity) ablation of the merged layer at 20% (igia-p10, igia = p20, igia-p50);
 - Kendall τ and dropped-set overlap of the early IGIA ranking against the end-of-run one.
 
-    .venv/bin/python scripts/study/study_plots.py --results runs/quality-study/results.jsonl \\
+    .venv/bin/python scripts/study/study_plots.py --results docs/study-records/results-cpu.jsonl \\
         --ranking runs/ranking-stability-sst2.json --out docs/figures
 """
 
@@ -113,7 +113,9 @@ def recovery(records: list[dict], task: str, path: Path, pct: int = 20) -> Path 
         f"igia@{pct}%": "LoRA r8\n(default)",
         f"igia-K0@{pct}%": "r8, no\nmerge",
         f"igia-lora16@{pct}%": "LoRA r16",
+        f"igia-K0-lora16@{pct}%": "r16, no\nmerge",
         f"igia-prunedlora16@{pct}%": "PrunedLoRA\n16→8",
+        f"igia-K0-prunedlora16@{pct}%": "PrunedLoRA\n16→8, no merge",
         f"igia-prunedlora@{pct}%": "PrunedLoRA\n64→8",
     }
     return ablation_bars(records, task, names, f"recovery of igia's {pct}% cut (K=1 unless said)", path)
@@ -142,7 +144,7 @@ def ranking(result: dict, path: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", default="runs/quality-study/results.jsonl")
+    parser.add_argument("--results", default="docs/study-records/results-cpu.jsonl")
     parser.add_argument("--ranking", nargs="*", default=[])
     parser.add_argument("--out", default="docs/figures")
     args = parser.parse_args()

@@ -1,18 +1,15 @@
-"""The quality study's report: tables and the issue's targets, computed from results.jsonl records.
+"""The quality study's report: tables and the issue's targets, computed from the records quality_study.py writes.
 
-Pure arithmetic on the records `quality_study.py` writes (tested in tests/study/test_study_report.py).
+Pure arithmetic on those records (tested in tests/study/); the paired comparisons are paired_tables.py's.
+Accuracies and SEs come from the counts (k correct of n rows), never from rounded percentages.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from pathlib import Path
 
-
-def diff_se(a: dict, b: dict) -> float:
-    """Standard error of the difference of two independent accuracies."""
-    return math.sqrt(a["accuracy_se"] ** 2 + b["accuracy_se"] ** 2)
+from paired_tables import RULE, accuracy_points, across_seed_table, compare, defaults_table, delta_text, per_seed_table, se_points
 
 
 def step_seconds(record: dict) -> float:
@@ -33,17 +30,16 @@ def targets(task_records: dict[str, dict]) -> list[str]:
     for arm, limit in (("igia@20%", 1.0), ("igia@30%", 3.0)):
         r = task_records.get(arm)
         if r:
-            gap = 100 * (dense["accuracy"] - r["accuracy"])
-            lines.append(
-                f"- {arm} within {limit:g} point(s) of dense: {'met' if gap <= limit else 'missed'} "
-                f"(gap {gap:+.1f} ± {100 * diff_se(dense, r):.1f})"
-            )
+            gap = compare(dense, r)
+            met = gap["delta"] <= limit
+            lines.append(f"- {arm} within {limit:g} point(s) of dense: {'met' if met else 'missed'} (gap {delta_text(gap)})")
     best = task_records.get("igia@30%")
     for base in ("block-influence@30%", "last-n@30%", "ppl@30%"):
         r = task_records.get(base)
         if best and r:
-            lead, se = 100 * (best["accuracy"] - r["accuracy"]), 100 * diff_se(best, r)
-            lines.append(f"- igia@30% ahead of {base} by more than 1 SE: {'met' if lead > se else 'missed'} ({lead:+.1f} ± {se:.1f})")
+            lead = compare(best, r)
+            met = lead["delta"] > lead["se"]
+            lines.append(f"- igia@30% ahead of {base} by more than 1 SE: {'met' if met else 'missed'} ({delta_text(lead)})")
     for arm in ("igia@20%", "igia@30%", "igia@40%"):
         r = task_records.get(arm)
         if r:
@@ -68,18 +64,18 @@ def task_table(records: list[dict]) -> list[str]:
     by_arm = {r["arm"]: r for r in records}
     dense = by_arm.get("dense")
     lines = [
-        "| arm | layers dropped | merged into | params | accuracy % | Δ vs dense | test loss | ledger loss dense → pruned → recovered "
-        "| compress s | cost ratio (step ratio) | peak RSS MB |",
+        "| arm | layers dropped | merged into | params | accuracy % | Δ vs dense (McNemar p) | test loss "
+        "| ledger loss dense → pruned → recovered | compress s | cost ratio (step ratio) | peak RSS MB |",
         "|---|---|---|---:|---:|---:|---:|---|---:|---|---:|",
     ]
     for r in records:
-        delta = f"{100 * (r['accuracy'] - dense['accuracy']):+.1f} ± {100 * diff_se(r, dense):.1f}" if dense and r is not dense else "–"
+        delta = delta_text(compare(r, dense)) if dense and r is not dense else "–"
         c = cost(r, dense) if dense and r is not dense else None
         cost_cell = f"{c['ratio']:.2f} ({c['step_ratio']:.2f})" if c else "1.00"
         merged = ", ".join(f"{k}→{v}" for k, v in (r.get("merge_targets") or {}).items()) or "–"
         lines.append(
             f"| {r['arm']} | {r.get('layers_dropped', '–')} | {merged} | {r['params'] / 1e6:.1f}M | "
-            f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_se']:.1f} | {delta} | {r['test_loss']:.3f} | "
+            f"{accuracy_points(r):.1f} ± {se_points(r):.1f} | {delta} | {r['test_loss']:.3f} | "
             f"{_ledger_cell(r.get('ledger'))} | {r['compress_seconds']:.0f} | "
             f"{cost_cell} | "
             f"{r['peak_rss_mb']:.0f} |"
@@ -156,34 +152,9 @@ def predictors(records: list[dict]) -> list[str]:
         for p in judge["proposals"]:
             arm = by_arm.get(f"{p['scorer']}@{pct}")
             healed = f"{p['healed']['loss']:.2f}" if p.get("healed") else "–"
-            accuracy = f"{100 * arm['accuracy']:.1f} ± {100 * arm['accuracy_se']:.1f}" if arm else "not run"
+            accuracy = f"{accuracy_points(arm):.1f} ± {se_points(arm):.1f}" if arm else "not run"
             lines.append(f"| {p['scorer']} | {p['dropped']} | {p['raw']['loss']:.2f} | {healed} | {accuracy} |")
         lines.append("")
-    return lines
-
-
-def seed_table(results: list[dict]) -> list[str]:
-    """Arms run with more than one seed: accuracy per seed, and the gap to the dense fine-tune of the same seed
-    (same validation slice, data order and LoRA init), with the mean and the seeds' spread."""
-    runs: dict[tuple[str, str], dict[int, dict]] = {}
-    for r in results:
-        if "accuracy" in r:
-            runs.setdefault((r["task"], r["arm"]), {})[r.get("seed", 0)] = r
-    multi = {key: seeds for key, seeds in runs.items() if len(seeds) > 1}
-    if not multi:
-        return []
-    lines = [
-        "| task | arm | accuracy % per seed | mean ± SD over seeds | Δ vs dense of the same seed | mean Δ |",
-        "|---|---|---|---:|---|---:|",
-    ]
-    for (task, arm), seeds in multi.items():
-        accs = [100 * seeds[s]["accuracy"] for s in sorted(seeds)]
-        dense = runs.get((task, "dense"), {})
-        deltas = [100 * (seeds[s]["accuracy"] - dense[s]["accuracy"]) for s in sorted(seeds) if s in dense and arm != "dense"]
-        per_seed = ", ".join(f"{a:.1f} (seed {s})" for s, a in zip(sorted(seeds), accs))
-        delta_cells = (", ".join(f"{d:+.1f}" for d in deltas), f"{statistics.mean(deltas):+.1f}") if deltas else ("–", "–")
-        spread = f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}"
-        lines.append(f"| {task} | {arm} | {per_seed} | {spread} | {delta_cells[0]} | {delta_cells[1]} |")
     return lines
 
 
@@ -198,42 +169,63 @@ def machine_note(results: list[dict]) -> str:
     return f"Measured on {', '.join(devices)}; docs/results.md says what shared the device (wall times move with it)."
 
 
-def write_report(results: list[dict], path: Path, *, preset: tuple, preset_name: str, out_dir: str = "runs/quality-study") -> Path:
+def write_report(results: list[dict], path: Path, *, preset: tuple, preset_name: str, command: str) -> Path:
     rows, steps, test_rows, max_length = preset
+    seeds = sorted({r.get("seed", 0) for r in results}) or [0]
     out = [
         f"# Quality study: GradPruner on SmolLM2-135M-Instruct ({preset_name} preset)",
         "",
-        f"Command: `.venv/bin/python scripts/study/quality_study.py --out {out_dir} --preset {preset_name}` "
+        f"Command: `.venv/bin/python scripts/study/quality_study.py {command}` "
         f"(resumable). Every arm: {rows} rows of the task's train.jsonl (10% seeded validation slice held out → "
-        f"the ledger), {steps} optimizer steps of batch 8, max {max_length} tokens, seed {results[0]['seed'] if results else 0}; "
-        f"accuracy by choice log-likelihood on the first {test_rows} test rows or all where a task has fewer (± binomial SE; "
-        "Δ ± SE of the difference). "
+        f"the ledger), {steps} optimizer steps of batch 8, max {max_length} tokens, seed(s) {', '.join(map(str, seeds))}; "
+        f"accuracy by choice log-likelihood on the first {test_rows} test rows or all where a task has fewer (± binomial SE "
+        "from the counts k of n; Δ vs dense ± the paired SE over the shared test rows with the exact McNemar p, or the "
+        "independent SE where a record predates per-row outcomes). "
         "Cost ratio = (scoring + surgery + recovery seconds) / dense LoRA fine-tune seconds; step ratio = pruned/dense "
         "seconds per optimizer step. " + machine_note(results),
         "",
     ]
-    seeds = seed_table(results)
-    results = [r for r in results if r.get("seed", 0) == 0]  # the tables below: seed 0; other seeds at the end
-    for task in dict.fromkeys(r["task"] for r in results):
-        records = [r for r in results if r["task"] == task and "judge" not in r]
-        by_arm = {r["arm"]: r for r in records}
-        out += [f"## {task}", ""]
-        if "dense" in by_arm:
-            d = by_arm["dense"]
-            out += [
-                f"Zero-shot {100 * d['zero_shot_accuracy']:.1f}%, majority label {100 * d['majority_share']:.1f}% of the "
-                f"{d['test_rows']} test rows, dense LoRA fine-tune {100 * d['accuracy']:.1f} ± {100 * d['accuracy_se']:.1f}%.",
-                "",
-            ]
-        out += task_table(records) + [""]
-        lines = targets(by_arm)
-        if lines:
-            out += ["Targets:", ""] + lines + [""]
-        lines = predictors([r for r in results if r["task"] == task])
-        if lines:
-            out += ["Predictors of post-recovery quality:", ""] + lines
-    if seeds:
-        out += ["## Seeds", "", "Arms rerun with other seeds (`--seed N`):", ""] + seeds + [""]
+    out += _seed_sections(results)
+    first_seed = [r for r in results if r.get("seed", 0) == seeds[0]]  # the tables below: the first seed; all seeds at the end
+    for task in dict.fromkeys(r["task"] for r in first_seed):
+        out += _task_section(task, [r for r in first_seed if r["task"] == task], seeds[0])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out))
     return path
+
+
+def _seed_sections(results: list[dict]) -> list[str]:
+    """The paired comparisons: the defaults question, every arm across seeds, every arm vs its seed's dense run."""
+    out = []
+    defaults = defaults_table(results)
+    if defaults:
+        out += ["## The defaults question (20% of layers)", "", RULE, ""] + defaults + [""]
+    seeds = across_seed_table(results)
+    if seeds:
+        out += ["## Seeds", "", "Arms run with more than one seed (`--seed N`); each Δ is against the dense run of the same seed.", ""]
+        out += ([RULE, ""] if not defaults else []) + seeds + [""]
+    per_seed = per_seed_table(results)
+    if per_seed:
+        out += ["## Paired tests vs dense, every seed", ""] + per_seed + [""]
+    return out
+
+
+def _task_section(task: str, results: list[dict], seed: int) -> list[str]:
+    records = [r for r in results if "judge" not in r]
+    by_arm = {r["arm"]: r for r in records}
+    out = [f"## {task}" + (f" (seed {seed})" if seed else ""), ""]
+    if "dense" in by_arm:
+        d = by_arm["dense"]
+        out += [
+            f"Zero-shot {100 * d['zero_shot_accuracy']:.1f}%, majority label {100 * d['majority_share']:.1f}% of the "
+            f"{d['test_rows']} test rows, dense LoRA fine-tune {accuracy_points(d):.1f} ± {se_points(d):.1f}%.",
+            "",
+        ]
+    out += task_table(records) + [""]
+    lines = targets(by_arm)
+    if lines:
+        out += ["Targets:", ""] + lines + [""]
+    lines = predictors(results)
+    if lines:
+        out += ["Predictors of post-recovery quality:", ""] + lines
+    return out

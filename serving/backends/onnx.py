@@ -1,6 +1,11 @@
 """The onnx backend: onnxruntime on `gradprune export onnx` graphs (prefill, then one decode step per
 token), each model in its own worker process (serving/bench_worker.py `OnnxRunner`). Exports are
-given (--onnx-dense / --onnx-pruned) or made once into the cache and reused."""
+given (--onnx-dense / --onnx-pruned) or made once into the cache and reused.
+
+With `--onnx-quantize int4|int8` a third arm runs beside dense and pruned float32: the pruned checkpoint
+exported and weight-quantised (`gradprune export onnx --quantize`, into the cache), measured in the same
+interleaved schedule; each arm is reported as a ratio to the dense float32 graph next to the ideal
+from the graphs' own weight bytes (serving/ideal.py `onnx_arm_ideals`)."""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from gradprune_deploy.layout import ONNX_GRAPH, ONNX_METADATA
 from gradprune_deploy.loading import cache_dir
 from gradprune_deploy.utils import optional_import, require
 
+from ..ideal import ideal_from_checkpoints, onnx_arm_ideals, onnx_graph_costs
 from .base import BenchBackend
 from .worker import run_worker_backend
 
@@ -29,11 +35,15 @@ class OnnxBackend(BenchBackend):
     colour = "#2ca02c"
 
     def check_inputs(self, config: BenchConfig) -> None:
+        if config.onnx_quantize != "none" and self.name not in config.backends:
+            raise ConfigError(f"--onnx-quantize {config.onnx_quantize} adds an arm to the onnx backend: add --backend onnx (or all)")
         for flag, given in (("--onnx-dense", config.onnx_dense), ("--onnx-pruned", config.onnx_pruned)):
             if given and not (Path(given).expanduser() / ONNX_GRAPH).is_file():
                 raise ConfigError(f"{flag} {given}: no model.onnx there: give a `gradprune export onnx` output, or leave {flag} out")
 
     def check_environment(self, config: BenchConfig) -> None:
+        if config.onnx_quantize != "none" and self.dtype(config) != "float32":
+            raise ConfigError(f"--onnx-quantize {config.onnx_quantize} quantises the float32 graph: use --dtype float32 (or auto on CPU)")
         if self.dtype(config) == "bfloat16":
             raise ConfigError("--dtype bfloat16 cannot be exported to ONNX: use --dtype float16 or float32 with --backend onnx")
         extra = "onnx-gpu" if config.device == "cuda" else "onnx"
@@ -51,25 +61,53 @@ class OnnxBackend(BenchBackend):
 
     def run(self, checkpoints: dict[str, Path], prompts: list[list[int]], tokenizer, config: BenchConfig) -> dict[str, Any]:
         given = {"dense": config.onnx_dense, "pruned": config.onnx_pruned}
-        exports = {label: ensure_onnx_export(directory, given[label], dtype=self.dtype(config)) for label, directory in checkpoints.items()}
+        dtype = self.dtype(config)
+        exports = {label: ensure_onnx_export(directory, given[label], dtype=dtype) for label, directory in checkpoints.items()}
+        arms = dict(checkpoints)
+        if config.onnx_quantize != "none":  # the third arm: the pruned checkpoint, quantised
+            label = f"pruned-{config.onnx_quantize}"
+            arms[label] = checkpoints["pruned"]
+            exports[label] = ensure_onnx_export(checkpoints["pruned"], None, dtype=dtype, quantize=config.onnx_quantize)
         onnx_dirs = {label: path for label, (path, _) in exports.items()}
-        result = run_worker_backend(self, checkpoints, prompts[: config.num_prompts], config, onnx_dirs=onnx_dirs)
+        result = run_worker_backend(self, arms, prompts[: config.num_prompts], config, onnx_dirs=onnx_dirs)
+        for label, path in onnx_dirs.items():
+            result["samples"][label]["file_size_bytes"] = [graph_file_bytes(path)]
         result["onnx_exports"] = {label: {"path": str(path), "origin": origin} for label, (path, origin) in exports.items()}
+        if len(arms) > 2:
+            costs = {label: onnx_graph_costs(path) for label, path in onnx_dirs.items()}
+            prefill = ideal_from_checkpoints(
+                checkpoints["dense"], checkpoints["pruned"], input_len=config.input_len, output_len=config.output_len
+            )["ratios"]["prefill_flops"]
+            result["arm_ideals"] = onnx_arm_ideals(costs, prefill_flops_ratio=prefill)
+            result["onnx_graph_costs"] = costs
         return result
 
+    def settings(self, config: BenchConfig) -> dict[str, Any]:
+        return {**super().settings(config), "onnx_quantize": config.onnx_quantize}
 
-def onnx_cache_dir(checkpoint: Path, dtype: str) -> Path:
+
+def graph_file_bytes(export_dir: Path) -> int:
+    """model.onnx and its external data: what the arm weighs on disk."""
+    return sum(p.stat().st_size for p in Path(export_dir).glob(ONNX_GRAPH + "*") if p.is_file())
+
+
+def onnx_cache_dir(checkpoint: Path, dtype: str, quantize: str = "none") -> Path:
     """Where an automatic export of this checkpoint lives: keyed by path, weights' size and mtime."""
-    stamp = [str(checkpoint.resolve()), dtype] + [
-        f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-        for p in sorted(checkpoint.glob("*.safetensors")) + [checkpoint / "config.json"]
-    ]
+    stamp = (
+        [str(checkpoint.resolve()), dtype]
+        + ([] if quantize == "none" else [f"quantize={quantize}"])
+        + [
+            f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+            for p in sorted(checkpoint.glob("*.safetensors")) + [checkpoint / "config.json"]
+        ]
+    )
     key = hashlib.sha1("\n".join(stamp).encode()).hexdigest()[:16]
-    return cache_dir() / "bench-onnx" / f"{checkpoint.name}-{key}"
+    return cache_dir() / "bench-onnx" / f"{checkpoint.name}{'' if quantize == 'none' else '-' + quantize}-{key}"
 
 
-def ensure_onnx_export(checkpoint: Path, given: str | None, *, dtype: str = "float32") -> tuple[Path, str]:
-    """An ONNX export of `checkpoint`: the one given, the cached one, or a fresh export into the cache."""
+def ensure_onnx_export(checkpoint: Path, given: str | None, *, dtype: str = "float32", quantize: str = "none") -> tuple[Path, str]:
+    """An ONNX export of `checkpoint`: the one given, the cached one, or a fresh export into the cache
+    (validated as every export is; its held-out ledger is left to `gradprune export onnx`)."""
     if given:
         path = Path(given).expanduser().resolve()
         if not path.is_dir():
@@ -77,9 +115,9 @@ def ensure_onnx_export(checkpoint: Path, given: str | None, *, dtype: str = "flo
                 f"ONNX export {path} not found: check --onnx-dense / --onnx-pruned, or leave them out to export automatically"
             )
         return path, "given"
-    out = onnx_cache_dir(checkpoint, dtype)
+    out = onnx_cache_dir(checkpoint, dtype, quantize)
     if (out / ONNX_METADATA).is_file() and (out / ONNX_GRAPH).is_file():
         return out, "cached"
-    logger.info("exporting %s to ONNX (%s) in %s", checkpoint, dtype, out)
-    export_onnx(OnnxExportConfig(str(checkpoint), out=str(out), dtype=dtype, overwrite=True))
+    logger.info("exporting %s to ONNX (%s%s) in %s", checkpoint, dtype, "" if quantize == "none" else f", {quantize}", out)
+    export_onnx(OnnxExportConfig(str(checkpoint), out=str(out), dtype=dtype, quantize=quantize, ledger=False, overwrite=True))
     return out, "exported"

@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import torch
 
 from gradprune_deploy.cli import main
 from gradprune_deploy.data import Example, encode_example, encode_prompt, read_examples
-from gradprune_deploy.errors import ConfigError, DataError, ModelLoadError
+from gradprune_deploy.errors import ConfigError, DataError, ModelLoadError, OutputExistsError
+from gradprune_deploy.evaluation import evaluate as evaluate_module
 from gradprune_deploy.evaluation.evaluate import EvalConfig, evaluate, evaluate_model, result_filename
 from gradprune_deploy.evaluation.hf import eos_token_ids, greedy_generate
 from gradprune_deploy.evaluation.metrics import exact_match, extract_final_answer, mean_token_loss
@@ -407,3 +409,78 @@ def test_vllm_exact_agrees_with_transformers(smollm2_dir):
     same = sum(a["tokens"] == b["tokens"] for a, b in zip(hf_rows, vl_rows))
     assert same >= 7, [(a["prediction"], b["prediction"]) for a, b in zip(hf_rows, vl_rows)]
     assert abs(hf["value"] - vl["value"]) <= 1 / 8 + 1e-9
+
+
+# ------------------------------------------------------------------ inputs longer than the context
+
+
+@pytest.fixture(scope="module")
+def short_context(tokenizer):
+    """A tiny model that attends over 64 positions only (context.py's rule cuts longer rows)."""
+    model = tiny_model("llama", num_hidden_layers=2)
+    model.config.max_position_embeddings = 64
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+HUGE_PROMPT = "the quick brown fox jumps over the lazy dog " * 4000  # ~36k tokens: unbounded attention would need ~100 GB
+
+
+def test_a_prompt_longer_than_the_context_is_cut_from_the_left_keeping_the_completion(short_context):
+    model, tokenizer = short_context
+    long_row, short_row = Example(HUGE_PROMPT + "Answer:", "yes", ("yes", "no"), "long"), Example("Answer:", "no", ("yes", "no"), "short")
+    started = time.perf_counter()
+    loss, _ = evaluate_model(model, tokenizer, [long_row, short_row], metric="loss", batch_size=2)
+    choice, rows = evaluate_model(model, tokenizer, [long_row, short_row], metric="choice", batch_size=2)
+    assert time.perf_counter() - started < 60  # bounded by the context, not by the prompt
+    assert loss["truncated_rows"] == 1 and choice["truncated_rows"] == 1
+    for ex, row in zip([long_row, short_row], rows):  # brute force: the last 64 tokens, unpadded, the completion kept whole
+        for choice_text in ex.choices:
+            ids, n_prompt = encode_example(tokenizer, Example(ex.prompt, choice_text))
+            cut = max(0, len(ids) - 64)
+            expected, _ = unpadded_logprob(model, ids[cut:], n_prompt - cut)
+            assert row["scores"][choice_text] == pytest.approx(expected, abs=1e-4)
+
+
+def test_generation_prompts_are_cut_to_leave_room_for_the_new_tokens(short_context):
+    model, tokenizer = short_context
+    seen = []
+
+    def generate(prompts, max_new):
+        seen.extend(len(p) + max_new for p in prompts)
+        return [[] for _ in prompts]
+
+    rows = [Example(HUGE_PROMPT, "yes", (), "long"), Example("Hi", "yes", (), "short")]
+    summary, _ = evaluate_model(model, tokenizer, rows, metric="exact", max_new_tokens=8, generate=generate)
+    assert summary["truncated_rows"] == 1 and max(seen) == 64  # the long prompt fills exactly the context
+    with pytest.raises(ConfigError, match="--max-new-tokens 64 leaves no room"):
+        evaluate_model(model, tokenizer, rows, metric="exact", max_new_tokens=64, generate=generate)
+    summary, _ = evaluate_model(model, tokenizer, rows, metric="exact", generate=generate)  # the default never fills it
+    assert summary["max_new_tokens"] <= 32
+
+
+def test_a_completion_that_alone_fills_the_context_is_refused_naming_the_row(short_context):
+    model, tokenizer = short_context
+    with pytest.raises(DataError, match="row 'big': its completion alone is"):
+        evaluate_model(model, tokenizer, [Example("Q", "yes " * 100, (), "big")], metric="loss")
+
+
+# ------------------------------------------------------------------ no clobbering an earlier result
+
+
+def test_an_earlier_result_is_replaced_only_with_overwrite_and_refused_before_any_work(ckpt, toy_data, monkeypatch):
+    first = evaluate(EvalConfig(str(ckpt), data=str(toy_data), metric="loss", limit=2))
+    path = Path(first["saved_to"])
+    before = path.read_bytes()
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("evaluated although the result would be refused")
+
+    monkeypatch.setattr(evaluate_module, "_run_backend", no_work)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        evaluate(EvalConfig(str(ckpt), data=str(toy_data), metric="loss", limit=1))
+    assert path.read_bytes() == before  # the earlier (larger) run is kept
+    monkeypatch.undo()
+    again = evaluate(EvalConfig(str(ckpt), data=str(toy_data), metric="loss", limit=1, overwrite=True))
+    assert again["n"] == 1 and json.loads(path.read_text())["n"] == 1

@@ -13,11 +13,15 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
+from exporters.card_artefacts import RUN_SNIPPETS
 from exporters.hub import build_model_card
 from exporters.model_card import redact
+from exporters.onnx import OnnxExportConfig, export_onnx
+from gradprune_deploy.artefacts import with_artefact
 from gradprune_deploy.checkpoint import inspect_checkpoint
 from gradprune_deploy.errors import GradPruneError, ModelLoadError
-from gradprune_deploy.manifest import SCHEMA_VERSION, Manifest
+from gradprune_deploy.manifest import SCHEMA_VERSION, ArtefactRecord, Manifest
+from gradprune_deploy.utils import is_available
 from tests.conftest import SHARED_DATA
 from tests.exporters.conftest import edit_manifest
 
@@ -353,3 +357,31 @@ def test_card_refuses_a_broken_checkpoint(ckpt):
     (ckpt / "config.json").write_text(json.dumps({**config, "num_hidden_layers": n - 1}))
     with pytest.raises(ModelLoadError, match=rf"num_hidden_layers={n - 1} but the weights disagree \(unexpected layer\(s\) \[{n - 1}\]\)"):
         build_model_card(ckpt, repo_id="me/x")
+
+
+@pytest.mark.skipif(not is_available("onnxruntime") or not is_available("onnxscript"), reason="needs the onnx extra")
+def test_card_lists_the_exported_artefacts(ckpt, tmp_path):
+    """A real `export onnx` record, carried into the checkpoint's manifest as a Hub upload with the artefact
+    would carry it: the card lists its size, validation and ledger point against the checkpoint's own."""
+    export = tmp_path / "onnx-float32"
+    export_onnx(OnnxExportConfig(str(ckpt), out=str(export), new_tokens=2))
+    (record,) = Manifest.read(export).artefacts
+    with_artefact(Manifest.read(ckpt), record).write(ckpt)
+    text = build_model_card(ckpt, repo_id="me/tiny").text
+    section = text.split("## Quantised and exported versions", 1)[1].split("\n## ", 1)[0]
+    final = Manifest.read(ckpt).final_quality
+    row = next(line for line in section.splitlines() if line.startswith("| **onnx-float32**"))
+    assert f"{record.size_bytes / 2**20:,.1f} MiB" in row and "`onnx-float32/model.onnx`" in row
+    assert "100.0% greedy tokens equal" in row and f"max \\|Δ logits\\| {record.validation['max_abs_logit_diff']:.3g}" in row
+    assert f"{record.quality.loss:.4f} ({record.quality.loss / final.loss - 1:+.1%})" in row
+    assert f"loss {final.loss:.4f}" in section and 'OnnxCausalLM("onnx-float32")' in section
+    assert "| onnx-float32 | this checkpoint exported to ONNX, float32 |" in text  # its ledger point joins the ledger table
+    assert str(tmp_path) not in text  # the export's local path never reaches the card
+
+
+def test_gguf_run_snippet():
+    """The GGUF snippet (for the gguf exporter's records): llama.cpp, then Ollama through a Modelfile."""
+    record = ArtefactRecord(stage="gguf-q8_0", format="gguf", quantization="q8_0", files=["tiny-q8_0.gguf"])
+    snippet = RUN_SNIPPETS["gguf"]("gguf", record)
+    assert "llama-cli -m gguf/tiny-q8_0.gguf" in snippet and "FROM ./gguf/tiny-q8_0.gguf" in snippet
+    assert "ollama create gguf-q8-0 -f Modelfile" in snippet

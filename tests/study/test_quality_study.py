@@ -19,8 +19,10 @@ from tests.conftest import SHARED_DATA
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts" / "study"))
 
+from paired import binomial_se, counts  # noqa: E402
+from paired_tables import compare  # noqa: E402
 from ranking_stability import kendall_tau_b, lowest, second_half, stability  # noqa: E402
-from study_report import cost, diff_se, predictors, spearman, targets  # noqa: E402
+from study_report import cost, predictors, spearman, targets  # noqa: E402
 
 
 @pytest.mark.slow
@@ -50,7 +52,19 @@ def test_smoke_study_writes_records_and_a_report(tmp_path, smollm2_dir):
     assert igia["params"] < dense["params"]
     assert [p["stage"] for p in igia["ledger"]["points"]] == ["dense", "pruned", "recovered"]
     for r in records.values():
-        assert r["accuracy_se"] == pytest.approx(math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / r["test_rows"]))
+        # each test row's outcome is kept, the accuracy and its SE come from the counts
+        assert r["per_row"]["n"] == r["test_rows"] == 16 and len(r["per_row"]["correct"]) == 16 and len(r["per_row"]["predicted"]) == 16
+        assert counts(r) == (r["correct"], 16) and r["accuracy"] == r["correct"] / 16
+        assert r["accuracy_se"] == pytest.approx(math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / 16)) == binomial_se(r["correct"], 16)
+    assert dense["per_row"]["ids_sha256"] == igia["per_row"]["ids_sha256"]  # the same rows: a paired comparison
+    # the choice worker agrees with `gradprune eval --metric choice` on the same checkpoint and rows
+    cli = subprocess.run(
+        [str(Path(sys.executable).parent / "gradprune"), "eval", str(out / "sst2" / "igia@20%"), "--data", str(SHARED_DATA / "sst2"),
+         "--metric", "choice", "--limit", "16", "--no-save", "-q"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert json.loads(cli.stdout.strip().splitlines()[-1])["value"] == igia["accuracy"]
     # the report's numbers are the records' numbers
     text = report.read_text()
     assert f"{100 * igia['accuracy']:.1f} ± {100 * igia['accuracy_se']:.1f}" in text
@@ -58,7 +72,9 @@ def test_smoke_study_writes_records_and_a_report(tmp_path, smollm2_dir):
     assert any(line.startswith("- igia@20% within 1 point(s) of dense") for line in lines)
     c = cost(igia, dense)
     assert c["ratio"] == pytest.approx(igia["compress_seconds"] / dense["compress_seconds"])
-    assert diff_se(igia, dense) == pytest.approx(math.hypot(igia["accuracy_se"], dense["accuracy_se"]))
+    paired = compare(igia, dense)
+    assert paired["paired"] and paired["delta"] == pytest.approx(100 * (igia["accuracy"] - dense["accuracy"]))
+    assert f"{paired['delta']:+.1f} ± {paired['se']:.1f} (p {paired['p']:.2g})" in text
     # a rerun resumes: nothing left to do
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1])["arms"] == 2
@@ -72,13 +88,16 @@ def test_smoke_study_writes_records_and_a_report(tmp_path, smollm2_dir):
     seed_rows = [line for line in text.splitlines() if line.startswith("| sst2 | dense |")]
     mean = (100 * rows[0]["accuracy"] + 100 * next(r for r in rows if r["arm"] == "dense" and r["seed"] == 1)["accuracy"]) / 2
     assert "## Seeds" in text and len(seed_rows) == 1 and f"| {mean:.1f} ± " in seed_rows[0]
+    assert "## Paired tests vs dense, every seed" in text and "| sst2 | igia@20% | 1 |" in text
     assert all(r["device"] == "cpu" for r in rows) and "shared 2-core CPU" in text
     # --report-only rewrites the report from the records alone (how the GPU run's parts are merged): the same text
     rewritten = tmp_path / "again.md"
     only = subprocess.run([*cmd, "--seed", "1", "--report-only", "--report", str(rewritten)], capture_output=True, text=True)
     assert only.returncode == 0, only.stderr[-3000:]
     assert rewritten.read_text() == text
-    missing = subprocess.run([*cmd[:2], "--out", str(tmp_path / "none"), "--report-only"], capture_output=True, text=True)
+    missing = subprocess.run(
+        [*cmd[:2], "--out", str(tmp_path / "none"), "--preset", "smoke", "--report-only"], capture_output=True, text=True
+    )
     assert missing.returncode == 2 and "--report-only: no " in missing.stderr and not (tmp_path / "none").exists()
 
 
@@ -95,7 +114,7 @@ def test_spearman_matches_scipy_with_and_without_ties():
 def test_predictors_read_the_ledger_and_the_judge_proposals():
     def arm(name, pruned, recovered, accuracy):
         points = [{"stage": s, "loss": v} for s, v in (("dense", 2.0), ("pruned", pruned), ("recovered", recovered))]
-        return {"arm": name, "accuracy": accuracy, "accuracy_se": 0.03, "ledger": {"points": points}}
+        return {"arm": name, "accuracy": accuracy, "test_rows": 200, "ledger": {"points": points}}
 
     records = [arm("igia@30%", 19.0, 0.24, 0.55), arm("block-influence@30%", 4.7, 0.20, 0.66), arm("last-n@30%", 17.0, 0.22, 0.60)]
     records.append({**arm("igia-kd@30%", 19.0, 0.5, 0.90), "extra": ["--distill"]})  # a different recovery: left out
@@ -110,8 +129,8 @@ def test_predictors_read_the_ledger_and_the_judge_proposals():
     }
     text = "\n".join(predictors([*records, judge]))
     assert "over 3 pruned arms with the same CE recovery: Spearman ρ(loss, −accuracy) = +1.00" in text
-    assert "| igia | [20, 21] | 19.00 | 3.50 | 55.0 ± 3.0 |" in text
-    assert "| block-influence | [3, 4] | 4.70 | – | 66.0 ± 3.0 |" in text
+    assert "| igia | [20, 21] | 19.00 | 3.50 | 55.0 ± 3.5 |" in text  # SE from the counts, 110 of 200
+    assert "| block-influence | [3, 4] | 4.70 | – | 66.0 ± 3.3 |" in text
 
 
 def test_kendall_tau_and_dropped_overlap_against_scipy_and_by_hand():
@@ -141,3 +160,33 @@ def test_probe_snapshots_are_the_scores_after_that_many_informative_steps(tiny_l
     assert sorted(long.snapshots) == [2, 4]
     assert long.snapshots[2] == pytest.approx(short.scores().tolist(), rel=1e-6)  # the same run, stopped earlier
     assert long.snapshots[4] == pytest.approx(long.scores().tolist())
+
+
+def test_powered_runs_exactly_the_defaults_grid_on_one_thread(tmp_path):
+    """--powered's plan (without running it): the grid's arms x tasks x seeds 0-2, one thread, a time estimate."""
+    script = str(ROOT / "scripts" / "study" / "quality_study.py")
+    results = tmp_path / "powered.jsonl"
+    base = [sys.executable, script, "--out", str(tmp_path / "runs"), "--powered", "--results", str(results)]
+    proc = subprocess.run([*base, "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    estimate, plan = proc.stdout.strip().splitlines()[-2], json.loads(proc.stdout.strip().splitlines()[-1])
+    assert estimate.startswith("42 runs to do: ~4.0 h of compress")
+    assert plan["threads"] == 1 and plan["drop_weights"] and plan["results"] == str(results) and not (tmp_path / "runs").exists()
+    arms = {
+        "dense",
+        "igia-K0@20%",
+        "igia@20%",
+        "igia-K0-lora16@20%",
+        "igia-lora16@20%",
+        "igia-prunedlora16@20%",
+        "igia-K0-prunedlora16@20%",
+    }
+    assert {tuple(run) for run in plan["runs"]} == {(t, a, s) for t in ("sst2", "fin_headlines") for a in arms for s in (0, 1, 2)}
+    assert [run[2] for run in plan["runs"]] == sorted(run[2] for run in plan["runs"])  # seed by seed
+    # resumable: a run in the records is not planned again
+    results.write_text(json.dumps({"task": "sst2", "arm": "dense", "seed": 0, "accuracy": 0.86}) + "\n")
+    again = json.loads(subprocess.run([*base, "--dry-run"], capture_output=True, text=True, timeout=300).stdout.strip().splitlines()[-1])
+    assert len(again["runs"]) == 41 and ["sst2", "dense", 0] not in again["runs"]
+    # the grid is fixed
+    bad = subprocess.run([*base, "--arms", "dense", "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--powered runs a fixed grid (powered.py): drop --arms" in bad.stderr
