@@ -25,6 +25,7 @@ from gradprune_deploy.layout import BENCH_DIR, LAYER_PLOT, MANIFEST
 from gradprune_deploy.manifest import DataRecord, Manifest, QualityLedger, QualityPoint
 
 from .card_artefacts import artefact_stage_text, artefacts_section
+from .card_generation import generation_section
 
 # Data sources the compression stage bundles → the name a reader knows them by.
 BUNDLED_DATA = DATA_DESCRIPTIONS
@@ -448,6 +449,7 @@ def build_card_text(info: CheckpointInfo, *, repo_id: str, secrets: tuple[str | 
         _size_section(info),
         _data_section(m),
         _quality_section(m.quality if m else None, m),
+        generation_section(m.quality if m else None),
         artefacts_section(m),
         _evals_section(info),
         _bench_section(reports),

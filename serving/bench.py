@@ -232,7 +232,12 @@ def check_inputs(config: BenchConfig) -> tuple[Path, Path, Path]:
     check_environment(config)
     dense_dir, pruned_dir = resolve_checkpoints(config.dense, config.pruned)
     out_dir = resolve_path(config.out, "--out") if config.out else bench_dir(pruned_dir)  # a symlink loop: one line
-    inputs = {"--prompts": config.prompts, "--onnx-dense": config.onnx_dense, "--onnx-pruned": config.onnx_pruned}
+    inputs = {
+        "--prompts": config.prompts,
+        "--onnx-dense": config.onnx_dense,
+        "--onnx-pruned": config.onnx_pruned,
+        "--onnx-quantized": config.onnx_quantized,
+    }
     check_report_out(out_dir, dense_dir, pruned_dir, config.backends, overwrite=config.overwrite, inputs=inputs)
     check_lengths(config, dense_dir)
     if config.prompts != DEFAULT_PROMPTS and not Path(config.prompts).expanduser().exists():

@@ -91,6 +91,10 @@ class BenchConfig:
         default="none",
         metadata={"help": "--backend onnx: also measure --pruned weight-quantised (exported into the cache) beside the float32 pair"},
     )
+    onnx_quantized: str | None = field(
+        default=None,
+        metadata={"help": "an existing `export onnx --quantize` of --pruned for the --onnx-quantize arm (default: export into the cache)"},
+    )
     threads: int = field(
         default=0, metadata={"help": "CPU threads per model (0: all cores); on a shared machine 1 is steadier", "range": (0, None)}
     )

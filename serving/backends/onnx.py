@@ -37,9 +37,12 @@ class OnnxBackend(BenchBackend):
     def check_inputs(self, config: BenchConfig) -> None:
         if config.onnx_quantize != "none" and self.name not in config.backends:
             raise ConfigError(f"--onnx-quantize {config.onnx_quantize} adds an arm to the onnx backend: add --backend onnx (or all)")
-        for flag, given in (("--onnx-dense", config.onnx_dense), ("--onnx-pruned", config.onnx_pruned)):
-            if given and not (Path(given).expanduser() / ONNX_GRAPH).is_file():
-                raise ConfigError(f"{flag} {given}: no model.onnx there: give a `gradprune export onnx` output, or leave {flag} out")
+        if config.onnx_quantized and config.onnx_quantize == "none":
+            raise ConfigError("--onnx-quantized is the export for the --onnx-quantize arm: add --onnx-quantize int4 or int8")
+        given = (("--onnx-dense", config.onnx_dense), ("--onnx-pruned", config.onnx_pruned), ("--onnx-quantized", config.onnx_quantized))
+        for flag, path in given:
+            if path and not (Path(path).expanduser() / ONNX_GRAPH).is_file():
+                raise ConfigError(f"{flag} {path}: no model.onnx there: give a `gradprune export onnx` output, or leave {flag} out")
 
     def check_environment(self, config: BenchConfig) -> None:
         if config.onnx_quantize != "none" and self.dtype(config) != "float32":
@@ -67,7 +70,7 @@ class OnnxBackend(BenchBackend):
         if config.onnx_quantize != "none":  # the third arm: the pruned checkpoint, quantised
             label = f"pruned-{config.onnx_quantize}"
             arms[label] = checkpoints["pruned"]
-            exports[label] = ensure_onnx_export(checkpoints["pruned"], None, dtype=dtype, quantize=config.onnx_quantize)
+            exports[label] = ensure_onnx_export(checkpoints["pruned"], config.onnx_quantized, dtype=dtype, quantize=config.onnx_quantize)
         onnx_dirs = {label: path for label, (path, _) in exports.items()}
         result = run_worker_backend(self, arms, prompts[: config.num_prompts], config, onnx_dirs=onnx_dirs)
         for label, path in onnx_dirs.items():
@@ -112,7 +115,8 @@ def ensure_onnx_export(checkpoint: Path, given: str | None, *, dtype: str = "flo
         path = Path(given).expanduser().resolve()
         if not path.is_dir():
             raise ServingError(
-                f"ONNX export {path} not found: check --onnx-dense / --onnx-pruned, or leave them out to export automatically"
+                f"ONNX export {path} not found: check --onnx-dense / --onnx-pruned / --onnx-quantized, "
+                "or leave them out to export automatically"
             )
         return path, "given"
     out = onnx_cache_dir(checkpoint, dtype, quantize)

@@ -20,6 +20,7 @@ from exporters.onnx import OnnxExportConfig, export_onnx
 from gradprune_deploy.artefacts import with_artefact
 from gradprune_deploy.checkpoint import inspect_checkpoint
 from gradprune_deploy.errors import GradPruneError, ModelLoadError
+from gradprune_deploy.formatting import fmt
 from gradprune_deploy.manifest import SCHEMA_VERSION, ArtefactRecord, Manifest
 from gradprune_deploy.utils import is_available
 from tests.conftest import SHARED_DATA
@@ -385,3 +386,17 @@ def test_gguf_run_snippet():
     snippet = RUN_SNIPPETS["gguf"]("gguf", record)
     assert "llama-cli -m gguf/tiny-q8_0.gguf" in snippet and "FROM ./gguf/tiny-q8_0.gguf" in snippet
     assert "ollama create gguf-q8-0 -f Modelfile" in snippet
+
+
+def test_card_shows_what_the_model_answers_at_every_stage(ckpt):
+    """The ledger's greedy answers (recorded by the real compress) reach the card: one row per stage with the
+    degeneration measures, and the recorded answers side by side."""
+    m = Manifest.read(ckpt)
+    card = build_model_card(ckpt, repo_id="me/tiny").text
+    assert "## What it answers" in card
+    for p in m.quality.points:
+        g = p.generation
+        assert g is not None and g.rows == min(16, m.quality.rows)
+        assert f"| {p.stage} | {fmt(g.repeated_4gram_rate)} | " in card
+    first = m.quality.points[0].generation.examples[0]["answer"].replace("|", "\\|").replace("\n", "⏎")[:240]
+    assert first in card

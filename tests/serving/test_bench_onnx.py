@@ -20,26 +20,29 @@ from serving.report import arm_metrics  # noqa: E402
 from tests.serving.test_bench import tiny_pair  # noqa: E402,F401 - the shared fixture
 
 
+def _tiny_bench(pair, tmp_path, monkeypatch, **options) -> dict:
+    """The onnx backend's report of a real bench on the tiny pair (8 prompt tokens, 4 new), exports cached in tmp_path."""
+    monkeypatch.setattr(onnx_backend, "cache_dir", lambda: tmp_path / "cache")
+    dense, pruned = pair
+    config = BenchConfig(
+        dense=str(dense),
+        pruned=str(pruned),
+        backend="onnx",
+        input_len=8,
+        output_len=4,
+        num_prompts=2,
+        threads=1,
+        out=str(tmp_path / "report"),
+        plot=False,
+        **options,
+    )
+    return bench(config)["backends"]["onnx"]
+
+
 @pytest.mark.slow
 def test_onnx_bench_exports_once_and_reports(tiny_pair, tmp_path, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(onnx_backend, "cache_dir", lambda: tmp_path / "cache")
-    dense, pruned = tiny_pair
-    report = bench(
-        BenchConfig(
-            dense=str(dense),
-            pruned=str(pruned),
-            backend="onnx",
-            input_len=8,
-            output_len=4,
-            num_prompts=2,
-            runs=2,
-            warmup=1,
-            threads=1,
-            out=str(tmp_path / "report"),
-            plot=False,
-        )
-    )
-    onnx = report["backends"]["onnx"]
+    dense, _ = tiny_pair
+    onnx = _tiny_bench(tiny_pair, tmp_path, monkeypatch, runs=2, warmup=1)
     assert {e["origin"] for e in onnx["onnx_exports"].values()} == {"exported"}
     assert onnx["settings"]["dtype"] == "float32"
     assert {"ttft_s", "tpot_s", "e2e_s", "output_tok_s", "peak_rss_bytes", "model_rss_bytes"} <= set(onnx["metrics"])
@@ -55,25 +58,7 @@ def test_onnx_bench_exports_once_and_reports(tiny_pair, tmp_path, monkeypatch): 
 @pytest.mark.slow
 def test_onnx_bench_quantized_arm(tiny_pair, tmp_path, monkeypatch):  # noqa: F811
     """--onnx-quantize int4: a third arm (the pruned checkpoint, int4) beside the float32 pair, each against dense."""
-    monkeypatch.setattr(onnx_backend, "cache_dir", lambda: tmp_path / "cache")
-    dense, pruned = tiny_pair
-    report = bench(
-        BenchConfig(
-            dense=str(dense),
-            pruned=str(pruned),
-            backend="onnx",
-            onnx_quantize="int4",
-            input_len=8,
-            output_len=4,
-            num_prompts=2,
-            runs=1,
-            warmup=0,
-            threads=1,
-            out=str(tmp_path / "report"),
-            plot=False,
-        )
-    )
-    onnx = report["backends"]["onnx"]
+    onnx = _tiny_bench(tiny_pair, tmp_path, monkeypatch, runs=1, warmup=0, onnx_quantize="int4")
     assert set(onnx["onnx_exports"]) == {"dense", "pruned", "pruned-int4"} and onnx["settings"]["onnx_quantize"] == "int4"
     quantized = onnx["onnx_exports"]["pruned-int4"]["path"]
     assert json.loads((Path(quantized) / "gradprune_onnx.json").read_text())["quantization"]["type"] == "int4"
@@ -101,6 +86,12 @@ def test_quantized_arm_needs_float32_and_the_onnx_backend():
         )
     with pytest.raises(ConfigError, match="--onnx-quantize int8 adds an arm to the onnx backend: add --backend onnx"):
         onnx_backend.OnnxBackend().check_inputs(BenchConfig(dense="d", pruned="p", backend="hf", onnx_quantize="int8"))
+    with pytest.raises(ConfigError, match="--onnx-quantized is the export for the --onnx-quantize arm"):
+        onnx_backend.OnnxBackend().check_inputs(BenchConfig(dense="d", pruned="p", backend="onnx", onnx_quantized="q"))
+    with pytest.raises(ConfigError, match="--onnx-quantized /nonexistent: no model.onnx there"):
+        onnx_backend.OnnxBackend().check_inputs(
+            BenchConfig(dense="d", pruned="p", backend="onnx", onnx_quantize="int4", onnx_quantized="/nonexistent")
+        )
 
 
 def test_arm_ideals_from_graph_bytes():
