@@ -177,8 +177,7 @@ def export_hub(config: HubExportConfig) -> str:
     card) is checked before the first request, so a bad input uploads nothing.
     """
     repo_id = validate_repo_id(config.repo_id)
-    info = inspect_checkpoint(config.checkpoint)
-    verify_checkpoint(info.path)  # never publish a truncated file, a NaN tensor or a missing tokenizer
+    info = verify_checkpoint(config.checkpoint).info  # never publish a truncated file, a NaN tensor or a missing tokenizer
     token = _resolve_token(config.token)
     endpoint = _resolve_endpoint(config.endpoint)
     with tempfile.TemporaryDirectory(prefix="gradprune-hub-") as tmp:

@@ -23,31 +23,12 @@ import time
 from pathlib import Path
 
 from gradprune_deploy.compress.finetune import TrainSettings, run_probe
+from gradprune_deploy.compress.igia.convergence import kendall_tau_b  # the adaptive probe's τ-b, the one implementation
 from gradprune_deploy.data import read_examples, tokenize_examples
 from gradprune_deploy.loading import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
-
-
-def kendall_tau_b(x: list[float], y: list[float]) -> float:
-    """Kendall's τ-b (ties in either ranking handled as scipy.stats.kendalltau does)."""
-    concordant = discordant = ties_x = ties_y = 0
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            dx, dy = x[i] - x[j], y[i] - y[j]
-            if dx == 0 and dy == 0:
-                continue
-            if dx == 0:
-                ties_x += 1
-            elif dy == 0:
-                ties_y += 1
-            elif (dx > 0) == (dy > 0):
-                concordant += 1
-            else:
-                discordant += 1
-    denominator = math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
-    return (concordant - discordant) / denominator if denominator else float("nan")
 
 
 def lowest(scores: list[float], count: int) -> set[int]:
