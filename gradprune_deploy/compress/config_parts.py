@@ -179,7 +179,9 @@ class RecoveryConfig:
         "general prompt/completion rows mixed into the recovery (any --data source, e.g. bundled:gsm8k); a tenth of them "
         "(at most --validation-rows) are held out and scored in the ledger as the general validation set",
     )
-    mix_ratio: float = help_field(0.25, "fraction of the recovery rows that come from --mix-data")
+    mix_ratio: float = help_field(
+        0.25, "fraction of the recovery rows that come from --mix-data (0: train on none, only score the general rows)"
+    )
     mix_completions: Literal["data", "dense"] = help_field(
         "data", "train on --mix-data's own completions, or on the dense model's greedy answers to its prompts (self-data distillation)"
     )
@@ -197,8 +199,8 @@ class RecoveryConfig:
         self.validate_mix()
 
     def validate_mix(self) -> None:
-        if not 0 < self.mix_ratio < 1:
-            raise ConfigError(f"--mix-ratio must be between 0 and 1 (exclusive), got {self.mix_ratio}")
+        if not 0 <= self.mix_ratio < 1:
+            raise ConfigError(f"--mix-ratio must be at least 0 and below 1, got {self.mix_ratio}")
         if self.mix_new_tokens < 1:
             raise ConfigError(f"--mix-new-tokens must be at least 1, got {self.mix_new_tokens}")
         if self.mix_data is None:

@@ -187,8 +187,9 @@ def _read_mix(config: CompressConfig) -> Mix | None:
 
 def _recovery_features(model, tokenizer, features, mix: Mix | None, config: CompressConfig, timed):
     """The recovery's rows: the task's, plus --mix-ratio of --mix-data's pool (its completions, or the
-    dense model's answers to its prompts: call this before the cut)."""
-    if mix is None:
+    dense model's answers to its prompts: call this before the cut). --mix-ratio 0 adds none: the recovery is the
+    no-mix one, row for row, and only the ledger scores the general rows."""
+    if mix is None or config.mix_ratio == 0:
         return features
     extra = pick(mix.pool, mix_rows(len(features), config.mix_ratio), seed=config.seed)
     if config.mix_completions == "dense":

@@ -273,10 +273,14 @@ def resolve_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The arguments with --powered's grid and the defaults that depend on the preset filled in."""
     args = parser.parse_args()
     if args.powered:
-        given = [flag for flag, value in (("--arms", args.arms), ("--tasks", args.tasks), ("--seed", args.seed)) if value]
+        given = [flag for flag, value in (("--arms", args.arms), ("--seed", args.seed)) if value]
         if given or args.preset != "cpu":
             parser.error(f"--powered runs a fixed grid (powered.py): drop {', '.join(given) or '--preset'}")
-        args.arms, args.tasks, args.seed = POWERED_ARMS, POWERED_TASKS, POWERED_SEEDS
+        outside = sorted(set(args.tasks or []) - set(POWERED_TASKS))
+        if outside:
+            parser.error(f"--powered's tasks are {' and '.join(POWERED_TASKS)}: drop {', '.join(outside)}")
+        # --tasks picks a part of the grid, e.g. one task per process on a machine with a core per process.
+        args.arms, args.tasks, args.seed = POWERED_ARMS, args.tasks or POWERED_TASKS, POWERED_SEEDS
         args.threads = 1 if args.threads is None else args.threads
         args.drop_weights = True
     names = {a["arm"] for a in ARMS}

@@ -80,4 +80,20 @@ ARMS = [
         "drop": 6,
         "extra": ["--merge-layers", "none", "--finetune", "prunedlora", "--prunedlora-start-rank", "16"],
     },
+    # the recovery that keeps the model general (issue 23): GSM8K as the general rows (a seeded tenth held out and
+    # scored at every stage). ratio 0 trains exactly as igia@20% and only scores them (the no-mix control on the same
+    # general rows); 0.25 of the recovery rows from GSM8K's own answers, or from the dense model's (self-data)
+    {"arm": "igia-general@20%", "scorer": "igia", "drop": 6, "extra": ["--mix-data", "bundled:gsm8k", "--mix-ratio", "0"]},
+    {"arm": "igia-mix@20%", "scorer": "igia", "drop": 6, "extra": ["--mix-data", "bundled:gsm8k", "--mix-ratio", "0.25"]},
+    {
+        "arm": "igia-mixself@20%",
+        "scorer": "igia",
+        "drop": 6,
+        "extra": ["--mix-data", "bundled:gsm8k", "--mix-ratio", "0.25", "--mix-completions", "dense"],
+    },
+    # the official code's probe (layer score Σ‖∇B∇A‖_F, gradients after clipping at 1.0) and the adaptive probe, each
+    # beside igia@N% of the same seed: does the choice change the cut, the merge mask, the recovered accuracy?
+    {"arm": "igia-official@20%", "scorer": "igia", "drop": 6, "extra": ["--igia-reduce", "norm", "--probe-clip-grad-norm", "1.0"]},
+    {"arm": "igia-official@30%", "scorer": "igia", "drop": 9, "extra": ["--igia-reduce", "norm", "--probe-clip-grad-norm", "1.0"]},
+    {"arm": "igia-autoprobe@20%", "scorer": "igia", "drop": 6, "extra": ["--probe-steps", "auto"]},
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from mix_table import MIX_NOTE, mix_table
 from paired_tables import RULE, accuracy_points, across_seed_table, compare, defaults_table, delta_text, per_seed_table, se_points
 
 
@@ -204,6 +205,9 @@ def _seed_sections(results: list[dict]) -> list[str]:
     if seeds:
         out += ["## Seeds", "", "Arms run with more than one seed (`--seed N`); each Δ is against the dense run of the same seed.", ""]
         out += ([RULE, ""] if not defaults else []) + seeds + [""]
+    mix = mix_table(results)
+    if mix:
+        out += ["## A recovery that keeps the model general (--mix-data bundled:gsm8k)", "", MIX_NOTE, ""] + mix + [""]
     per_seed = per_seed_table(results)
     if per_seed:
         out += ["## Paired tests vs dense, every seed", ""] + per_seed + [""]

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from gradprune_deploy.cli import main
@@ -121,6 +122,20 @@ def test_compress_with_mix_data_records_the_general_ledger_and_generation(tiny_l
     assert general["recovered"].generation.exact_match == pytest.approx(exact["value"])
     text = "\n".join(quality_table(m.quality))
     assert "general held-out rows" in text and "rep-4" in text and "greedy answers to" in text
+
+
+def test_mix_ratio_zero_scores_the_general_rows_and_trains_exactly_as_without_a_mix(tiny_llama_dir, tmp_path):
+    """--mix-ratio 0: the no-mix recovery, weight for weight, with the general held-out rows in its ledger (the study's
+    no-mix arm beside a mixed one, scored on the same general rows)."""
+    plain, scored = tmp_path / "plain", tmp_path / "scored"
+    assert _compress(plain, tiny_llama_dir, "--validation-rows", "8") == 0
+    assert _compress(scored, tiny_llama_dir, "--mix-data", str(FIN_TRAIN), "--mix-ratio", "0", "--validation-rows", "8") == 0
+    a, b = load_file(plain / "model.safetensors"), load_file(scored / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    m = Manifest.read(scored)
+    assert m.data.mix["rows_planned"] == 0 and m.data.mix["rows_added"] == 0
+    assert [p.stage for p in m.quality.general_points] == ["dense", "pruned", "recovered"]
+    assert [p.loss for p in m.quality.points] == [p.loss for p in Manifest.read(plain).quality.points]
 
 
 def test_dense_completions_are_the_models_finished_greedy_answers(smollm2_dir, tokenizer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import sys
@@ -10,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gradprune_deploy.manifest import GenerationQuality, QualityLedger, QualityPoint
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts" / "study"))
 
+from mix_table import MIX_ARMS, general_ratio, mix_table  # noqa: E402
 from paired import (  # noqa: E402
     binomial_se,
     counts,
@@ -147,3 +151,45 @@ def test_the_report_is_paired_and_falls_back_for_old_records(tmp_path):
 
 def test_the_powered_estimate_is_the_measured_seconds():
     assert estimate_seconds([("sst2", "dense", 0), ("fin_headlines", "igia@20%", 2)]) == 359 + 530
+
+
+def _ledger(task_losses, general_losses, task_rates, general_rates) -> dict:
+    """A ledger as compress writes it (the manifest's own dataclasses), stages dense, pruned, recovered."""
+    stages = ("dense", "pruned", "recovered")
+
+    def points(losses, rates):
+        return [
+            QualityPoint(stage=s, loss=x, generation=GenerationQuality(rows=16, repeated_4gram_rate=r))
+            for s, x, r in zip(stages, losses, rates)
+        ]
+
+    general = points(general_losses, general_rates) if general_losses else []
+    return dataclasses.asdict(QualityLedger(points=points(task_losses, task_rates), general_points=general))
+
+
+def test_mix_table_puts_each_mix_arm_beside_the_no_mix_control_of_its_seed():
+    control = {
+        **record("igia-general@20%", [1] * 36 + [0] * 4),
+        "ledger": _ledger([1.0, 2.0, 1.1], [1.3, 2.6, 1.8], [0.0, 0.2, 0.5], [0.1, 0.3, 0.6]),
+    }
+    mix = {
+        **record("igia-mix@20%", [1] * 35 + [0] * 5),
+        "ledger": _ledger([1.0, 2.0, 1.1], [1.3, 2.6, 1.4], [0.0, 0.2, 0.1], [0.1, 0.3, 0.1]),
+    }
+    far = {
+        **record("igia-mixself@20%", [1] * 30 + [0] * 10),
+        "ledger": _ledger([1.0, 2.0, 1.2], [1.3, 2.6, 1.45], [0.0, 0.2, 0.1], [0.1, 0.3, 0.1]),
+    }
+    assert general_ratio(control) == pytest.approx(1.8 / 1.3) and general_ratio(mix) == pytest.approx(1.4 / 1.3)
+    lines = mix_table([record("dense", [1] * 40), control, mix, far])
+    rows = {line.split(" | ")[2]: line for line in lines[2:]}
+    assert list(rows) == MIX_ARMS
+    assert (
+        "| 90.0 | – | 1.300 → 2.600 → 1.800 | 1.38× | 0.00 → 0.50 | 0.10 → 0.60 | the no-mix control (no on general) |" in rows[MIX_ARMS[0]]
+    )
+    # 1 row fewer than the control, nested: Δ -2.5, within the 1-point tolerance? no: -2.5 < -1
+    assert "-2.5 ±" in rows[MIX_ARMS[1]] and "1.08×" in rows[MIX_ARMS[1]] and rows[MIX_ARMS[1]].endswith("| general yes, task no |")
+    assert "1.12×" in rows[MIX_ARMS[2]] and "-15.0 ±" in rows[MIX_ARMS[2]]
+    same = {**mix, "per_row": control["per_row"], "accuracy": control["accuracy"]}
+    assert mix_table([control, same])[-1].endswith("| yes |")
+    assert mix_table([record("dense", [1] * 40)]) == []

@@ -190,3 +190,8 @@ def test_powered_runs_exactly_the_defaults_grid_on_one_thread(tmp_path):
     # the grid is fixed
     bad = subprocess.run([*base, "--arms", "dense", "--dry-run"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--powered runs a fixed grid (powered.py): drop --arms" in bad.stderr
+    # one task of the grid per process (a core each), nothing outside it
+    part = subprocess.run([*base, "--tasks", "sst2", "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert {run[0] for run in json.loads(part.stdout.strip().splitlines()[-1])["runs"]} == {"sst2"}
+    bad = subprocess.run([*base, "--tasks", "pubmedqa", "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--powered's tasks are sst2 and fin_headlines: drop pubmedqa" in bad.stderr
