@@ -95,5 +95,6 @@ ARMS = [
     # beside igia@N% of the same seed: does the choice change the cut, the merge mask, the recovered accuracy?
     {"arm": "igia-official@20%", "scorer": "igia", "drop": 6, "extra": ["--igia-reduce", "norm", "--probe-clip-grad-norm", "1.0"]},
     {"arm": "igia-official@30%", "scorer": "igia", "drop": 9, "extra": ["--igia-reduce", "norm", "--probe-clip-grad-norm", "1.0"]},
-    {"arm": "igia-autoprobe@20%", "scorer": "igia", "drop": 6, "extra": ["--probe-steps", "auto"]},
+    # (the adaptive probe with a 2-step floor: at 100 planned steps the fixed probe is already at its 8-step floor)
+    {"arm": "igia-autoprobe@20%", "scorer": "igia", "drop": 6, "extra": ["--probe-steps", "auto", "--probe-min-steps", "2"]},
 ]
