@@ -14,6 +14,14 @@ POWERED_SEEDS = [0, 1, 2]
 POWERED_RESULTS = "docs/study-records/powered.jsonl"
 POWERED_REPORT = "docs/study-powered.md"
 
+
+def powered_paths(preset: str) -> tuple[str, str]:
+    """(records, report) of the grid at a preset: the cpu preset's above, the gpu preset's beside them."""
+    if preset == "cpu":
+        return POWERED_RESULTS, POWERED_REPORT
+    return POWERED_RESULTS.replace(".jsonl", f"-{preset}.jsonl"), POWERED_REPORT.replace(".md", f"-{preset}.md")
+
+
 # The defaults question: (label, arm) in the order the report's pairwise table uses.
 DEFAULTS_QUESTION = [
     ("K=0, r8", "igia-K0@20%"),

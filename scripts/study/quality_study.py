@@ -50,7 +50,7 @@ from gradprune_deploy.utils import peak_rss_mb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # study_report lives beside this script
 from paired import binomial_se, per_row_record  # noqa: E402
-from powered import POWERED_ARMS, POWERED_REPORT, POWERED_RESULTS, POWERED_SEEDS, POWERED_TASKS, estimate_line  # noqa: E402
+from powered import POWERED_ARMS, POWERED_REPORT, POWERED_RESULTS, POWERED_SEEDS, POWERED_TASKS, estimate_line, powered_paths  # noqa: E402
 from study_arms import ARMS, CPU_ARMS, DEFAULT_TASKS, PRESETS, TASK_MIN_LENGTH  # noqa: E402
 from study_report import write_report  # noqa: E402
 
@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--powered",
         action="store_true",
         help=f"the defaults comparison (powered.py): its arms on {' and '.join(POWERED_TASKS)}, seeds "
-        f"{' '.join(map(str, POWERED_SEEDS))}, cpu preset, one thread; records {POWERED_RESULTS}, report {POWERED_REPORT}",
+        f"{' '.join(map(str, POWERED_SEEDS))}, cpu preset, one thread; records {POWERED_RESULTS}, report {POWERED_REPORT} "
+        "(--preset gpu: its own records and report beside them); --tasks, --seed and --arms narrow it to a part of the grid",
     )
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every arm (default: inherited; --powered: 1)")
     parser.add_argument(
@@ -269,20 +270,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_powered(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--powered: the grid of powered.py; --tasks / --seed / --arms narrow it to a part (one process per core, or a
+    GPU call's time limit), never beyond it. cpu: one thread per arm; gpu: records and report of their own."""
+    if args.preset not in ("cpu", "gpu"):
+        parser.error("--powered runs at the cpu or the gpu preset: drop --preset smoke")
+    grid = {"--tasks": (args.tasks, POWERED_TASKS), "--seed": (args.seed, POWERED_SEEDS), "--arms": (args.arms, POWERED_ARMS)}
+    for flag, (given, full) in grid.items():
+        outside = sorted(map(str, set(given or []) - set(full)))
+        if outside:
+            parser.error(f"--powered runs a fixed grid (powered.py): its {flag} are {' '.join(map(str, full))}; drop {', '.join(outside)}")
+    # the grid's order, whatever order the part was given in
+    args.tasks, args.seed, args.arms = ([x for x in full if not given or x in given] for given, full in grid.values())
+    if args.preset == "cpu":
+        args.threads = 1 if args.threads is None else args.threads
+    args.drop_weights = True
+
+
 def resolve_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The arguments with --powered's grid and the defaults that depend on the preset filled in."""
     args = parser.parse_args()
     if args.powered:
-        given = [flag for flag, value in (("--arms", args.arms), ("--seed", args.seed)) if value]
-        if given or args.preset != "cpu":
-            parser.error(f"--powered runs a fixed grid (powered.py): drop {', '.join(given) or '--preset'}")
-        outside = sorted(set(args.tasks or []) - set(POWERED_TASKS))
-        if outside:
-            parser.error(f"--powered's tasks are {' and '.join(POWERED_TASKS)}: drop {', '.join(outside)}")
-        # --tasks picks a part of the grid, e.g. one task per process on a machine with a core per process.
-        args.arms, args.tasks, args.seed = POWERED_ARMS, args.tasks or POWERED_TASKS, POWERED_SEEDS
-        args.threads = 1 if args.threads is None else args.threads
-        args.drop_weights = True
+        resolve_powered(parser, args)
     names = {a["arm"] for a in ARMS}
     unknown = sorted(set(args.arms or []) - names)
     if unknown:
@@ -294,10 +303,11 @@ def resolve_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
         parser.error(f"--drop-weights deletes the dense checkpoint that {', '.join(teachers)} distil(s) from: drop one of them")
     args.seed = args.seed or [0]
     if args.results is None:
-        committed = ROOT / (POWERED_RESULTS if args.powered else f"docs/study-records/results-{args.preset}.jsonl")
+        committed = ROOT / (powered_paths(args.preset)[0] if args.powered else f"docs/study-records/results-{args.preset}.jsonl")
         args.results = str(Path(args.out) / "results.jsonl" if args.preset == "smoke" else committed)
-    args.report = args.report or str(ROOT / (POWERED_REPORT if args.powered else "docs/study.md"))
-    args.command = f"--out {args.out} --powered" if args.powered else f"--out {args.out} --preset {args.preset}"
+    args.report = args.report or str(ROOT / (powered_paths(args.preset)[1] if args.powered else "docs/study.md"))
+    preset = f" --preset {args.preset}" if args.preset != "cpu" or not args.powered else ""
+    args.command = f"--out {args.out}{' --powered' if args.powered else ''}{preset}"
     return args
 
 
@@ -336,7 +346,7 @@ def main() -> None:
     # seed by seed: an interrupted grid has whole seeds (each arm beside the dense run of its seed)
     todo = [(arm, task, seed) for seed in args.seed for arm in ARMS for task in tasks if arm["arm"] in wanted]
     todo = [(arm, task, seed) for arm, task, seed in todo if (task, arm["arm"], seed) not in done]
-    if args.powered:
+    if args.powered and args.preset == "cpu":  # the estimate is from CPU seconds
         print(estimate_line([(task, arm["arm"], seed) for arm, task, seed in todo]), flush=True)
     if args.dry_run:
         runs = [[task, arm["arm"], seed] for arm, task, seed in todo]

@@ -188,10 +188,17 @@ def test_powered_runs_exactly_the_defaults_grid_on_one_thread(tmp_path):
     again = json.loads(subprocess.run([*base, "--dry-run"], capture_output=True, text=True, timeout=300).stdout.strip().splitlines()[-1])
     assert len(again["runs"]) == 41 and ["sst2", "dense", 0] not in again["runs"]
     # the grid is fixed
-    bad = subprocess.run([*base, "--arms", "dense", "--dry-run"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "--powered runs a fixed grid (powered.py): drop --arms" in bad.stderr
+    bad = subprocess.run([*base, "--arms", "dense", "igia-K2@20%", "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--powered runs a fixed grid (powered.py): its --arms are dense " in bad.stderr
+    assert bad.stderr.rstrip().endswith("drop igia-K2@20%")
     # one task of the grid per process (a core each), nothing outside it
-    part = subprocess.run([*base, "--tasks", "sst2", "--dry-run"], capture_output=True, text=True, timeout=300)
-    assert {run[0] for run in json.loads(part.stdout.strip().splitlines()[-1])["runs"]} == {"sst2"}
+    part = subprocess.run([*base, "--tasks", "sst2", "--seed", "2", "1", "--dry-run"], capture_output=True, text=True, timeout=300)
+    runs = json.loads(part.stdout.strip().splitlines()[-1])["runs"]
+    assert {(run[0], run[2]) for run in runs} == {("sst2", 1), ("sst2", 2)} and len(runs) == 2 * len(arms)
     bad = subprocess.run([*base, "--tasks", "pubmedqa", "--dry-run"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "--powered's tasks are sst2 and fin_headlines: drop pubmedqa" in bad.stderr
+    assert bad.returncode == 2 and "its --tasks are sst2 fin_headlines; drop pubmedqa" in bad.stderr
+    # the gpu preset: the same grid, its own records and report, threads inherited
+    gpu = subprocess.run([*base[:-2], "--preset", "gpu", "--arms", "dense", "--dry-run"], capture_output=True, text=True, timeout=300)
+    plan = json.loads(gpu.stdout.strip().splitlines()[-1])
+    assert plan["results"].endswith("docs/study-records/powered-gpu.jsonl") and plan["threads"] is None and plan["drop_weights"]
+    assert len(plan["runs"]) == 6 and not gpu.stdout.startswith("6 runs to do")
