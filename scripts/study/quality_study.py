@@ -112,6 +112,17 @@ def choice_worker(checkpoint: str, data: str, limit: int) -> None:
     print(json.dumps({"value": summary["value"], "n": len(examples), "per_row": per_row}))
 
 
+def phase_seconds(timings: dict) -> dict:
+    """Pure: the compress phases the cost ratio counts, from gradprune.json's timings (each phase has `<phase>_seconds`
+    and, since the scale work, `<phase>_peak_mb`: only the seconds are summed). Scoring = every scorer's own seconds
+    (auto judges several), else the phase's."""
+    seconds = {k: v for k, v in timings.items() if k.endswith("_seconds")}
+    score = sum(v for k, v in seconds.items() if k.startswith("score_") and k != "score_seconds") or seconds.get("score_seconds", 0)
+    surgery = seconds.get("surgery_seconds", 0)
+    total = score + surgery + seconds.get("compensate_seconds", 0) + seconds.get("finetune_seconds", 0)
+    return {"score_seconds": score, "surgery_seconds": surgery, "compress_seconds": total}
+
+
 def run_arm(arm: dict, task: str, out: Path, preset: tuple, seed: int) -> dict:
     rows, steps, test_rows, max_length = preset
     max_length = max(max_length, TASK_MIN_LENGTH.get(task, 0)) if preset != PRESETS["smoke"] else max_length
@@ -206,17 +217,13 @@ def run_arm(arm: dict, task: str, out: Path, preset: tuple, seed: int) -> dict:
         record["majority_share"] = max(c / n for c in _label_counts(SHARED / task, test_rows).values())
     else:
         m = json.loads((ckpt / "gradprune.json").read_text())
-        t = m["timings"]
-        score_s = sum(v for k, v in t.items() if k.startswith("score_") and k != "score_seconds") or t.get("score_seconds", 0)
         record.update(
             params=m["params_after"],
             layers_dropped=m["layers_dropped"],
             merge_targets=m["merge"]["targets"],
             finetune_seconds=m["finetune"]["seconds"],
             finetune_steps=m["finetune"]["steps"],
-            score_seconds=score_s,
-            surgery_seconds=t.get("surgery_seconds", 0),
-            compress_seconds=score_s + t.get("surgery_seconds", 0) + t.get("compensate_seconds", 0) + t.get("finetune_seconds", 0),
+            **phase_seconds(m["timings"]),
             ledger=m["quality"],
             probe=m["scoring"] if m["scorer"] == "igia" else None,
         )

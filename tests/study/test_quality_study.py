@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from scipy.stats import kendalltau, spearmanr
 
+from gradprune_deploy.cli import main
 from gradprune_deploy.compress.finetune import TrainSettings, run_probe
 from gradprune_deploy.data import read_examples, tokenize_examples
 from gradprune_deploy.loading import load_model_and_tokenizer
@@ -21,7 +22,9 @@ sys.path.insert(0, str(ROOT / "scripts" / "study"))
 
 from paired import binomial_se, counts  # noqa: E402
 from paired_tables import compare  # noqa: E402
+from quality_study import phase_seconds  # noqa: E402
 from ranking_stability import kendall_tau_b, lowest, second_half, stability  # noqa: E402
+from rederive_seconds import rederive  # noqa: E402
 from study_report import cost, predictors, spearman, targets  # noqa: E402
 
 
@@ -202,3 +205,22 @@ def test_powered_runs_exactly_the_defaults_grid_on_one_thread(tmp_path):
     plan = json.loads(gpu.stdout.strip().splitlines()[-1])
     assert plan["results"].endswith("docs/study-records/powered-gpu.jsonl") and plan["threads"] is None and plan["drop_weights"]
     assert len(plan["runs"]) == 6 and not gpu.stdout.startswith("6 runs to do")
+
+
+def test_phase_seconds_sum_seconds_only_and_fit_inside_the_wall_time(tiny_llama_dir, tmp_path):
+    """From a real gradprune.json (timings carry `<phase>_peak_mb` beside `<phase>_seconds`): the cost ratio's phases
+    are seconds only, so they fit inside the run's total; rederive_seconds repairs a record that summed megabytes."""
+    out = tmp_path / "study" / "sst2" / "igia@20%"
+    args = ["compress", "--model", str(tiny_llama_dir), "--data", str(SHARED_DATA / "sst2" / "train.jsonl"), "--max-examples", "40"]
+    assert main([*args, "--max-length", "64", "--max-steps", "2", "--probe-steps", "2", "--drop-layers", "1", "--out", str(out), "-q"]) == 0
+    timings = json.loads((out / "gradprune.json").read_text())["timings"]
+    assert any(k.endswith("_peak_mb") and k.startswith("score_") for k in timings)
+    fields = phase_seconds(timings)
+    per_scorer = [v for k, v in timings.items() if k.startswith("score_") and k.endswith("_seconds") and k != "score_seconds"]
+    assert per_scorer and fields["score_seconds"] == pytest.approx(sum(per_scorer))
+    assert fields["compress_seconds"] == pytest.approx(fields["score_seconds"] + timings["surgery_seconds"] + timings["finetune_seconds"])
+    assert fields["compress_seconds"] <= timings["total_seconds"]
+    old = {"task": "sst2", "arm": "igia@20%", "seed": 0, "score_seconds": 4000.0, "surgery_seconds": 0.1, "compress_seconds": 4100.0}
+    records = [old, {"task": "sst2", "arm": "dense", "seed": 0, "compress_seconds": 9.0}]
+    assert rederive(records, tmp_path / "study") == 1
+    assert records[0]["compress_seconds"] == pytest.approx(fields["compress_seconds"]) and records[1]["compress_seconds"] == 9.0
