@@ -123,12 +123,16 @@ def phase_seconds(timings: dict) -> dict:
     return {"score_seconds": score, "surgery_seconds": surgery, "compress_seconds": total}
 
 
+def checkpoint_dir(out: Path, task: str, arm: str, seed: int) -> Path:
+    """Where an arm's checkpoint goes: seed 0 keeps the plain names (earlier records); another seed gets its own
+    checkpoints, teacher included."""
+    return out / task / (arm if seed == 0 else f"{arm}-seed{seed}")
+
+
 def run_arm(arm: dict, task: str, out: Path, preset: tuple, seed: int) -> dict:
     rows, steps, test_rows, max_length = preset
     max_length = max(max_length, TASK_MIN_LENGTH.get(task, 0)) if preset != PRESETS["smoke"] else max_length
-    # seed 0 keeps the plain names (earlier records); another seed gets its own checkpoints, teacher included
-    suffix = "" if seed == 0 else f"-seed{seed}"
-    ckpt, train_file = out / task / f"{arm['arm']}{suffix}", SHARED / task / "train.jsonl"
+    ckpt, train_file = checkpoint_dir(out, task, arm["arm"], seed), SHARED / task / "train.jsonl"
     if arm["arm"] == "dense":
         cmd = [sys.executable, __file__, "--dense-worker", str(ckpt), str(train_file), str(rows), str(steps), str(max_length), str(seed)]
     else:
@@ -160,7 +164,7 @@ def run_arm(arm: dict, task: str, out: Path, preset: tuple, seed: int) -> dict:
                 if "judge" in arm
                 else ["--scorer", arm["scorer"]]
             ),
-            *(a.replace("{dense}", str(out / task / f"dense{suffix}")) for a in arm.get("extra", [])),
+            *(a.replace("{dense}", str(checkpoint_dir(out, task, "dense", seed))) for a in arm.get("extra", [])),
         ]
     measured = run_measured(cmd)
     record = {
@@ -387,7 +391,7 @@ def run_plan(todo: list[tuple[dict, str, int]], args: argparse.Namespace, report
         with results_path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         if args.drop_weights:  # the record holds what the study needs; the weights are ~0.5 GB per arm
-            for weights in (out / task / f"{arm['arm']}{'' if seed == 0 else f'-seed{seed}'}").glob("*.safetensors"):
+            for weights in checkpoint_dir(out, task, arm["arm"], seed).glob("*.safetensors"):
                 weights.unlink()
         write_report(read_results(results_path), Path(args.report), **report)
     return failed

@@ -14,14 +14,13 @@ import json
 import sys
 from pathlib import Path
 
-from quality_study import phase_seconds
+from quality_study import checkpoint_dir, phase_seconds
 
 
 def rederive(records: list[dict], out: Path) -> int:
     changed = 0
     for record in records:
-        suffix = "" if record.get("seed", 0) == 0 else f"-seed{record['seed']}"
-        manifest = out / record["task"] / f"{record['arm']}{suffix}" / "gradprune.json"
+        manifest = checkpoint_dir(out, record["task"], record["arm"], record.get("seed", 0)) / "gradprune.json"
         if record["arm"] == "dense" or "judge" in record or not manifest.is_file():
             continue
         fields = phase_seconds(json.loads(manifest.read_text())["timings"])
