@@ -145,3 +145,24 @@ def verdict(deltas: Sequence[float], pooled_p: float | None, *, min_seeds: int =
     if pooled_p is None or pooled_p >= alpha:
         return "not established: pooled McNemar p ≥ 0.05" if pooled_p is not None else "not established: no per-row outcomes"
     return f"real: {mean:+.1f}"
+
+
+def gap_target(deltas: Sequence[float], *, within: float, stretch: float, min_seeds: int = MIN_SEEDS) -> str:
+    """Issue 23's first target on per-seed paired differences arm - dense (points): the mean gap to dense within
+    `within` points (stretch: `stretch`), over at least `min_seeds` seeds. An arm ahead of dense has no gap."""
+    if len(deltas) < min_seeds:
+        return f"not yet: {len(deltas)} seed(s), the target needs {min_seeds}"
+    gap = max(0.0, -statistics.mean(deltas))
+    if gap <= stretch:
+        return f"met, stretch too: gap {gap:.1f} ≤ {stretch:g}"
+    if gap <= within:
+        return f"met: gap {gap:.1f} ≤ {within:g} (stretch {stretch:g} missed)"
+    return f"missed: gap {gap:.1f} > {within:g}"
+
+
+def ahead_target(deltas: Sequence[float], *, min_seeds: int = MIN_SEEDS) -> str:
+    """Issue 23's second target on per-seed paired differences a - b: a ahead of b by more than the across-seed SD."""
+    if len(deltas) < min_seeds:
+        return f"not yet: {len(deltas)} seed(s), the target needs {min_seeds}"
+    mean, sd = mean_sd(deltas)
+    return f"met: {mean:+.1f} > SD {sd:.1f}" if mean > sd else f"missed: {mean:+.1f} ≤ SD {sd:.1f}"

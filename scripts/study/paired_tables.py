@@ -3,7 +3,9 @@
 - every arm against the dense run of its seed, row by row: Δ ± paired SE, the discordant rows, exact McNemar p, a
   seeded paired-bootstrap 95% CI;
 - across seeds: accuracy mean ± SD, the per-seed Δ vs dense with its p, mean Δ ± SD, pooled McNemar p, the rule's verdict;
-- the defaults question (powered.py): every pair of K in {0, 1} x rank {8, 16} x PrunedLoRA 16 -> 8, the same way.
+- the defaults question (powered.py): every pair of K in {0, 1} x rank {8, 16} x PrunedLoRA 16 -> 8, the same way;
+- the issue's targets over the seeds: each of those configurations' mean gap to dense, and GradPruner's cut against
+  block-influence's.
 
 Records from before per-row outcomes were kept have no paired test: their cells fall back to the independent
 binomial SE (said in the cell) and no p-value.
@@ -14,9 +16,11 @@ from __future__ import annotations
 import itertools
 
 from paired import (
+    ahead_target,
     binomial_se,
     counts,
     discordant,
+    gap_target,
     mcnemar_p,
     mean_sd,
     paired,
@@ -25,7 +29,7 @@ from paired import (
     pooled_mcnemar_p,
     verdict,
 )
-from powered import DEFAULTS_QUESTION
+from powered import CUT_QUESTION, DEFAULTS_QUESTION, STRETCH_GAP, TARGET_GAP
 
 RULE = (
     "The rule (scripts/study/paired.py): a difference is real when at least 3 seeds ran, every seed's paired difference "
@@ -163,5 +167,35 @@ def defaults_table(results: list[dict]) -> list[str]:
     return [
         "| task | A | B | A − B per seed, points (McNemar p) | mean ± SD over seeds | pooled McNemar p | verdict (the rule) |",
         "|---|---|---|---|---:|---:|---|",
+        *lines,
+    ]
+
+
+def targets_table(results: list[dict]) -> list[str]:
+    """The issue's targets per task: every configuration of the defaults question against the dense run of each seed
+    (mean gap within TARGET_GAP points, stretch STRETCH_GAP), and GradPruner's cut against block-influence's with the
+    same recovery (ahead by more than the across-seed SD)."""
+    runs = runs_by_arm(results)
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in results):
+        dense = runs.get((task, "dense"), {})
+        for label, arm in DEFAULTS_QUESTION:
+            c = seed_comparison(runs.get((task, arm), {}), dense)
+            if c:
+                target = gap_target([x["delta"] for x in c["per_seed"].values()], within=TARGET_GAP, stretch=STRETCH_GAP)
+                lines.append(f"| {task} | {label} − dense | {_per_seed_cell(c)} | {_mean_cell(c)} | {target} |")
+        igia, block = (runs.get((task, arm), {}) for arm in CUT_QUESTION)
+        c = seed_comparison(igia, block)
+        if c:
+            target = ahead_target([x["delta"] for x in c["per_seed"].values()])
+            lines.append(
+                f"| {task} | GradPruner's cut − block-influence's (both K=0, r8) | {_per_seed_cell(c)} | {_mean_cell(c)} | {target} |"
+            )
+    if not lines:
+        return []
+    return [
+        f"| task | comparison | per seed, points (McNemar p) | mean ± SD over seeds | target (within {TARGET_GAP:g} of dense, "
+        f"stretch {STRETCH_GAP:g}; the cut: ahead by more than the SD) |",
+        "|---|---|---|---:|---|",
         *lines,
     ]

@@ -11,7 +11,8 @@ same training rows) and is scored on the same test rows by choice log-likelihood
   full fine-tuning.
 The cpu preset runs CPU_ARMS on sst2 and fin_headlines (~2.3 h here); `--arms`/`--tasks` pick others,
 `--preset gpu` runs every arm on all three tasks, `--seed N [M ...]` reruns arms with other seeds, and `--powered` runs
-the defaults comparison (powered.py: K in {0, 1} x rank in {8, 16} and PrunedLoRA 16 -> 8, three seeds, one thread).
+the defaults comparison (powered.py: K in {0, 1} x rank in {8, 16} and PrunedLoRA 16 -> 8, block-influence's cut
+beside them, three seeds, one thread).
 For each arm: test accuracy ± SE (from the counts k of n), each test row's outcome (paired.per_row_record: the
 report compares arms row by row, exact McNemar and a paired bootstrap), test completion loss, the checkpoint's held-out ledger
 (validation rows sliced from the training file, never trained on), wall time per phase from
@@ -275,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--drop-weights",
         action="store_true",
-        help="delete an arm's *.safetensors once it is scored, keeping gradprune.json (--powered: on; its 42 checkpoints "
-        "would take ~22 GB)",
+        help="delete an arm's *.safetensors once it is scored, keeping gradprune.json (--powered: on; its 48 checkpoints "
+        "would take ~25 GB)",
     )
     return parser
 

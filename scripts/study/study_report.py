@@ -10,7 +10,17 @@ import math
 from pathlib import Path
 
 from mix_table import MIX_NOTE, mix_table
-from paired_tables import RULE, accuracy_points, across_seed_table, compare, defaults_table, delta_text, per_seed_table, se_points
+from paired_tables import (
+    RULE,
+    accuracy_points,
+    across_seed_table,
+    compare,
+    defaults_table,
+    delta_text,
+    per_seed_table,
+    se_points,
+    targets_table,
+)
 
 
 def step_seconds(record: dict) -> float:
@@ -201,6 +211,9 @@ def _seed_sections(results: list[dict]) -> list[str]:
     defaults = defaults_table(results)
     if defaults:
         out += ["## The defaults question (20% of layers)", "", RULE, ""] + defaults + [""]
+    targets = targets_table(results)
+    if targets:
+        out += ["## The issue's targets (20% of layers, mean over at least 3 seeds)", ""] + targets + [""]
     seeds = across_seed_table(results)
     if seeds:
         out += ["## Seeds", "", "Arms run with more than one seed (`--seed N`); each Δ is against the dense run of the same seed.", ""]

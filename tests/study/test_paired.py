@@ -18,9 +18,11 @@ sys.path.insert(0, str(ROOT / "scripts" / "study"))
 
 from mix_table import MIX_ARMS, general_ratio, mix_table  # noqa: E402
 from paired import (  # noqa: E402
+    ahead_target,
     binomial_se,
     counts,
     discordant,
+    gap_target,
     mcnemar_p,
     paired,
     paired_bootstrap_ci,
@@ -29,7 +31,7 @@ from paired import (  # noqa: E402
     pooled_mcnemar_p,
     verdict,
 )
-from paired_tables import across_seed_table, compare, defaults_table, per_seed_table  # noqa: E402
+from paired_tables import across_seed_table, compare, defaults_table, per_seed_table, targets_table  # noqa: E402
 from powered import DEFAULTS_QUESTION, POWERED_ARMS, estimate_seconds  # noqa: E402
 from study_report import write_report  # noqa: E402
 
@@ -105,6 +107,17 @@ def test_the_rule():
     assert verdict([-4.0, -5.0, -6.0], 0.01) == "real: -5.0"
 
 
+def test_the_targets():
+    assert gap_target([-1.0, -2.0], within=2, stretch=1) == "not yet: 2 seed(s), the target needs 3"
+    assert gap_target([-0.5, 0.5, -1.5], within=2, stretch=1) == "met, stretch too: gap 0.5 ≤ 1"
+    assert gap_target([1.0, 2.0, 3.0], within=2, stretch=1) == "met, stretch too: gap 0.0 ≤ 1"  # ahead of dense
+    assert gap_target([-1.0, -2.0, -3.0], within=2, stretch=1) == "met: gap 2.0 ≤ 2 (stretch 1 missed)"
+    assert gap_target([-1.0, -2.0, -6.0], within=2, stretch=1) == "missed: gap 3.0 > 2"
+    assert ahead_target([4.0, 5.0, 6.0]) == "met: +5.0 > SD 1.0"
+    assert ahead_target([1.0, 1.0, 12.0]) == "missed: +4.7 ≤ SD 6.4"
+    assert ahead_target([3.0]) == "not yet: 1 seed(s), the target needs 3"
+
+
 def test_pooled_mcnemar_sums_the_discordant_rows():
     a = [record("a", [1] * 30 + [0] * 10, seed=s) for s in range(3)]
     b = [record("b", [1] * 25 + [0] * 15, seed=s) for s in range(3)]
@@ -135,6 +148,12 @@ def test_paired_tables_and_the_defaults_question():
     pairs = [line for line in defaults_table(results) if line.startswith("| sst2 |")]
     assert len(pairs) == len(DEFAULTS_QUESTION) * (len(DEFAULTS_QUESTION) - 1) // 2
     assert pairs[0].startswith("| sst2 | K=0, r8 | K=1, r8 (today's default) | ")
+    targets = [line for line in targets_table(results) if line.startswith("| sst2 |")]
+    assert len(targets) == len(DEFAULTS_QUESTION) + 1
+    # K=0 r8 (i = 1): 3 rows below dense on every seed = -7.5 points; block-influence (the last arm, i = 7) 18 rows below it
+    assert targets[0].endswith("| -7.5 ± 0.0 | missed: gap 7.5 > 2 |")
+    assert targets[-1].startswith("| sst2 | GradPruner's cut − block-influence's (both K=0, r8) | +45.0 (p 7.6e-06) [seed 0]")
+    assert targets[-1].endswith("| +45.0 ± 0.0 | met: +45.0 > SD 0.0 |")
 
 
 def test_the_report_is_paired_and_falls_back_for_old_records(tmp_path):
@@ -144,7 +163,8 @@ def test_the_report_is_paired_and_falls_back_for_old_records(tmp_path):
     text = path.read_text()
     assert "(independent SE)" in text and "scripts/study/quality_study.py --out x --powered" in text
     text = write_report(results, tmp_path / "p.md", preset=(900, 100, 40, 128), preset_name="cpu", command="--powered").read_text()
-    for heading in ("## The defaults question (20% of layers)", "## Seeds", "## Paired tests vs dense, every seed", "The rule"):
+    headings = ("## The defaults question (20% of layers)", "## The issue's targets", "## Seeds", "## Paired tests vs dense, every seed")
+    for heading in (*headings, "The rule"):
         assert heading in text
     assert "(p 0.25)" in text
 

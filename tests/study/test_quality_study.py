@@ -173,7 +173,7 @@ def test_powered_runs_exactly_the_defaults_grid_on_one_thread(tmp_path):
     proc = subprocess.run([*base, "--dry-run"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     estimate, plan = proc.stdout.strip().splitlines()[-2], json.loads(proc.stdout.strip().splitlines()[-1])
-    assert estimate.startswith("42 runs to do: ~4.0 h of compress")
+    assert estimate.startswith("48 runs to do: ~4.5 h of compress")
     assert plan["threads"] == 1 and plan["drop_weights"] and plan["results"] == str(results) and not (tmp_path / "runs").exists()
     arms = {
         "dense",
@@ -183,13 +183,14 @@ def test_powered_runs_exactly_the_defaults_grid_on_one_thread(tmp_path):
         "igia-lora16@20%",
         "igia-prunedlora16@20%",
         "igia-K0-prunedlora16@20%",
+        "block-influence@20%",
     }
     assert {tuple(run) for run in plan["runs"]} == {(t, a, s) for t in ("sst2", "fin_headlines") for a in arms for s in (0, 1, 2)}
     assert [run[2] for run in plan["runs"]] == sorted(run[2] for run in plan["runs"])  # seed by seed
     # resumable: a run in the records is not planned again
     results.write_text(json.dumps({"task": "sst2", "arm": "dense", "seed": 0, "accuracy": 0.86}) + "\n")
     again = json.loads(subprocess.run([*base, "--dry-run"], capture_output=True, text=True, timeout=300).stdout.strip().splitlines()[-1])
-    assert len(again["runs"]) == 41 and ["sst2", "dense", 0] not in again["runs"]
+    assert len(again["runs"]) == 47 and ["sst2", "dense", 0] not in again["runs"]
     # the grid is fixed
     bad = subprocess.run([*base, "--arms", "dense", "igia-K2@20%", "--dry-run"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--powered runs a fixed grid (powered.py): its --arms are dense " in bad.stderr
