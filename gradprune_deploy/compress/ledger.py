@@ -176,12 +176,10 @@ def build_ledger(points: list[QualityPoint], held: HeldOut) -> QualityLedger:
     return QualityLedger(validation=held.description, rows=len(held.validation), points=points, verdict=text, warning=warn or loops)
 
 
-def heldout_rows(manifest, *, data: str | None = None) -> list[Example]:
-    """The held-out rows a checkpoint's ledger was measured on, re-derived from its manifest (the same
-    data, split, row limit, validation split, fraction, cap and seed as the compress run), so a derived
-    artefact is scored on exactly those rows. `data` replaces the recorded --data (the file moved)."""
-    if manifest.quality is None:
-        return []
+def held_out_of(manifest, *, data: str | None = None) -> HeldOut:
+    """A compress run's split, re-derived from its manifest (the same data, split, row limit, validation split,
+    fraction, cap and seed): the rows it trained on and the held-out rows its ledger was measured on.
+    `data` replaces the recorded --data (the file moved)."""
     config = manifest.config
     source = data or config.get("data") or manifest.data.source
     try:
@@ -197,9 +195,17 @@ def heldout_rows(manifest, *, data: str | None = None) -> list[Example]:
         )
     except DataError as exc:
         raise DataError(f"{exc} — the held-out rows of {source!r} are needed to measure the artefact: give --ledger-data PATH") from None
-    if len(held.validation) != manifest.quality.rows:
+    if manifest.quality is not None and len(held.validation) != manifest.quality.rows:
         raise DataError(
             f"{source!r} gives {len(held.validation)} held-out rows, the checkpoint's ledger has {manifest.quality.rows}: "
             "the data changed since compress; give the original with --ledger-data PATH"
         )
-    return held.validation
+    return held
+
+
+def heldout_rows(manifest, *, data: str | None = None) -> list[Example]:
+    """The held-out rows a checkpoint's ledger was measured on (`held_out_of`), so a derived artefact is scored on
+    exactly those rows; none when the checkpoint has no ledger."""
+    if manifest.quality is None:
+        return []
+    return held_out_of(manifest, data=data).validation

@@ -15,7 +15,7 @@ from gradprune_deploy.cli import main
 from gradprune_deploy.compress.distill import DistillSettings, distillation_loss, kl_on_completion
 from gradprune_deploy.compress.igia.apply_merge import merge_dropped_layers
 from gradprune_deploy.compress.igia.merge import layers_to_merge, merge_targets, same_sign_merge
-from gradprune_deploy.compress.ledger import split_slice, verdict
+from gradprune_deploy.compress.ledger import held_out_of, split_slice, verdict
 from gradprune_deploy.compress.scorers.ppl import ppl
 from gradprune_deploy.compress.surgery import drop_layers, find_layer_stack
 from gradprune_deploy.data import CompletionCollator, read_examples, tokenize_examples
@@ -191,6 +191,9 @@ def test_ledger_rows_are_never_trained_on_and_its_numbers_recompute(tiny_llama_d
     rows = read_examples(SST2_TRAIN, limit=40)
     train_idx, held_idx = split_slice(40, fraction=0.25, max_rows=128, seed=0)
     assert m.data.examples == len(train_idx) == 30 and m.quality.rows == len(held_idx) == 10
+    held = held_out_of(m)  # the split re-derived from the manifest alone (exporters, the study's dense control)
+    assert [ex.prompt for ex in held.train] == [rows[i].prompt for i in train_idx]
+    assert [ex.prompt for ex in held.validation] == [rows[i].prompt for i in held_idx]
     held_file = tmp_path / "held.jsonl"
     held_file.write_text(
         "".join(
