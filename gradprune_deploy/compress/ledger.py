@@ -154,18 +154,23 @@ def verdict(points: Sequence[QualityPoint]) -> tuple[str, bool]:
 
 
 def generation_verdict(points: Sequence[QualityPoint]) -> tuple[str, bool]:
-    """(one line comparing how often the final model's greedy answers repeat themselves with the dense
-    model's, whether they loop where the dense model's do not)."""
+    """(one line comparing how often the final model's greedy answers repeat themselves with the reference's — the
+    --dense-reference fine-tune when it was scored, else the dense model — whether they loop where it does not)."""
     by_stage = {p.stage: p for p in points if p.generation and p.generation.repeated_4gram_rate is not None}
     final = by_stage.get("recovered") or by_stage.get("pruned")
     dense = by_stage.get("dense")
-    if final is None or dense is None:
+    reference = by_stage.get("dense-reference") or dense
+    if final is None or reference is None:
         return "", False
-    before, after = dense.generation.repeated_4gram_rate, final.generation.repeated_4gram_rate
+    before, after = reference.generation.repeated_4gram_rate, final.generation.repeated_4gram_rate
     loops = after - before > WARN_REPEAT_INCREASE
     text = f"greedy answers' repeated 4-gram rate {before:.2f} → {after:.2f}"
+    if reference is not dense:
+        text = f"greedy answers' repeated 4-gram rate {reference.stage} {before:.2f} → {after:.2f}"
+        text += f" (dense before training {dense.generation.repeated_4gram_rate:.2f})" if dense else ""
     if loops:
-        text += " — the answers loop where the dense model's do not: recover with --mix-data (general rows) or cut fewer layers"
+        fix = "recover with --mix-data (general rows) or cut fewer layers"
+        text += f" — the answers loop where the {reference.stage} model's do not: {fix}"
     return text, loops
 
 

@@ -66,6 +66,11 @@ def test_generation_verdict_flags_a_model_that_loops_where_the_dense_one_does_no
     text, loops = generation_verdict([point("dense", 0.05), point("recovered", 0.1)])
     assert not loops and "0.05 → 0.10" in text
     assert generation_verdict([QualityPoint(stage="dense", loss=1.0)]) == ("", False)
+    # with --dense-reference scored, the same fine-tune without the cut is the reference (as for the loss verdict)
+    text, loops = generation_verdict([point("dense", 0.05), point("dense-reference", 0.55), point("recovered", 0.6)])
+    assert not loops and text == "greedy answers' repeated 4-gram rate dense-reference 0.55 → 0.60 (dense before training 0.05)"
+    text, loops = generation_verdict([point("dense", 0.3), point("dense-reference", 0.1), point("recovered", 0.4)])
+    assert loops and "loop where the dense-reference model's do not" in text
 
 
 # ── the mix, pure ────────────────────────────────────────────────────────────────────────────
