@@ -164,10 +164,10 @@ def generation_verdict(points: Sequence[QualityPoint]) -> tuple[str, bool]:
         return "", False
     before, after = reference.generation.repeated_4gram_rate, final.generation.repeated_4gram_rate
     loops = after - before > WARN_REPEAT_INCREASE
-    text = f"greedy answers' repeated 4-gram rate {before:.2f} → {after:.2f}"
-    if reference is not dense:
-        text = f"greedy answers' repeated 4-gram rate {reference.stage} {before:.2f} → {after:.2f}"
-        text += f" (dense before training {dense.generation.repeated_4gram_rate:.2f})" if dense else ""
+    label = "" if reference is dense else f"{reference.stage} "
+    text = f"greedy answers' repeated 4-gram rate {label}{before:.2f} → {after:.2f}"
+    if reference is not dense and dense is not None:
+        text += f" (dense before training {dense.generation.repeated_4gram_rate:.2f})"
     if loops:
         fix = "cut fewer layers or recover longer (--mix-data general rows and --distill helped little at 60 CPU steps)"
         text += f" — the answers loop where the {reference.stage} model's do not: {fix}"
