@@ -398,11 +398,23 @@ curl http://127.0.0.1:8000/v1/{route} -H 'Content-Type: application/json' \\
 Or from a local copy with gradprune-deploy: `gradprune serve ./{repo_id.split("/")[-1]}`."""
 
 
+def _recovery_mode(ft) -> str:
+    """The recovery's kind in words: PrunedLoRA with its ranks (start -> final) where the manifest has them."""
+    if ft.mode == "lora":
+        return "LoRA, merged into the weights"
+    if ft.mode == "prunedlora" and ft.prunedlora:
+        p = ft.prunedlora
+        return f"PrunedLoRA (LoRA rank {p.get('start_rank')} pruned to {p.get('final_rank')} during the run), merged into the weights"
+    if ft.mode == "full":
+        return "full fine-tune"
+    return ft.mode
+
+
 def _finetune_line(m: Manifest) -> str:
     ft = m.finetune
     if ft.mode == "none":
         return "- Recovery fine-tune: none (the pruned weights as they are)"
-    mode = "LoRA, merged into the weights" if ft.mode == "lora" else ft.mode
+    mode = _recovery_mode(ft)
     objective = "cross-entropy" if ft.objective == "ce" else ft.objective
     if ft.objective == "distill" and ft.distill:
         teacher, d = str(ft.distill.get("teacher") or "the dense model"), ft.distill

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+from exporters.hub import build_model_card
 from gradprune_deploy.cli import main
 from gradprune_deploy.compress.finetune import TrainSettings, _attach_prunedlora, _trainer, _training_args, recovery_finetune
 from gradprune_deploy.compress.prunedlora.callback import lora_modules
@@ -272,3 +273,6 @@ def test_cli_compress_prunedlora_writes_a_loadable_checkpoint(tiny_llama_dir, tm
     assert not any("lora" in k for k in model.state_dict())
     logits = model(input_ids=torch.tensor([[1, 42, 7, 9]])).logits
     assert torch.isfinite(logits).all()
+    # the model card says which recovery ran, with the ranks the manifest recorded
+    card = build_model_card(out, repo_id="me/pruned").text
+    assert "- Recovery fine-tune: PrunedLoRA (LoRA rank 8 pruned to 2 during the run), merged into the weights, cross-entropy" in card

@@ -53,6 +53,8 @@ def test_smoke_study_writes_records_and_a_report(tmp_path, smollm2_dir):
     dense, igia = records["dense"], records["igia@20%"]
     assert igia["layers_dropped"] and len(igia["layers_dropped"]) == 6 and len(igia["merge_targets"]) == 1
     assert igia["params"] < dense["params"]
+    # an arm without its own --finetune recovers with plain LoRA, as every recorded arm did, whatever compress defaults to
+    assert json.loads((out / "sst2" / "igia@20%" / "gradprune.json").read_text())["finetune"]["mode"] == "lora"
     assert [p["stage"] for p in igia["ledger"]["points"]] == ["dense", "pruned", "recovered"]
     for r in records.values():
         # each test row's outcome is kept, the accuracy and its SE come from the counts
