@@ -22,7 +22,7 @@ from gradprune_deploy.data import data_name as short_data_name
 from gradprune_deploy.data import dir_has_chat_template
 from gradprune_deploy.formatting import fmt
 from gradprune_deploy.layout import BENCH_DIR, LAYER_PLOT, MANIFEST
-from gradprune_deploy.manifest import DataRecord, Manifest, QualityLedger, QualityPoint
+from gradprune_deploy.manifest import DataRecord, FinetuneRecord, Manifest, QualityLedger, QualityPoint
 
 from .card_artefacts import artefact_stage_text, artefacts_section
 from .card_generation import generation_section
@@ -398,7 +398,7 @@ curl http://127.0.0.1:8000/v1/{route} -H 'Content-Type: application/json' \\
 Or from a local copy with gradprune-deploy: `gradprune serve ./{repo_id.split("/")[-1]}`."""
 
 
-def _recovery_mode(ft) -> str:
+def _recovery_mode(ft: FinetuneRecord) -> str:
     """The recovery's kind in words: PrunedLoRA with its ranks (start -> final) where the manifest has them."""
     if ft.mode == "lora":
         return "LoRA, merged into the weights"

@@ -159,8 +159,8 @@ def run_arm(arm: dict, task: str, out: Path, preset: tuple, seed: int) -> dict:
             str(arm["drop"]),
             "--probe-min-steps",  # the floor every arm of this study used (the default)
             "8",
-            "--finetune",  # the recovery every arm without its own used (the default until the powered comparison chose
-            "lora",  # PrunedLoRA 16 -> 8): records keep their meaning; an arm's --finetune in extra comes later and wins
+            "--finetune",  # the recovery every arm without its own used (plain LoRA, the default): pinned so that the
+            "lora",  # records keep their meaning if the default changes; an arm's --finetune in extra comes later and wins
             "-q",
             *(
                 ["--scorer", "auto", "--auto-candidates", *arm["judge"], "--finetune", "none"]
